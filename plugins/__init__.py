@@ -1,0 +1,1 @@
+"""metriclab built-in plugins: encoders, losses, miners, datasets and optimizers."""
