@@ -30,9 +30,10 @@ import importlib.util
 import inspect
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from metriclab.errors import MetricLabError
 

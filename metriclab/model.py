@@ -1,0 +1,101 @@
+"""The Siamese network: one shared tower by default, or two towers (pseudo-siamese)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from metriclab import registry
+from metriclab.errors import MetricLabError
+
+
+class SiameseNetwork(nn.Module):
+    """Embeds inputs with tower 0 (shared weights) or, for a pseudo-siamese net, tower 0 or 1.
+
+    With shared weights both inputs of a pair go through the same tower, so a batch is
+    embedded once and pairs are formed from it; with two towers the second element of
+    each pair is embedded by tower 1 (the engine passes it to the loss as ``ref_emb``).
+    """
+
+    def __init__(self, tower: nn.Module, second_tower: nn.Module | None = None) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList([tower] if second_tower is None else [tower, second_tower])
+
+    @property
+    def shares_weights(self) -> bool:
+        """True when both inputs of a pair go through the same tower."""
+        return len(self.towers) == 1
+
+    def forward(self, images: torch.Tensor, tower: int = 0) -> torch.Tensor:
+        """Embeddings ``(N, D)`` of float images ``(N, C, H, W)`` in [0, 1]."""
+        return self.towers[min(tower, len(self.towers) - 1)](images)
+
+
+def resolved_arguments(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` completed with the factory's defaults, as recorded in config.json."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    full = {
+        name: p.default
+        for name, p in params.items()
+        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    full.update(kwargs)
+    return {k: v for k, v in full.items() if _jsonable(v)}
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
+
+
+def build_model(recipe: Any, input_shape: tuple[int, ...]) -> SiameseNetwork:
+    """The recipe's Siamese network for images of ``input_shape`` (C, H, W)."""
+    common = {"embedding_dim": recipe.embedding_dim, "input_shape": tuple(input_shape)}
+    tower = registry.encoders.create(recipe.encoder, **common, **recipe.encoder_args)
+    second = None
+    if not recipe.share_weights:
+        name = recipe.second_encoder or recipe.encoder
+        args = recipe.second_encoder_args if recipe.second_encoder else recipe.encoder_args
+        second = registry.encoders.create(name, **common, **args)
+    elif recipe.second_encoder:
+        raise MetricLabError("second_encoder is set but share_weights is true; pass --no-share-weights to use it")
+    return SiameseNetwork(tower, second)
+
+
+def load_weights(model: nn.Module, path: Any) -> None:
+    """Load safetensors weights into ``model``, explaining a mismatch instead of a raw traceback."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise MetricLabError(f"{path} is not a readable safetensors file ({err}); retrain or restore the file") from err
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise MetricLabError(
+            f"weights in {path} do not fit the model described by the run's config.json ({str(err).splitlines()[0]})"
+        ) from err
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 2048, tower: int = 0) -> torch.Tensor:
+    """Float32 embeddings of uint8 ``images`` (N, C, H, W), computed in eval mode in batches on the model's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [
+            model(images[i : i + batch_size].to(device, non_blocking=True).float().div_(255), tower=tower).float()
+            for i in range(0, images.shape[0], batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return torch.empty(0, 0, device=device)
+    return torch.cat(chunks)

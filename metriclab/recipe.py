@@ -1,0 +1,225 @@
+"""Recipes: what to train, as a plain dataclass with JSON round-trip and CLI overrides.
+
+A recipe file names its components and hyper-parameters and hands them to :func:`main`::
+
+    recipe = Recipe(name="mnist_siamese", dataset="mnist", encoder="mlp", loss="contrastive")
+    if __name__ == "__main__":
+        main(recipe)
+
+Every field can be overridden on the command line (``--loss triplet --embedding-dim 64``);
+``--help`` lists them. Changing a component's name without giving its ``--*-args`` drops
+the recipe's arguments for the old component, since they rarely fit the new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from metriclab.errors import MetricLabError
+
+# Component fields whose ``<name>_args`` dict belongs to them.
+COMPONENTS = ("dataset", "encoder", "second_encoder", "loss", "miner", "optimizer")
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a training run; JSON-serialisable and CLI-overridable."""
+
+    name: str = "run"
+    # data
+    dataset: str = "mnist"
+    dataset_args: dict = field(default_factory=dict)
+    data_dir: str | None = None
+    # model: a Siamese network; share_weights=False gives a second (pseudo-siamese) tower
+    encoder: str = "mlp"
+    encoder_args: dict = field(default_factory=dict)
+    embedding_dim: int = 2
+    share_weights: bool = True
+    second_encoder: str | None = None
+    second_encoder_args: dict = field(default_factory=dict)
+    # objective
+    loss: str = "contrastive"
+    loss_args: dict = field(default_factory=dict)
+    miner: str | None = "random-pairs"
+    miner_args: dict = field(default_factory=dict)
+    global_mining: bool = True
+    sampler: str = "random"
+    m_per_class: int = 4
+    # optimisation
+    optimizer: str = "adam"
+    optimizer_args: dict = field(default_factory=dict)
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs: int = 5
+    max_steps: int | None = None
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    compile: bool = False
+    on_nonfinite: str = "stop"
+    # outputs
+    output_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    log_with: str | None = None
+    embed_train: bool = True
+    resume: str | None = None
+    plugins: list = field(default_factory=list)
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise MetricLabError for values no run could use."""
+        positive = ("embedding_dim", "batch_size", "epochs", "gradient_accumulation_steps", "m_per_class", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MetricLabError(f"recipe field '{name}' must be a positive integer, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise MetricLabError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
+        if not self.lr > 0:
+            raise MetricLabError(f"lr must be > 0, got {self.lr!r}")
+        choices = {
+            "sampler": ("random", "m-per-class"),
+            "mixed_precision": ("no", "fp16", "bf16"),
+            "on_nonfinite": ("stop", "skip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MetricLabError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.sampler == "m-per-class" and self.batch_size % self.m_per_class:
+            raise MetricLabError(
+                f"batch_size {self.batch_size} is not a multiple of m_per_class {self.m_per_class}; "
+                "choose sizes so each batch holds whole groups of m samples per class"
+            )
+        for name in COMPONENTS:
+            if not isinstance(getattr(self, f"{name}_args"), dict):
+                raise MetricLabError(f"{name}_args must be a dict of keyword arguments")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of the recipe."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Recipe from a dict, rejecting unknown fields with a did-you-mean hint."""
+        import difflib
+
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise MetricLabError(f"recipe has no field '{key}'.{hint}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        """Write the recipe as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Recipe:
+        """Read a recipe written by :meth:`to_json` (or a run's config.json)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as err:
+            raise MetricLabError(f"recipe file {path} does not exist") from err
+        except json.JSONDecodeError as err:
+            raise MetricLabError(f"recipe file {path} is not valid JSON: {err}") from err
+        return cls.from_dict(data.get("recipe", data))
+
+    def with_overrides(self, argv: list[str] | None = None, prog: str | None = None) -> Recipe:
+        """A copy of the recipe with command-line overrides applied (``--help`` lists them)."""
+        parser = _parser(self, prog)
+        args = vars(parser.parse_args(argv))
+        config = args.pop("config")
+        data = Recipe.from_json(config).to_dict() if config else self.to_dict()
+        given = {k: v for k, v in args.items() if v is not None}
+        for name in COMPONENTS:
+            if name in given and given[name] != data[name] and f"{name}_args" not in given:
+                data[f"{name}_args"] = {}
+            if f"{name}_args" in given:
+                data[f"{name}_args"] = {**data[f"{name}_args"], **given.pop(f"{name}_args")}
+        for key, value in given.items():
+            data[key] = None if value == "none" and key in ("miner", "second_encoder", "log_with") else value
+        return Recipe.from_dict(data)
+
+
+def _key_values(text: str) -> dict[str, Any]:
+    """Parse ``key=value`` (value as JSON when it parses, else a string)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return {key.replace("-", "_"): value}
+
+
+class _MergeDict(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged: dict[str, Any] = {}
+        for item in values:
+            merged.update(item)
+        setattr(namespace, self.dest, merged)
+
+
+def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Train recipe '{recipe.name}'. Every recipe field can be overridden; defaults are the recipe's.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="start from a recipe JSON file (e.g. a run's config.json)")
+    hints = get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(recipe, f.name)
+        hint = hints[f.name]
+        if f.name == "resume":
+            parser.add_argument(
+                flag,
+                nargs="?",
+                const="latest",
+                default=None,
+                help="continue from the latest checkpoint of the newest run of this recipe, or from RUN_DIR/CHECKPOINT",
+            )
+        elif hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(recipe: {default})")
+        elif hint is dict:
+            parser.add_argument(
+                flag,
+                nargs="+",
+                type=_key_values,
+                action=_MergeDict,
+                default=None,
+                metavar="KEY=VALUE",
+                help=f"keyword arguments, merged into the recipe's {default}",
+            )
+        elif hint is list:
+            parser.add_argument(flag, nargs="+", default=None, help=f"(recipe: {default})")
+        else:
+            base = next((t for t in (int, float, str) if t in getattr(hint, "__args__", (hint,))), str)
+            parser.add_argument(flag, type=base, default=None, help=f"(recipe: {default})")
+    return parser
+
+
+def main(recipe: Recipe, argv: list[str] | None = None) -> None:
+    """Entry point of a recipe file: apply CLI overrides, train, and exit 2 on user errors."""
+    from metriclab.cli import exit_on_user_error
+    from metriclab.engine import train
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
+    with exit_on_user_error(debug):
+        train(recipe.with_overrides(args, prog=Path(sys.argv[0]).name))

@@ -1,0 +1,215 @@
+"""The run directory: the contract between training and the CLI.
+
+Layout (``format_version`` 1)::
+
+    RUN/
+      config.json               resolved recipe, components with all arguments, dataset and its
+                                source, versions, processes, device, format_version
+      model.safetensors         final weights of the Siamese network (safetensors only)
+      checkpoints/step_00000120/  accelerate ``save_state`` + ``trainer_state.json``; written under a
+                                ``.tmp-`` name and renamed when complete, so a listed one is whole
+      embeddings/test.npz       latest embeddings of each split: ``embeddings`` float32 (N, D),
+      embeddings/train.npz      ``labels`` int64 (N,), ``epoch`` int (``np.load(allow_pickle=False)``)
+      embeddings/epoch_0003/test.npz   one snapshot of the test split per epoch (animations)
+      history.csv               loss curve: step, epoch, loss, lr, samples_per_s
+      metrics.json              {"epochs": [...], "final": {...}, "evaluations": {...}}
+      embedding.png             2-D scatter of the test embedding at the end of training
+
+Nothing in a run directory is ever unpickled: arrays are ``.npz`` read with
+``allow_pickle=False``, weights are safetensors, JSON is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metriclab.errors import MetricLabError
+
+FORMAT_VERSION = 1
+_CHECKPOINT = re.compile(r"^step_(\d{8})$")
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write pretty JSON."""
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def new_run_dir(name: str, output_dir: str | None) -> Path:
+    """Create a fresh run directory: ``output_dir`` if given (must not hold a run), else ``runs/NAME/TIMESTAMP``."""
+    if output_dir is not None:
+        path = Path(output_dir)
+        if path.exists() and any(path.iterdir()):
+            raise MetricLabError(
+                f"output directory {path} already exists and is not empty; choose a new --output-dir, "
+                f"or continue that run with --resume {path}"
+            )
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / name / stamp
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = Path("runs") / name / f"{stamp}-{suffix}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MetricLabError(
+            f"cannot create run directory {path}: {err.strerror}; choose a writable --output-dir"
+        ) from err
+    return path
+
+
+def latest_run_dir(name: str, root: str | Path = "runs") -> Path:
+    """The newest run of recipe ``name`` under ``root`` that has a checkpoint (for ``--resume``)."""
+    base = Path(root) / name
+    candidates = sorted(p for p in base.glob("*") if p.is_dir() and Run.latest_checkpoint_in(p) is not None)
+    if not candidates:
+        raise MetricLabError(
+            f"no run of '{name}' with a checkpoint under {base}; pass --resume RUN_DIR with the run to continue"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+class Run:
+    """Read access to one run directory (see the module docstring for its layout)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MetricLabError(f"{self.path} is not a directory; pass a run directory written by a recipe")
+        if not (self.path / "config.json").is_file():
+            raise MetricLabError(
+                f"{self.path} is not a metriclab run (no config.json); pass a directory written by a recipe, "
+                "e.g. runs/mnist_siamese/<timestamp>"
+            )
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        """A short display name: the run's recipe name and folder."""
+        return f"{self.config.get('recipe', {}).get('name', '?')}/{self.path.name}"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The parsed config.json."""
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise MetricLabError(f"{self.path / 'config.json'} is not valid JSON ({err}); the run is damaged") from err
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The parsed metrics.json (empty if training has not finished an epoch)."""
+        path = self.path / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_metrics(self, key: str, value: Any) -> None:
+        """Set ``metrics[key] = value`` in metrics.json atomically."""
+        metrics = self.metrics
+        metrics[key] = value
+        write_json(self.path / "metrics.json", metrics)
+
+    @property
+    def weights_path(self) -> Path:
+        """Where the final weights are (may not exist yet)."""
+        return self.path / "model.safetensors"
+
+    def embeddings_path(self, split: str = "test", epoch: int | None = None) -> Path:
+        """Path of the latest (or one epoch's) embeddings of ``split``."""
+        folder = self.path / "embeddings"
+        return folder / f"{split}.npz" if epoch is None else folder / f"epoch_{epoch:04d}" / f"{split}.npz"
+
+    def has_embeddings(self, split: str = "test") -> bool:
+        """Whether the run holds embeddings for ``split``."""
+        return self.embeddings_path(split).is_file()
+
+    def embeddings(self, split: str = "test", epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(embeddings float32 (N, D), labels int64 (N,))``, validated (finite, matching lengths)."""
+        path = self.embeddings_path(split, epoch)
+        if not path.is_file():
+            raise MetricLabError(
+                f"{self.path} has no {split} embeddings ({path.relative_to(self.path)} is missing); "
+                f"run `metriclab evaluate {self.path}` to embed from the saved weights"
+            )
+        return load_embeddings(path)
+
+    def snapshot_epochs(self) -> list[int]:
+        """Epochs that have a test-embedding snapshot, in order."""
+        folder = self.path / "embeddings"
+        return sorted(int(p.name.split("_")[1]) for p in folder.glob("epoch_*") if (p / "test.npz").is_file())
+
+    def history(self) -> list[dict[str, float]]:
+        """Rows of history.csv as dicts of floats."""
+        path = self.path / "history.csv"
+        if not path.is_file():
+            return []
+        lines = path.read_text().strip().splitlines()
+        header = lines[0].split(",")
+        return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
+
+    @staticmethod
+    def latest_checkpoint_in(path: Path) -> Path | None:
+        """The highest-step complete checkpoint under ``path/checkpoints`` (temporary ones are ignored)."""
+        folder = Path(path) / "checkpoints"
+        complete = [
+            p for p in folder.glob("step_*") if _CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()
+        ]
+        return max(complete, key=lambda p: int(p.name[5:]), default=None)
+
+
+def save_embeddings(path: Path, embeddings: np.ndarray, labels: np.ndarray, epoch: int) -> None:
+    """Atomically write one split's embeddings in the documented ``.npz`` format."""
+    import io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=embeddings.astype(np.float32), labels=labels.astype(np.int64), epoch=np.int64(epoch))
+    write_atomic(path, buffer.getvalue())
+
+
+def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate an embeddings ``.npz`` without unpickling anything."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            embeddings, labels = data["embeddings"], data["labels"]
+    except (ValueError, KeyError, OSError) as err:
+        raise MetricLabError(
+            f"{path} is not a valid embeddings file ({err}); expected .npz with 'embeddings' and 'labels' arrays"
+        ) from err
+    if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
+        raise MetricLabError(
+            f"{path}: embeddings {embeddings.shape} and labels {labels.shape} do not match; expected (N, D) and (N,)"
+        )
+    if not np.isfinite(embeddings).all():
+        bad = int((~np.isfinite(embeddings)).any(axis=1).sum())
+        raise MetricLabError(
+            f"{path}: {bad} embeddings contain NaN or inf (training diverged?); "
+            "re-embed with `metriclab evaluate --reembed` or retrain with a lower learning rate"
+        )
+    return embeddings, labels
