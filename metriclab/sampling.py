@@ -25,8 +25,9 @@ def epoch_order(
 
     ``random``: a uniform shuffle. ``m-per-class``: samples are grouped in runs of ``m``
     of one class and the groups shuffled, so a batch whose size is a multiple of ``m``
-    holds ``m`` samples of each of ``batch / m`` classes (class-balanced batches, as
-    pytorch-metric-learning's MPerClassSampler, but as one tensor operation on device).
+    is made of whole groups: every class in it has a multiple of ``m`` samples, hence
+    positives for every anchor (like pytorch-metric-learning's MPerClassSampler, but one
+    tensor operation on device; unlike it, two groups of one class may share a batch).
     """
     device = labels.device
     generator = epoch_generator(seed, epoch, device)
