@@ -1,0 +1,30 @@
+# Set-up, demo and tests. `make demo` and `make test` each create .venv and install first.
+VENV ?= .venv
+PYTHON ?= python3
+# PyTorch is installed first so its build matches torchvision; override for your platform,
+# e.g. `make setup TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+BIN = $(VENV)/bin
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/accelerate launch --num_processes 1 recipes/mnist_siamese.py --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/run.py

@@ -1,0 +1,34 @@
+"""Shared helpers: run recipes and the CLI the way users do."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+# Small and fast: sklearn's 8x8 digits, a small MLP, two short epochs.
+TINY = ["--dataset", "digits", "--encoder-args", "hidden=[32]", "--epochs", "2", "--batch-size", "64"]
+
+
+def run_recipe(recipe: str, *args: str, env: dict | None = None, timeout: int = 300, launcher: list | None = None):
+    """Run a recipe file as a subprocess; return the CompletedProcess (text output)."""
+    command = [*(launcher or [sys.executable]), str(RECIPES / recipe), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished tiny run of the seed recipe on digits, shared by tests that only read it."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_recipe("mnist_siamese.py", *TINY, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
