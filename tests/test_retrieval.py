@@ -1,0 +1,314 @@
+"""metriclab.retrieval against independent computations: pml's AccuracyCalculator, scikit-learn, numpy."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score, roc_auc_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from metriclab.errors import MetricLabError
+from metriclab.retrieval import evaluate_embeddings, knn, retrieval_metrics, sample_pairs, verification_metrics
+
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+
+
+def blobs(n: int, classes: int, dim: int = 16, spread: float = 1.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping gaussian classes (metrics well away from 0 and 1), float32 like model outputs."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centers = rng.normal(size=(classes, dim))
+    return (centers[labels] + spread * rng.normal(size=(n, dim))).astype(np.float32), labels
+
+
+def awkward_set(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Blobs plus exact duplicates inside a class and one class with a single member."""
+    emb, labels = blobs(300, 8, seed=seed)
+    emb[10:14] = emb[5]  # four duplicates of item 5, same class
+    labels[10:14] = labels[5]
+    labels[42] = 99  # a class of one
+    return emb, labels
+
+
+def pairwise(a: np.ndarray, b: np.ndarray, metric: str = "euclidean") -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if metric == "cosine":
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        b = b / np.linalg.norm(b, axis=1, keepdims=True)
+        return 1 - a @ b.T
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+
+# --- knn -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_equals_brute_force_for_every_chunk_size(metric):
+    gallery, _ = blobs(301, 5)
+    queries, _ = blobs(37, 5, seed=1)
+    expected = np.argsort(pairwise(queries, gallery, metric), axis=1, kind="stable")[:, :10]
+    results = [knn(queries, gallery, 10, metric=metric, chunk_size=c) for c in (None, 1, 7, 64)]
+    for distances, indices in results:
+        np.testing.assert_array_equal(indices.numpy(), expected)
+        brute = np.take_along_axis(pairwise(queries, gallery, metric), expected, 1)
+        np.testing.assert_allclose(distances.numpy(), brute, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(distances, results[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_knn_orders_ties_by_index_and_excludes_only_self():
+    base = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]], dtype=np.float32)
+    gallery = base[[3, 1, 0, 2, 0, 1, 0, 2]]  # 0 at rows 2, 4, 6; 1 at rows 1, 5; 2 at rows 3, 7
+    for chunk in (None, 1):
+        _, idx = knn(base[[0]], gallery, 8, chunk_size=chunk)
+        assert idx.tolist() == [[2, 4, 6, 1, 5, 3, 7, 0]]
+        # the k-th place falls inside a tie: the lowest indices win, the same for every chunking
+        _, idx = knn(base[[0, 1]], gallery, 2, chunk_size=chunk)
+        assert idx.tolist() == [[2, 4], [1, 5]]
+        # leave-one-out masks the query's own row, not its duplicates
+        dist, idx = knn(gallery, gallery, 3, exclude_self=True, chunk_size=chunk)
+        assert idx[4].tolist() == [2, 6, 1]
+        assert idx[2].tolist() == [4, 6, 1]
+        assert dist[4, :2].tolist() == [0.0, 0.0]
+
+
+def test_knn_clamps_k_and_rejects_bad_input():
+    emb, _ = blobs(20, 3)
+    dist, idx = knn(emb, emb, 50, exclude_self=True)
+    assert idx.shape == (20, 19)
+    assert not (idx == torch.arange(20)[:, None]).any()
+    assert torch.all(dist[:, 1:] >= dist[:, :-1])
+    with pytest.raises(MetricLabError, match="dimensions"):
+        knn(emb, emb[:, :3], 2)
+    with pytest.raises(MetricLabError, match="metric"):
+        knn(emb, emb, 2, metric="manhattan")
+    bad = emb.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(MetricLabError, match="NaN"):
+        knn(bad, emb, 2)
+
+
+def test_cosine_and_euclidean_rank_normalized_vectors_alike():
+    emb, _ = blobs(250, 6)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    d_euc, i_euc = knn(emb, emb, 15, exclude_self=True)
+    d_cos, i_cos = knn(emb, emb, 15, metric="cosine", exclude_self=True)
+    assert torch.equal(i_euc, i_cos)
+    torch.testing.assert_close(d_euc**2, 2 * d_cos, rtol=1e-4, atol=1e-5)
+
+
+# --- retrieval metrics ------------------------------------------------------------------------------
+
+
+def pml_accuracy(query, query_labels, reference=None, reference_labels=None, metric="euclidean", default_knn=False):
+    knn_func = None
+    if not default_knn:
+        distance = CosineSimilarity() if metric == "cosine" else LpDistance(normalize_embeddings=False)
+        knn_func = CustomKNN(distance)
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=knn_func,
+    )
+    ref_includes_query = reference is None
+    return calculator.get_accuracy(
+        query,
+        query_labels,
+        query if reference is None else reference,
+        query_labels if reference is None else reference_labels,
+        ref_includes_query=ref_includes_query,
+    )
+
+
+SETTINGS = [  # (metric, pml's default knn_func)
+    pytest.param("euclidean", False, id="euclidean-CustomKNN"),
+    pytest.param("cosine", False, id="cosine-CustomKNN"),
+    # The default knn_func is FaissKNN (euclidean IndexFlatL2): it needs faiss, which metriclab does not depend on.
+    pytest.param(
+        "euclidean",
+        True,
+        id="euclidean-default-faiss",
+        marks=pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("metric", "default_knn"), SETTINGS)
+def test_leave_one_out_equals_accuracy_calculator(metric, default_knn):
+    emb, labels = awkward_set()
+    ours = retrieval_metrics(emb, labels, metric=metric, clustering=False)
+    theirs = pml_accuracy(emb, labels, metric=metric, default_knn=default_knn)
+    assert ours["precision@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-12)
+    assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-12)
+    assert 0.2 < ours["map@r"] < 0.9  # a set where the metrics can disagree
+
+
+@pytest.mark.parametrize(("metric", "default_knn"), SETTINGS)
+def test_query_vs_gallery_equals_accuracy_calculator(metric, default_knn):
+    emb, labels = awkward_set(seed=3)
+    queries, q_labels, gallery, g_labels = emb[:120], labels[:120].copy(), emb[120:], labels[120:]
+    q_labels[:3] = 77  # a query class the gallery lacks: lone, excluded on both sides
+    ours = retrieval_metrics(queries, q_labels, gallery, g_labels, metric=metric, clustering=False)
+    theirs = pml_accuracy(queries, q_labels, gallery, g_labels, metric=metric, default_knn=default_knn)
+    assert ours["precision@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-12)
+    assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-12)
+
+
+def brute_force_precision_recall(queries, q_labels, gallery, g_labels, ks, leave_one_out):
+    d = pairwise(queries, gallery)
+    if leave_one_out:
+        np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1, kind="stable")[:, : len(gallery) - leave_one_out]
+    same = g_labels[order] == q_labels[:, None]
+    has_match = same.any(1)  # R > 0: the lone queries are left out
+    out = {}
+    for k in ks:
+        top = same[has_match, :k]
+        out[f"precision@{k}"] = top.sum(1).mean() / top.shape[1]
+        out[f"recall@{k}"] = top.any(1).mean()
+    return out
+
+
+def test_precision_and_recall_at_k_equal_brute_force_with_clamped_k():
+    emb, labels = awkward_set(seed=5)
+    ks = (1, 3, 10, 1000)  # 1000 exceeds the gallery: clamped
+    for args, loo in (((emb, labels), True), ((emb[:100], labels[:100], emb[100:], labels[100:]), False)):
+        ours = retrieval_metrics(*args, ks=ks, clustering=False, chunk_size=16)
+        expected = brute_force_precision_recall(*(args if not loo else (emb, labels, emb, labels)), ks, loo)
+        for key, value in expected.items():
+            assert ours[key] == pytest.approx(value, abs=1e-12), key
+    assert ours["recall@1000"] == 1.0
+
+
+def test_chunking_does_not_change_the_metrics():
+    emb, labels = awkward_set(seed=2)
+    whole = retrieval_metrics(emb, labels, clustering=False)
+    chunked = retrieval_metrics(emb, labels, clustering=False, chunk_size=3)
+    assert chunked == pytest.approx(whole, abs=1e-12)  # only the summation order differs
+
+
+def test_knn_accuracy_equals_sklearn_vote_with_ties_to_the_nearest():
+    emb, labels = blobs(240, 6, seed=4)
+    # uniform votes, and a tie between labels goes to the one holding the nearer neighbour
+    weights = lambda dist: np.ones_like(dist) + 1e-3 * 0.5 ** np.arange(dist.shape[1])  # noqa: E731
+    for k in (4, 5):
+        d = pairwise(emb, emb)
+        np.fill_diagonal(d, d.max() * 10)  # leave-one-out: the query itself is never among its k nearest
+        clf = KNeighborsClassifier(n_neighbors=k, weights=weights, metric="precomputed").fit(d, labels)
+        ours = retrieval_metrics(emb, labels, knn_k=k, clustering=False)["knn_accuracy"]
+        assert ours == pytest.approx(np.mean(clf.predict(d) == labels), abs=1e-12)
+        clf = KNeighborsClassifier(n_neighbors=k, weights=weights, algorithm="brute").fit(emb[80:], labels[80:])
+        ours = retrieval_metrics(emb[:80], labels[:80], emb[80:], labels[80:], knn_k=k, clustering=False)
+        assert ours["knn_accuracy"] == pytest.approx(np.mean(clf.predict(emb[:80]) == labels[:80]), abs=1e-12)
+
+
+def test_nmi_and_ami_equal_sklearn_kmeans():
+    emb, labels = blobs(300, 5, spread=0.8)
+    ours = retrieval_metrics(emb, labels, seed=7, kmeans_n_init=3)
+    clusters = KMeans(n_clusters=5, n_init=3, random_state=7).fit_predict(emb)
+    assert ours["nmi"] == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-12)
+    assert ours["ami"] == pytest.approx(adjusted_mutual_info_score(labels, clusters), abs=1e-12)
+    assert ours["nmi"] != pytest.approx(ours["ami"])
+
+
+def test_separated_classes_score_perfectly():
+    emb, labels = blobs(200, 4, spread=0.01)
+    emb = emb * 10
+    out = evaluate_embeddings(emb, labels, emb, labels, num_pairs=400)
+    for section in ("test_loo", "test_vs_train"):
+        assert out[section]["precision@1"] == 1.0
+        assert out[section]["map@r"] == pytest.approx(1.0)
+        assert out[section]["knn_accuracy"] == 1.0
+    assert out["test_loo"]["nmi"] == pytest.approx(1.0)
+    assert out["verification"]["roc_auc"] == 1.0
+    assert out["verification"]["eer"] == 0.0
+    assert out["verification"]["verification_accuracy"] == 1.0
+
+
+def test_every_query_lone_gives_nan():
+    emb, _ = blobs(10, 2)
+    out = retrieval_metrics(emb, np.arange(10), clustering=False)
+    assert np.isnan(out["map@r"]) and np.isnan(out["precision@1"])
+    assert out["knn_accuracy"] == 0.0
+
+
+# --- verification -----------------------------------------------------------------------------------
+
+
+def test_sample_pairs_is_balanced_valid_and_deterministic():
+    _, labels = awkward_set()
+    first, second, same = sample_pairs(labels, 1000, seed=1)
+    assert same.sum() == 500 and (~same).sum() == 500
+    assert np.all((labels[first] == labels[second]) == same)
+    assert np.all(first != second)
+    assert np.all(labels[first[same]] != 99)  # the class of one cannot form a positive pair
+    again = sample_pairs(torch.as_tensor(labels), 1000, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip((first, second, same), again, strict=True))
+    assert not np.array_equal(first, sample_pairs(labels, 1000, seed=2)[0])
+    with pytest.raises(MetricLabError, match="two classes"):
+        sample_pairs(np.zeros(5, dtype=int), 10)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_verification_equals_sklearn_and_brute_force(metric):
+    emb, labels = blobs(300, 8, seed=6)
+    out = verification_metrics(torch.as_tensor(emb), labels, metric=metric, num_pairs=600, seed=3)
+    first, second, same = sample_pairs(labels, 600, seed=3)
+    d = np.diag(pairwise(emb[first], emb[second], metric))
+    assert out["roc_auc"] == pytest.approx(roc_auc_score(same, -d), abs=1e-12)
+    # equal error rate: where false accepts meet false rejects, within one pair's step
+    cuts = np.sort(d)
+    far = np.array([(d[~same] <= t).mean() for t in cuts])
+    frr = np.array([(d[same] > t).mean() for t in cuts])
+    assert out["eer"] == pytest.approx(np.min(np.maximum(far, frr)), abs=2 / 300)
+    # threshold: best accuracy on the first half of positives and of negatives, scored on the rest
+    fit = np.zeros(600, dtype=bool)
+    fit[:150] = fit[300:450] = True
+    best = max(np.mean((d[fit] <= t) == same[fit]) for t in np.concatenate([[-1.0], cuts]))
+    assert np.mean((d[fit] <= out["threshold"]) == same[fit]) == best
+    assert out["verification_accuracy"] == np.mean((d[~fit] <= out["threshold"]) == same[~fit])
+    assert 0.6 < out["verification_accuracy"] < 0.95
+
+
+def test_verification_rejects_bad_splits():
+    emb, labels = blobs(50, 3)
+    with pytest.raises(MetricLabError, match="holdout_fraction"):
+        verification_metrics(emb, labels, holdout_fraction=1.0)
+    with pytest.raises(MetricLabError, match="num_pairs"):
+        verification_metrics(emb, labels, num_pairs=2)
+
+
+# --- evaluate_embeddings -----------------------------------------------------------------------------
+
+
+def test_evaluate_embeddings_sections_and_input_types():
+    train, train_labels = blobs(200, 5, seed=8)
+    test, test_labels = blobs(100, 5, seed=9)
+    from_numpy = evaluate_embeddings(train, train_labels, test, test_labels, ks=(1, 5), num_pairs=500)
+    from_torch = evaluate_embeddings(
+        torch.as_tensor(train),
+        torch.as_tensor(train_labels),
+        torch.as_tensor(test),
+        torch.as_tensor(test_labels),
+        ks=(1, 5),
+        num_pairs=500,
+    )
+    assert from_numpy == from_torch
+    assert set(from_numpy) == {"test_loo", "test_vs_train", "verification"}
+    assert from_numpy["test_vs_train"] == retrieval_metrics(
+        test, test_labels, train, train_labels, ks=(1, 5), clustering=False
+    )
+    assert "nmi" in from_numpy["test_loo"] and "nmi" not in from_numpy["test_vs_train"]
+    assert all(isinstance(v, float) for section in from_numpy.values() for v in section.values())
+    without_train = evaluate_embeddings(None, None, test, test_labels, ks=(1, 5), num_pairs=500)
+    assert set(without_train) == {"test_loo", "verification"}
+    assert without_train["test_loo"] == from_numpy["test_loo"]
