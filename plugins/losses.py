@@ -1,0 +1,97 @@
+"""Built-in losses: Hadsell et al.'s contrastive loss, the triplet loss, and every pml loss.
+
+Contract for loss plugins: a loss is an ``nn.Module`` called like pytorch-metric-learning's
+losses, ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` ->
+scalar tensor. ``indices_tuple`` comes from a miner: pairs ``(a1, p, a2, n)`` or triplets
+``(a, p, n)``; ``ref_emb``/``ref_labels`` are the second tower's output in a pseudo-siamese
+network. Subclassing ``pytorch_metric_learning.losses.BaseMetricLossFunction`` gives this
+call signature and makes the distance and reducer injectable (``distance=``, ``reducer=``).
+
+Every loss class of ``pytorch_metric_learning.losses`` is also registered as
+``pml.<ClassName>`` (``pml.MultiSimilarityLoss``, ``pml.ArcFaceLoss``, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction, TripletMarginLoss
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from metriclab.errors import MetricLabError
+from metriclab.registry import register_loss
+
+# Below this squared distance the negative term's sqrt is clamped, so its gradient stays finite.
+_EPS = 1e-12
+
+
+def _check_margin(margin: float) -> None:
+    if margin < 0:
+        raise MetricLabError(f"margin must be non-negative, got {margin}; pass e.g. margin=1.0")
+
+
+@register_loss("contrastive")
+class ContrastiveLoss(BaseMetricLossFunction):
+    """Hadsell, Chopra & LeCun (2006): mean over pairs of y·d² + (1−y)·max(0, margin − d)².
+
+    ``d`` is the Euclidean distance between raw (unnormalised) embeddings unless another
+    ``distance`` is injected; ``y = 1`` for a same-class pair. The mean runs over the mined
+    pairs, or over all pairs in the batch when no ``indices_tuple`` is given; triplets are
+    split into their positive and negative pairs.
+    """
+
+    def __init__(self, margin: float = 1.0, **kwargs: Any) -> None:
+        _check_margin(margin)
+        super().__init__(**kwargs)
+        if self.distance.is_inverted:
+            raise MetricLabError(
+                f"contrastive loss needs a distance, not the similarity {type(self.distance).__name__}; "
+                "pass an LpDistance or use pml.ContrastiveLoss"
+            )
+        self.margin = margin
+        self.add_to_recordable_attributes(name="margin", is_stat=False)
+
+    def get_default_distance(self) -> LpDistance:
+        """Plain Euclidean distance, as in the paper (pml's default would normalise embeddings)."""
+        return LpDistance(normalize_embeddings=False, p=2, power=1)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
+        """Per-pair losses in pml's loss-dict form, for the reducer to average."""
+        c_f.labels_or_indices_tuple_required(labels, indices_tuple)
+        a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+        if len(a1) + len(a2) == 0:
+            return self.zero_losses()
+        pos_sq, _ = self._pair_distances(embeddings[a1], ref_emb[p])
+        _, neg_d = self._pair_distances(embeddings[a2], ref_emb[n])
+        losses = torch.cat([pos_sq, torch.relu(self.margin - neg_d) ** 2])
+        # pml reduces positive and negative pairs alike; one list of all pairs gives the paper's single mean.
+        pairs = (torch.cat([a1, a2]), torch.cat([p, n]))
+        return {"loss": {"losses": losses, "indices": pairs, "reduction_type": "pos_pair"}}
+
+    def _pair_distances(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d², d)`` of row-aligned pairs, with finite gradients at ``d = 0``."""
+        dist = self.distance
+        x, y = dist.maybe_normalize(x), dist.maybe_normalize(y)
+        if isinstance(dist, LpDistance) and dist.p == 2 and dist.power == 1:
+            squared = (x - y).pow(2).sum(dim=1)  # no sqrt: d/dx sqrt is infinite at 0
+            return squared, squared.clamp_min(_EPS).sqrt()
+        d = dist.pairwise_distance(x, y) ** dist.power
+        return d * d, d
+
+
+@register_loss("triplet")
+def triplet(margin: float = 0.2, **kwargs: Any) -> TripletMarginLoss:
+    """pml's TripletMarginLoss with margin 0.2; other keyword arguments go to it unchanged."""
+    _check_margin(margin)
+    return TripletMarginLoss(margin=margin, **kwargs)
+
+
+# The classes themselves, so their real signatures (num_classes, embedding_size, ...) stay visible.
+for _name, _cls in inspect.getmembers(pml_losses, inspect.isclass):
+    if issubclass(_cls, BaseMetricLossFunction) and not _name.startswith(("Base", "Generic")):
+        register_loss(f"pml.{_name}", _cls)

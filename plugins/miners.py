@@ -1,0 +1,144 @@
+"""Built-in miners: which pairs or triplets of a batch the loss looks at.
+
+Contract for miner plugins: a miner is called like pytorch-metric-learning's miners,
+``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` -> indices tuple, either pairs
+``(a1, p, a2, n)`` or triplets ``(a, p, n)``, as index tensors on the embeddings' device.
+Subclass ``pytorch_metric_learning.miners.BaseMiner`` and implement ``mine``.
+
+A random miner must be deterministic given its seed and the sequence of calls: in
+distributed training every process mines the same gathered global batch and must draw the
+same pairs. Own a ``torch.Generator`` seeded from a ``seed`` argument; never use the global RNG.
+A miner with such state may expose ``state() -> JSON-ready`` and ``load_state(state)``: the engine
+writes it into every checkpoint, so a resumed run draws what the uninterrupted run would have.
+
+Every miner class of ``pytorch_metric_learning.miners`` is also registered as ``pml.<ClassName>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+from typing import Any
+
+import torch
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.miners import BaseMiner, BatchHardMiner, TripletMarginMiner
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from metriclab.errors import MetricLabError
+from metriclab.registry import register_miner
+
+
+@register_miner("random-pairs")
+class RandomPairsMiner(BaseMiner):
+    """Balanced random pairs: ``pairs_per_sample`` partners per anchor, each positive with ``pos_fraction``.
+
+    A positive partner is drawn uniformly among the other samples of the anchor's label (a
+    negative instead if there is none), a negative uniformly among samples of other labels.
+    The draws depend only on ``seed``, the batch size and the number of earlier calls.
+    """
+
+    def __init__(self, pairs_per_sample: int = 1, pos_fraction: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 <= pos_fraction <= 1.0:
+            raise MetricLabError(f"pos_fraction must be in [0, 1], got {pos_fraction}; pass e.g. pos_fraction=0.5")
+        if pairs_per_sample < 1:
+            raise MetricLabError(f"pairs_per_sample must be at least 1, got {pairs_per_sample}")
+        super().__init__()
+        self.pairs_per_sample, self.pos_fraction, self.seed = pairs_per_sample, pos_fraction, seed
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, str] | None = None
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        # Created lazily, on the device the embeddings live on, so drawing needs no host round trip.
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending_state is not None:
+                saved, self._pending_state = self._pending_state, None
+                if saved["device"] != device.type:
+                    raise MetricLabError(
+                        f"the checkpoint's random-pairs state was drawn on {saved['device']}, this run is on "
+                        f"{device.type}; resume on the same kind of device or start a new run"
+                    )
+                raw = bytearray(base64.b64decode(saved["generator"]))
+                self._generator.set_state(torch.frombuffer(raw, dtype=torch.uint8))
+        return self._generator
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels) -> tuple[torch.Tensor, ...]:
+        """Pair indices ``(a1, p, a2, n)`` into ``embeddings`` (anchors) and ``ref_emb`` (partners)."""
+        device, num_ref = embeddings.device, len(ref_labels)
+        rng = self._rng(device)
+        anchors = torch.arange(len(labels), device=device).repeat_interleave(self.pairs_per_sample)
+        # Fixed-size draws, whatever the labels, keep every process's generator in step.
+        want_pos = torch.rand(len(anchors), generator=rng, device=device) < self.pos_fraction
+        u = torch.rand(len(anchors), generator=rng, device=device)
+
+        # Samples of one label are a contiguous block [start, end) of the label-sorted reference set.
+        order = torch.argsort(ref_labels, stable=True)
+        sorted_labels = ref_labels[order]
+        start = torch.searchsorted(sorted_labels, labels[anchors])
+        count = torch.searchsorted(sorted_labels, labels[anchors], right=True) - start
+        same_set = ref_labels is labels  # then the anchor is in its own block and is no partner
+        num_pos, num_neg = count - int(same_set), num_ref - count
+        is_pos = (want_pos & (num_pos > 0)) | (num_neg == 0)
+        keep = torch.where(is_pos, num_pos > 0, num_neg > 0)
+        anchors, is_pos, u, start, count = anchors[keep], is_pos[keep], u[keep], start[keep], count[keep]
+        num_pos, num_neg = num_pos[keep], num_neg[keep]
+
+        pick_pos = torch.minimum((u * num_pos).long(), num_pos - 1)
+        if same_set:
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(num_ref, device=device)
+            pick_pos += (start + pick_pos >= rank[anchors]).long()  # skip the anchor itself
+        pick_neg = torch.minimum((u * num_neg).long(), num_neg - 1)
+        pick_neg += count * (pick_neg >= start)  # skip the anchor's block
+        partners = order[torch.where(is_pos, start + pick_pos, pick_neg)]
+        return anchors[is_pos], partners[is_pos], anchors[~is_pos], partners[~is_pos]
+
+    def state(self) -> dict[str, str] | None:
+        """JSON-ready generator state for checkpoints (None before the first draw)."""
+        if self._generator is None:
+            return self._pending_state
+        raw = self._generator.get_state().numpy().tobytes()
+        return {"device": self._generator.device.type, "generator": base64.b64encode(raw).decode()}
+
+    def load_state(self, state: dict[str, str] | None) -> None:
+        """Continue from a ``state()``: the next call draws what the saved miner's next call would have."""
+        self._generator, self._pending_state = None, state
+
+
+@register_miner("all-pairs")
+class AllPairsMiner(BaseMiner):
+    """Every positive and every negative pair of the batch."""
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels) -> tuple[torch.Tensor, ...]:
+        """Pair indices ``(a1, p, a2, n)``."""
+        return lmu.get_all_pairs_indices(labels, ref_labels)
+
+
+@register_miner("all-triplets")
+class AllTripletsMiner(BaseMiner):
+    """Every (anchor, positive, negative) triplet of the batch."""
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels) -> tuple[torch.Tensor, ...]:
+        """Triplet indices ``(a, p, n)``."""
+        return lmu.get_all_triplets_indices(labels, ref_labels)
+
+
+register_miner("batch-hard", BatchHardMiner)
+
+
+@register_miner("semi-hard")
+def semi_hard(margin: float = 0.2, **kwargs: Any) -> TripletMarginMiner:
+    """pml's TripletMarginMiner keeping semi-hard triplets: d(a,p) < d(a,n) < d(a,p) + margin."""
+    return TripletMarginMiner(margin=margin, type_of_triplets="semihard", **kwargs)
+
+
+@register_miner("hard")
+def hard(margin: float = 0.2, **kwargs: Any) -> TripletMarginMiner:
+    """pml's TripletMarginMiner keeping hard triplets: d(a,n) < d(a,p)."""
+    return TripletMarginMiner(margin=margin, type_of_triplets="hard", **kwargs)
+
+
+for _name, _cls in inspect.getmembers(pml_miners, inspect.isclass):
+    if issubclass(_cls, BaseMiner) and _name != "BaseMiner":
+        register_miner(f"pml.{_name}", _cls)

@@ -1,0 +1,55 @@
+"""Built-in encoders: output shapes on MNIST- and digits-sized inputs, the seed tower, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metriclab import registry
+from metriclab.errors import MetricLabError
+
+ENCODERS = ["mlp", "convnet", "resnet18"]
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+@pytest.mark.parametrize("input_shape", [(1, 28, 28), (1, 8, 8), (3, 8, 8)])
+def test_output_shape(name, input_shape):
+    encoder = registry.create("encoder", name, embedding_dim=5, input_shape=input_shape).eval()
+    with torch.no_grad():
+        out = encoder(torch.rand(2, *input_shape))
+    assert out.shape == (2, 5)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_embedding_dim_zero_rejected(name):
+    with pytest.raises(MetricLabError, match="embedding_dim"):
+        registry.create("encoder", name, embedding_dim=0, input_shape=(1, 28, 28))
+
+
+def test_mlp_is_the_seed_siamese_tower_by_default():
+    encoder = registry.create("encoder", "mlp", embedding_dim=2, input_shape=(1, 28, 28))
+    linear_shapes = [(m.in_features, m.out_features) for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear_shapes == [(784, 1024), (1024, 1024), (1024, 2)]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in encoder.modules()) == 2
+
+
+def test_convnet_channels_are_configurable():
+    encoder = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), channels=(3, 5))
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 3), (3, 5)]
+    assert encoder(torch.rand(2, 1, 28, 28)).shape == (2, 4)
+
+
+def test_convnet_default_has_five_stages_down_to_one_pixel():
+    encoder = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28))
+    features = encoder[:-3]  # everything before global pooling, flatten and the linear head
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in features) == 5
+    assert features(torch.rand(1, 1, 28, 28)).shape == (1, 128, 1, 1)
+
+
+def test_resnet18_is_adapted_to_small_single_channel_images():
+    encoder = registry.create("encoder", "resnet18", embedding_dim=7, input_shape=(1, 28, 28))
+    assert (encoder.conv1.in_channels, encoder.conv1.kernel_size, encoder.conv1.stride) == (1, (3, 3), (1, 1))
+    assert isinstance(encoder.maxpool, torch.nn.Identity)
+    assert (encoder.fc.in_features, encoder.fc.out_features) == (512, 7)

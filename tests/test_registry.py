@@ -1,0 +1,106 @@
+"""The registry as users and plugin authors meet it: names, wildcards, errors, entry points."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from metriclab import registry
+from metriclab.errors import MetricLabError
+
+
+@pytest.fixture
+def restore_registries():
+    """Undo every registration a test makes; the registries are module globals shared by all tests."""
+    registry.load_plugins()
+    saved = {kind: dict(reg._entries) for kind, reg in registry.REGISTRIES.items()}
+    yield
+    for kind, reg in registry.REGISTRIES.items():
+        reg._entries.clear()
+        reg._entries.update(saved[kind])
+
+
+def test_builtins_are_listed_and_created_by_name():
+    assert {"contrastive", "triplet"} <= set(registry.list_components("loss"))
+    assert {"mlp", "convnet", "resnet18"} <= set(registry.list_components("encoders"))
+    assert {"random-pairs", "all-pairs", "batch-hard"} <= set(registry.list_components("miner"))
+    assert {"adam", "adamw", "sgd", "rmsprop"} <= set(registry.list_components("optimizer"))
+    loss = registry.create("loss", "contrastive", margin=0.5)
+    assert loss.margin == 0.5
+
+
+def test_wildcard_lists_every_pml_loss():
+    names = registry.list_components("loss", "pml.*Loss")
+    assert "pml.MultiSimilarityLoss" in names and "pml.ArcFaceLoss" in names
+    assert all(n.startswith("pml.") and n.endswith("Loss") for n in names)
+    assert "pml.BaseMetricLossFunction" not in registry.list_components("loss", "pml.*")
+    assert "pml.BatchHardMiner" in registry.list_components("miner", "pml.*")
+
+
+def test_pml_class_is_registered_itself_so_its_signature_is_visible():
+    from pytorch_metric_learning.losses import ArcFaceLoss
+
+    assert registry.losses.get("pml.ArcFaceLoss") is ArcFaceLoss
+    loss = registry.create("loss", "pml.ArcFaceLoss", num_classes=3, embedding_size=4)
+    assert loss.W.shape == (4, 3)
+
+
+def test_unknown_name_suggests_close_match_and_the_plugins_command():
+    with pytest.raises(MetricLabError) as err:
+        registry.create("loss", "contrastiv")
+    assert "'contrastive'" in str(err.value)
+    assert "metriclab plugins" in str(err.value)
+
+
+def test_wrong_argument_name_suggests_the_right_one():
+    with pytest.raises(MetricLabError) as err:
+        registry.create("miner", "random-pairs", pos_fracton=0.3)
+    assert "pos_fracton" in str(err.value) and "'pos_fraction'" in str(err.value)
+
+
+def test_duplicate_registration_is_an_error(restore_registries):
+    @registry.register_encoder("test-duplicate")
+    def first(**kwargs):
+        return torch.nn.Identity()
+
+    with pytest.raises(MetricLabError, match="already registered"):
+
+        @registry.register_encoder("test-duplicate")
+        def second(**kwargs):
+            return torch.nn.Identity()
+
+    assert registry.encoders.get("test-duplicate") is first
+
+
+PLUGIN_MODULE = '''
+import math
+
+import torch
+from metriclab.registry import register_encoder
+
+
+@register_encoder("demo-linear")
+def demo_linear(*, embedding_dim, input_shape, scale=1.0):
+    """A flatten + linear encoder from a third-party package."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), embedding_dim))
+'''
+
+
+def test_third_party_plugin_is_found_through_a_real_entry_point(tmp_path, monkeypatch, restore_registries):
+    (tmp_path / "demo_metriclab_plugin.py").write_text(PLUGIN_MODULE)
+    dist_info = tmp_path / "demo_metriclab_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-metriclab-plugin\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[metriclab.plugins]\ndemo = demo_metriclab_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.delitem(sys.modules, "demo_metriclab_plugin", raising=False)
+
+    encoder = registry.create("encoder", "demo-linear", embedding_dim=3, input_shape=(1, 4, 4))
+
+    assert encoder(torch.rand(2, 1, 4, 4)).shape == (2, 3)
+    assert registry.encoders.entries("demo-linear")[0].source == "demo-metriclab-plugin"
+    assert "demo-linear" in registry.list_components("encoder", "demo-*")
+    sys.modules.pop("demo_metriclab_plugin", None)
