@@ -296,7 +296,8 @@ class _Trainer:
                 ref = gather_with_grad(ref, batch.numel(), acc) if ref is not None else None
             else:
                 labels = self.train_labels[local]
-            ref_labels = labels if ref is not None else None
+            # A copy, so pml keeps the (i, i) pairs: image i through each tower is a real positive pair.
+            ref_labels = labels.clone() if ref is not None else None
             indices = self.miner(embeddings, labels, ref, ref_labels) if self.miner is not None else None
             loss = self.loss_fn(embeddings, labels, indices, ref, ref_labels)
             if self.recipe.on_nonfinite == "skip" and not torch.isfinite(loss):

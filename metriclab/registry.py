@@ -117,8 +117,9 @@ class Registry:
 
 
 def _top_package(obj: Callable) -> str:
-    module = getattr(obj, "__module__", None) or "?"
-    return module.split(".")[0]
+    """The distribution that provides ``obj``'s module (its top-level package name if none)."""
+    top = (getattr(obj, "__module__", None) or "?").split(".")[0]
+    return importlib.metadata.packages_distributions().get(top, [top])[0]
 
 
 def _check_arguments(kind: str, name: str, factory: Callable, kwargs: dict[str, Any]) -> None:
