@@ -243,7 +243,9 @@ class _Trainer:
                 if finished_epoch:
                     state.epoch += 1
                     state.position = 0
-                    self._end_of_epoch()
+                done = state.epoch >= recipe.epochs or state.step >= total
+                if finished_epoch or done:  # a run stopped by max_steps mid-epoch still leaves embeddings
+                    self._end_of_epoch(last=done)
                 if self.stop_requested:
                     self._interrupt()
             self._finish()
@@ -356,12 +358,13 @@ class _Trainer:
             part = embed(acc.unwrap_model(self.model), images[local])
         return gather_shards(part, n, acc)
 
-    def _end_of_epoch(self) -> None:
+    def _end_of_epoch(self, last: bool = False) -> None:
         from metriclab.retrieval import retrieval_metrics
 
         epoch = self.state.epoch
         test = self.embed_split("test")
-        train = self.embed_split("train") if self.recipe.embed_train else None
+        # The train split is large: embedded once, at the end, not every epoch.
+        train = self.embed_split("train") if self.recipe.embed_train and last else None
         if self.accelerator.is_main_process:
             labels = self.test_labels.cpu().numpy()
             test_np = test.cpu().numpy()
@@ -372,7 +375,7 @@ class _Trainer:
                 save_embeddings(
                     run / "embeddings" / "train.npz", train.cpu().numpy(), self.train_labels.cpu().numpy(), epoch
                 )
-            scores = retrieval_metrics(test_np, labels, ks=(1,), metric="euclidean")
+            scores = retrieval_metrics(test_np, labels, ks=(1,), metric=self.recipe.metric, clustering=False)
             row = {
                 "epoch": epoch,
                 "precision@1": scores["precision@1"],
@@ -451,15 +454,13 @@ class _Trainer:
         from metriclab.retrieval import retrieval_metrics
 
         acc = self.accelerator
-        if self.state.position:  # stopped mid-epoch (max_steps): still leave embeddings and a checkpoint
-            self._end_of_epoch()
         acc.wait_for_everyone()
         acc.save_model(self.model, str(self.run_dir), safe_serialization=True)
         if not acc.is_main_process:
             return
         run = Run(self.run_dir)
         embeddings, labels = run.embeddings("test")
-        final = retrieval_metrics(embeddings, labels, ks=(1, 5, 10), metric="euclidean")
+        final = retrieval_metrics(embeddings, labels, ks=(1, 5, 10), metric=self.recipe.metric)
         run.update_metrics(
             "final",
             {

@@ -70,6 +70,7 @@ class Recipe:
     log_every: int = 50
     log_with: str | None = None
     embed_train: bool = True
+    metric: str = "euclidean"
     resume: str | None = None
     plugins: list = field(default_factory=list)
     cpu: bool = False
@@ -92,6 +93,7 @@ class Recipe:
             "sampler": ("random", "m-per-class"),
             "mixed_precision": ("no", "fp16", "bf16"),
             "on_nonfinite": ("stop", "skip"),
+            "metric": ("euclidean", "cosine"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

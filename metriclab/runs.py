@@ -8,9 +8,12 @@ Layout (``format_version`` 1)::
       model.safetensors         final weights of the Siamese network (safetensors only)
       checkpoints/step_00000120/  accelerate ``save_state`` + ``trainer_state.json``; written under a
                                 ``.tmp-`` name and renamed when complete, so a listed one is whole
-      embeddings/test.npz       latest embeddings of each split: ``embeddings`` float32 (N, D),
-      embeddings/train.npz      ``labels`` int64 (N,), ``epoch`` int (``np.load(allow_pickle=False)``)
+      embeddings/test.npz       latest test embeddings, refreshed after every epoch: ``embeddings``
+                                float32 (N, D), ``labels`` int64 (N,), ``epoch`` int
+                                (read with ``np.load(allow_pickle=False)``)
       embeddings/epoch_0003/test.npz   one snapshot of the test split per epoch (animations)
+      embeddings/train.npz      train embeddings at the end of training (same format;
+                                ``embed_train=False`` skips them)
       history.csv               loss curve: step, epoch, loss, lr, samples_per_s
       metrics.json              {"epochs": [...], "final": {...}, "evaluations": {...}}
       embedding.png             2-D scatter of the test embedding at the end of training
