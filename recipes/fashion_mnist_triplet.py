@@ -18,6 +18,7 @@ recipe = Recipe(
     loss_args={"margin": 0.2},
     miner="semi-hard",
     miner_args={"margin": 0.2},
+    metric="cosine",  # the triplet loss compares L2-normalised embeddings; evaluate the same way
     optimizer="adam",
     lr=1e-3,
     batch_size=256,
