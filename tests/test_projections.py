@@ -1,0 +1,138 @@
+"""Projections keep their shapes and structure; scores tell separated classes from random labels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from metriclab.errors import MetricLabError
+from metriclab.projections import compare_projections, numba_cache_dir, project, projection_scores
+
+
+def blobs(n: int = 300, dims: int = 10, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    centres = rng.normal(size=(classes, dims)) * 10
+    return (centres[labels] + rng.normal(size=(n, dims))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_project_reduces_to_two_dims_and_keeps_classes_apart(method):
+    x, labels = blobs(120)
+    points = project(x, method, seed=0)
+    assert points.shape == (120, 2) and points.dtype == np.float32 and np.isfinite(points).all()
+    assert projection_scores(points, labels)["knn_accuracy"] > 0.95
+
+
+def test_project_flattens_images_and_is_reproducible():
+    images = np.random.default_rng(0).random((50, 1, 8, 8))
+    assert project(images, "pca").shape == (50, 2)
+    assert np.array_equal(project(images, "tsne", seed=3), project(images, "tsne", seed=3))
+
+
+@pytest.mark.parametrize("method", ["none", "pca", "tsne", "umap"])
+def test_two_dimensional_input_is_returned_as_is(method):
+    x = np.random.default_rng(0).normal(size=(30, 2))
+    assert np.allclose(project(x, method), x)
+
+
+def test_project_explains_impossible_requests():
+    with pytest.raises(MetricLabError, match="'umap', 'tsne' or 'pca'"):
+        project(np.zeros((30, 5)), "none")
+    with pytest.raises(MetricLabError, match="choose one of"):
+        project(np.zeros((30, 5)), "isomap")
+    with pytest.raises(MetricLabError, match="at least 4"):
+        project(np.zeros((3, 5)), "pca")
+
+
+def test_scores_separate_clusters_from_random_labels():
+    points, labels = blobs(400, dims=2, classes=4)
+    good = projection_scores(points, labels, high_dim=points)
+    assert good["knn_accuracy"] > 0.95 and good["silhouette"] > 0.5 and good["trustworthiness"] > 0.99
+    shuffled = np.random.default_rng(1).permutation(labels)
+    bad = projection_scores(points, shuffled)
+    assert bad["knn_accuracy"] < 0.45 and bad["silhouette"] < 0.1 and "trustworthiness" not in bad
+    unrelated = np.random.default_rng(2).normal(size=(400, 20))
+    assert projection_scores(points, labels, high_dim=unrelated)["trustworthiness"] < 0.7
+
+
+def test_scores_subsample_large_inputs_and_check_lengths():
+    points, labels = blobs(2500, dims=2, classes=5)
+    scores = projection_scores(points, labels, high_dim=points)
+    assert set(scores) == {"knn_accuracy", "silhouette", "trustworthiness"} and scores["trustworthiness"] > 0.99
+    with pytest.raises(MetricLabError, match="high_dim"):
+        projection_scores(points, labels, high_dim=points[:10])
+
+
+def test_numba_cache_dir_follows_metriclab_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("METRICLAB_CACHE", str(tmp_path))
+    assert numba_cache_dir() == tmp_path / "numba"
+    monkeypatch.delenv("METRICLAB_CACHE")
+    assert numba_cache_dir() == numba_cache_dir().home() / ".cache" / "metriclab" / "numba"
+
+
+# UMAP below: about 30 s the first time on a machine (numba compiles umap's kernels into the cache in
+# numba_cache_dir()), a few seconds on later runs; marked slow, and the data are kept small.
+
+
+@pytest.mark.slow
+def test_import_umap_caches_its_kernels_on_disk():
+    """In a fresh process, umap's kernels get numba's disk cache, serial/parallel twins excepted."""
+    script = """
+import json, os, numba
+njit = numba.njit
+from metriclab.projections import import_umap, numba_cache_dir
+umap = import_umap()
+from umap import layouts, umap_
+print(json.dumps({
+    "cache_dir": os.environ["NUMBA_CACHE_DIR"] == str(numba_cache_dir()),
+    "restored": numba.njit is njit,
+    "smooth_knn_dist": type(umap_.smooth_knn_dist._cache).__name__,
+    "serial_layout": type(layouts._nb_optimize_layout_euclidean_single_epoch._cache).__name__,
+    "parallel_layout": type(layouts._nb_optimize_layout_euclidean_single_epoch_parallel._cache).__name__,
+}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {
+        "cache_dir": True,
+        "restored": True,
+        "smooth_knn_dist": "FunctionCache",
+        "serial_layout": "FunctionCache",
+        "parallel_layout": "NullCache",
+    }
+
+
+@pytest.mark.slow
+def test_umap_projects_high_dimensional_pixels():
+    x, labels = blobs(300, dims=784)  # above PCA_FIRST_ABOVE: goes through PCA to 50 dims first
+    points = project(x, "umap", seed=0)
+    assert points.shape == (300, 2) and np.isfinite(points).all()
+    assert projection_scores(points, labels)["knn_accuracy"] > 0.95
+    assert np.array_equal(points, project(x, "umap", seed=0))
+
+
+@pytest.mark.slow
+def test_compare_projections_titles_and_sources():
+    pixels, labels = blobs(150, dims=64)
+    embedding = pixels[:, :8] * 0.5
+    panels = compare_projections(pixels, embedding, labels)
+    assert [p.title for p in panels] == [
+        "UMAP of raw pixels (64-D)",
+        "UMAP of learned embedding (8-D)",
+        "PCA of learned embedding (8-D)",
+    ]
+    assert all(p.points.shape == (150, 2) and p.seconds > 0 for p in panels)
+    assert panels[0].high_dim is not None and panels[0].high_dim.shape == (150, 64)
+    flat = compare_projections(pixels, embedding[:, :2], labels)
+    assert [p.title for p in flat] == ["UMAP of raw pixels (64-D)", "Learned embedding (2-D)"]
+    assert np.allclose(flat[1].points, embedding[:, :2])
+    with pytest.raises(MetricLabError, match="same samples"):
+        compare_projections(pixels, embedding[:100], labels)
