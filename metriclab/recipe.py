@@ -7,8 +7,8 @@ A recipe file names its components and hyper-parameters and hands them to :func:
         main(recipe)
 
 Every field can be overridden on the command line (``--loss triplet --embedding-dim 64``);
-``--help`` lists them. Changing a component's name without giving its ``--*-args`` drops
-the recipe's arguments for the old component, since they rarely fit the new one.
+``--help`` lists them. Changing a component's name drops the recipe's arguments for the
+old component, since they rarely fit the new one; ``--loss-args`` etc. apply on top.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Recipe:
         data = Recipe.from_json(config).to_dict() if config else self.to_dict()
         given = {k: v for k, v in args.items() if v is not None}
         for name in COMPONENTS:
-            if name in given and given[name] != data[name] and f"{name}_args" not in given:
+            if name in given and given[name] != data[name]:
                 data[f"{name}_args"] = {}
             if f"{name}_args" in given:
                 data[f"{name}_args"] = {**data[f"{name}_args"], **given.pop(f"{name}_args")}

@@ -22,6 +22,7 @@ def test_overrides_change_fields_and_keep_the_rest():
 def test_switching_a_component_drops_its_old_arguments_unless_given():
     recipe = Recipe(loss="contrastive", loss_args={"margin": 2.0}, miner_args={"pos_fraction": 0.3})
     assert recipe.with_overrides(["--loss", "triplet"]).loss_args == {}
+    assert recipe.with_overrides(["--loss", "contrastive"]).loss_args == {"margin": 2.0}  # same name: kept
     assert recipe.with_overrides(["--loss", "triplet", "--loss-args", "margin=0.1"]).loss_args == {"margin": 0.1}
     merged = recipe.with_overrides(["--miner-args", "pairs_per_sample=3"]).miner_args
     assert merged == {"pos_fraction": 0.3, "pairs_per_sample": 3}
@@ -36,8 +37,14 @@ def test_config_file_is_the_starting_point(tmp_path):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"embedding_dim": 0}, {"batch_size": -1}, {"lr": 0.0}, {"mixed_precision": "fp8"}, {"sampler": "nope"},
-     {"sampler": "m-per-class", "batch_size": 10, "m_per_class": 4}],
+    [
+        {"embedding_dim": 0},
+        {"batch_size": -1},
+        {"lr": 0.0},
+        {"mixed_precision": "fp8"},
+        {"sampler": "nope"},
+        {"sampler": "m-per-class", "batch_size": 10, "m_per_class": 4},
+    ],
 )
 def test_impossible_values_are_rejected(fields):
     with pytest.raises(MetricLabError):

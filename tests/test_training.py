@@ -123,9 +123,7 @@ def test_third_party_plugin_through_a_real_entry_point(tmp_path):
     (info / "entry_points.txt").write_text("[metriclab.plugins]\ntinyplug = tinyplug\n")
     result = run_recipe(
         "mnist_siamese.py",
-        *TINY,
-        "--encoder",
-        "tiny-linear",
+        *["--dataset", "digits", "--epochs", "1", "--encoder", "tiny-linear"],
         "--output-dir",
         str(tmp_path / "run"),
         env={"PYTHONPATH": str(site)},
