@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 import metriclab
@@ -50,14 +50,21 @@ def train(recipe: Recipe) -> Path:
     """Train ``recipe`` and return its run directory (written by the main process only)."""
     for spec in recipe.plugins:
         registry.load_plugin(spec)
-    accelerator = Accelerator(
-        cpu=recipe.cpu or not torch.cuda.is_available(),
-        mixed_precision=recipe.mixed_precision,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        log_with=recipe.log_with,
-    )
+    cpu = recipe.cpu or not torch.cuda.is_available()
+    # The process group first: the run directory is chosen on the main process and shared,
+    # and trackers need it when the Accelerator is created.
+    run_dir, checkpoint = _run_directory(recipe, PartialState(cpu=cpu))
+    try:
+        accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=recipe.mixed_precision,
+            gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+            log_with=recipe.log_with,
+            project_dir=str(run_dir),
+        )
+    except (ValueError, ImportError) as err:
+        raise MetricLabError(f"cannot set up training ({err}); check --log-with and --mixed-precision") from err
     reporter = Reporter(enabled=accelerator.is_main_process)
-    run_dir, checkpoint = _run_directory(recipe, accelerator)
     set_seed(recipe.seed)
 
     with accelerator.main_process_first():
@@ -81,7 +88,6 @@ def train(recipe: Recipe) -> Path:
     if accelerator.is_main_process and checkpoint is None:
         write_json(run_dir / "config.json", describe_run(recipe, dataset, accelerator, model))
     if recipe.log_with:
-        accelerator.project_configuration.set_directories(str(run_dir))
         accelerator.init_trackers(recipe.name, config=_flat(recipe.to_dict()))
 
     if recipe.compile:
@@ -170,7 +176,7 @@ def _flat(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in data.items()}
 
 
-def _run_directory(recipe: Recipe, accelerator: Accelerator) -> tuple[Path, Path | None]:
+def _run_directory(recipe: Recipe, accelerator: PartialState) -> tuple[Path, Path | None]:
     """Create (or find, when resuming) the run directory on the main process and share it."""
     result: list[Any] = [None, None, None]
     if accelerator.is_main_process:
