@@ -33,7 +33,9 @@ Speed, measured on a 2-core AMD EPYC (AVX-512) VM shared with other jobs, torch 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -44,8 +46,10 @@ from sklearn.metrics import adjusted_mutual_info_score, auc, normalized_mutual_i
 from metriclab.errors import MetricLabError
 
 METRICS = ("euclidean", "cosine")
-# Memory for one chunk's distance rows and top-k buffers; small enough for any laptop or GPU.
+# Memory for the chunks in flight (keys, candidates, labels); small enough for any laptop or GPU.
 CHUNK_BYTES = 256 * 2**20
+SAMPLE = 512  # keys per row sampled to place the selection threshold
+PAD = 0x7FFFFFFF << 32  # a code after every real one (keys are finite or +inf); its column is 0
 
 
 def _embeddings(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
@@ -81,14 +85,36 @@ def _check_metric(metric: str) -> None:
         raise MetricLabError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
 
 
+def _workers() -> int:
+    """Chunks processed at once: numpy releases the GIL, so threads use the cores torch may use."""
+    return max(1, min(torch.get_num_threads(), 4))
+
+
 def _chunk_rows(n_gallery: int, k: int, chunk_size: int | None) -> int:
     """Queries per chunk: ``chunk_size`` if given, else as many as fit in ``CHUNK_BYTES``."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise MetricLabError(f"chunk_size must be a positive integer, got {chunk_size}")
         return int(chunk_size)
-    # a distance row and topk's copy of it, plus ~48 bytes per kept neighbour for labels and masks
-    return max(1, CHUNK_BYTES // (8 * n_gallery + 48 * k))
+    # per query: a key row and its mask, plus ~100 bytes per kept neighbour (candidates, codes, labels,
+    # masks); one chunk per worker and the next one being computed are alive at once
+    return max(1, CHUNK_BYTES // (_workers() + 1) // (8 * n_gallery + 100 * k))
+
+
+def _in_parallel(fn: Callable[..., Any], items: Iterable[tuple]) -> Iterator[Any]:
+    """``fn(*item)`` for each item, in order, on ``_workers()`` threads while the next item is produced."""
+    workers = _workers()
+    if workers == 1:
+        yield from (fn(*item) for item in items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _search_keys(
@@ -102,46 +128,101 @@ def _search_keys(
     if metric == "cosine":
         queries = torch.nn.functional.normalize(queries, dim=1)
         gallery = torch.nn.functional.normalize(gallery, dim=1)
+        scaled, offset = -gallery, None  # key = -q.g
     else:
         # Distances are translation-invariant; centring shrinks the norms that |q|^2 + |g|^2 - 2 q.g cancels.
         center = gallery.mean(0)
         queries, gallery = queries - center, gallery - center
-        gallery_sq = (gallery * gallery).sum(1)
+        scaled, offset = -2 * gallery, (gallery * gallery).sum(1)  # key = |g|^2 - 2 q.g; |q|^2 is constant per row
+    on_cpu = queries.device.type == "cpu"
+    if on_cpu:
+        # numpy's OpenBLAS multiplies float32 about twice as fast as torch's MKL on some CPUs (AMD EPYC)
+        scaled_t = scaled.numpy().T
+        offset = None if offset is None else offset.numpy()
     for start in range(0, len(queries), rows):
         chunk = queries[start : start + rows]
-        if metric == "cosine":
-            keys = (chunk @ gallery.T).neg_()
+        if on_cpu:
+            keys = chunk.numpy() @ scaled_t
+            if offset is not None:
+                keys += offset
+            keys = torch.from_numpy(keys)
         else:
-            keys = torch.addmm(gallery_sq, chunk, gallery.T, alpha=-2)  # |g|^2 - 2 q.g: |q|^2 is constant per row
+            keys = chunk @ scaled.T if offset is None else torch.addmm(offset, chunk, scaled.T)
         if exclude_self:
             own = torch.arange(len(chunk), device=keys.device)
             keys[own, own + start] = float("inf")
         yield start, chunk, keys
 
 
-def _stable_topk(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` smallest keys per row and their columns, ordered by key then column."""
-    kk = min(k + 1, keys.shape[1])
-    values, index = torch.topk(keys, kk, dim=1, largest=False, sorted=True)
-    # topk orders equal keys arbitrarily: a tie across the k-th place needs the row's full stable sort,
-    # a tie inside the top k only a reorder of those k.
-    if kk > k:
-        boundary = values[:, k] == values[:, k - 1]
+def _codes(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """int64 codes that sort like ``(value, column)``: the float's bits made monotone, above the column."""
+    bits = (values + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into +0.0, which compares equal to it
+    np.bitwise_xor(bits, np.int32(0x7FFFFFFF), out=bits, where=bits < 0)
+    codes = bits.astype(np.int64)
+    codes <<= 32
+    codes |= columns
+    return codes
+
+
+def _select_by_threshold(keys: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """Sorted codes per row of every key up to a threshold that keeps at least ``need`` keys (CPU path).
+
+    The threshold comes from a fixed random sample of columns, a little above each row's
+    expected ``need``-th key, and is raised for the rare rows it leaves short. Selecting by
+    threshold keeps every key equal to the last one kept, so ties are resolved exactly by
+    the sort. numpy's compare, compaction and SIMD sort beat ``torch.topk`` several times on CPU.
+    """
+    m, n = keys.shape
+    if n <= 4 * SAMPLE:
+        mask, counts = np.ones_like(keys, dtype=bool), np.full(m, n)
     else:
-        boundary = torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
-    values, index = values[:, :k], index[:, :k]
-    inner = (values[:, 1:] == values[:, :-1]).any(1)
-    if bool(inner.any()):
-        rows = torch.nonzero(inner & ~boundary).squeeze(1)
-        by_index = index[rows].argsort(dim=1)
-        v, i = values[rows].gather(1, by_index), index[rows].gather(1, by_index)
-        order = torch.sort(v, dim=1, stable=True).indices
-        values[rows], index[rows] = v.gather(1, order), i.gather(1, order)
-    if bool(boundary.any()):
-        rows = torch.nonzero(boundary).squeeze(1)
-        v, i = torch.sort(keys[rows], dim=1, stable=True)
-        values[rows], index[rows] = v[:, :k], i[:, :k]
-    return values, index
+        # np.sort of short rows runs in SIMD registers: cheaper than a partition of a longer sample
+        sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
+        expect = need * (SAMPLE / n)
+        rank = np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
+        threshold = sample[np.arange(m), np.minimum(rank, SAMPLE) - 1]
+        mask = keys <= threshold[:, None]
+        counts = np.count_nonzero(mask, axis=1)
+        short = np.flatnonzero(counts < need)
+        while len(short):  # the few rows the sample misjudged: raise their threshold and redo them alone
+            rank[short] *= 2
+            threshold = np.where(rank[short] > SAMPLE, np.inf, sample[short, np.minimum(rank[short], SAMPLE) - 1])
+            mask[short] = keys[short] <= threshold[:, None]
+            counts[short] = np.count_nonzero(mask[short], axis=1)
+            short = short[counts[short] < need[short]]
+    flat = np.flatnonzero(mask)
+    columns = flat - np.repeat(np.arange(m) * n, counts)
+    # boolean assignment fills row-major, so each row's candidates land left-aligned in its row
+    slots = np.arange(counts.max()) < counts[:, None]
+    packed = np.full(slots.shape, PAD, dtype=np.int64)
+    packed[slots] = _codes(keys.ravel()[flat], columns)
+    return np.sort(packed, axis=1)[:, : need.max()]
+
+
+def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
+    """Sorted codes of each row's ``k`` smallest keys via ``torch.topk`` on the keys' device (GPU path)."""
+    n = keys.shape[1]
+    kk = min(k + 1, n)
+    values, columns = torch.topk(keys, kk, dim=1, largest=False, sorted=False)
+    codes = np.sort(_codes(values.cpu().numpy(), columns.cpu().numpy()), axis=1)
+    # topk chooses among keys equal to the k-th arbitrarily: such rows are sorted whole
+    tied = np.flatnonzero(codes[:, k] >> 32 == codes[:, k - 1] >> 32) if kk > k else []
+    if len(tied):
+        whole = keys[torch.as_tensor(tied, device=keys.device)].cpu().numpy()
+        codes[tied] = np.sort(_codes(whole, np.arange(n)), axis=1)[:, :kk]
+    return codes[:, :k]
+
+
+def _nearest(keys: torch.Tensor, need: np.ndarray) -> np.ndarray:
+    """Columns of each row's ``need[row]`` smallest keys, by key then column; ``(rows, need.max())`` int64.
+
+    Entries past a row's own ``need`` are unspecified (but valid columns).
+    """
+    if keys.device.type == "cpu":
+        codes = _select_by_threshold(keys.numpy(), need)
+    else:
+        codes = _select_by_topk(keys, int(need.max()))
+    return codes & 0xFFFFFFFF
 
 
 def knn(
@@ -173,25 +254,25 @@ def knn(
     if k < 1:
         raise MetricLabError("k must be >= 1 and the gallery must hold at least one other item")
     rows = _chunk_rows(len(g), k, chunk_size)
-    distances, indices = [], []
-    for _, chunk, keys in _search_keys(q, g, metric, exclude_self, rows):
-        values, index = _stable_topk(keys, k)
+
+    def select(chunk: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(_nearest(keys, np.full(len(keys), k))).to(dev)
+        values = keys.gather(1, index)
         if metric == "cosine":
-            values = values + 1.0
-        else:
-            values = (values + (chunk * chunk).sum(1, keepdim=True)).clamp_(min=0).sqrt_()
-        distances.append(values)
-        indices.append(index)
-    return torch.cat(distances), torch.cat(indices)
+            return values + 1.0, index
+        return (values + (chunk * chunk).sum(1, keepdim=True)).clamp_(min=0).sqrt_(), index
+
+    found = list(_in_parallel(select, (item[1:] for item in _search_keys(q, g, metric, exclude_self, rows))))
+    return torch.cat([d for d, _ in found]), torch.cat([i for _, i in found])
 
 
-def _majority_vote(neighbour_labels: torch.Tensor) -> torch.Tensor:
+def _majority_vote(neighbour_labels: np.ndarray) -> np.ndarray:
     """Most frequent label per row; among equally frequent labels, the one ranked nearest."""
     k = neighbour_labels.shape[1]
     counts = (neighbour_labels[:, :, None] == neighbour_labels[:, None, :]).sum(2)
     # count dominates; the earliest position wins a tie, and it is the earliest position of its label
-    score = counts * (k + 1) - torch.arange(k, device=counts.device)
-    return neighbour_labels.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+    best = np.argmax(counts * (k + 1) - np.arange(k), axis=1)
+    return neighbour_labels[np.arange(len(best)), best]
 
 
 def retrieval_metrics(
@@ -237,36 +318,38 @@ def retrieval_metrics(
         raise MetricLabError("leave-one-out needs at least two embeddings")
 
     _, ids = np.unique(np.concatenate([q_lab, g_lab]), return_inverse=True)
-    q_ids = torch.as_tensor(ids[: len(q)], device=dev)
-    g_ids = torch.as_tensor(ids[len(q) :], device=dev)
-    relevant = torch.bincount(g_ids, minlength=int(ids.max()) + 1)[q_ids] - int(loo)  # R per query
+    ids = ids.astype(np.int32)
+    q_ids, g_ids = ids[: len(q)], ids[len(q) :]
+    relevant = np.bincount(g_ids, minlength=ids.max() + 1)[q_ids] - int(loo)  # R per query
     top = [min(int(k), n_ref) for k in ks]
     vote_k = min(knn_k, n_ref)
-    rows = _chunk_rows(len(g), max(*top, vote_k, int(relevant.max())), chunk_size)
+    need = np.maximum(max(*top, vote_k), relevant)
+    rows = _chunk_rows(len(g), int(need.max()), chunk_size)
 
-    sums = torch.zeros(2 * len(top) + 2, dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.long, device=dev)
-    for start, chunk, keys in _search_keys(q, g, metric, loo, rows):
-        r = relevant[start : start + len(chunk)]
-        k = max(*top, vote_k, int(r.max()))
-        _, index = _stable_topk(keys, k)
-        neighbours = g_ids[index]
-        correct += (_majority_vote(neighbours[:, :vote_k]) == q_ids[start : start + len(chunk)]).sum()
-        same = neighbours == q_ids[start : start + len(chunk), None]
-        found = r > 0
-        same, r = same[found], r[found].double()
-        rank = torch.arange(1, k + 1, device=dev)
-        hits = same & (rank <= r[:, None])
-        precision = hits.cumsum(1).double() / rank  # precision at each rank, counting only the first R
-        per_query = [same[:, :t].sum(1).double() / t for t in top] + [same[:, :t].any(1).double() for t in top]
-        per_query += [(precision * hits).sum(1) / r, hits.sum(1) / r]
-        sums += torch.stack([p.sum() for p in per_query])
+    # The GPU (if any) computes keys and selects; the bookkeeping on (rows, k) labels is cheaper in numpy.
+    def score(start: int, keys: torch.Tensor) -> np.ndarray:
+        span = slice(start, start + len(keys))
+        neighbours = g_ids[_nearest(keys, need[span])]
+        correct = _majority_vote(neighbours[:, :vote_k]) == q_ids[span]
+        same = neighbours == q_ids[span, None]
+        r = relevant[span]
+        r_safe = np.maximum(r, 1)  # lone queries (R = 0) are left out of the sums below
+        rank = np.arange(1, same.shape[1] + 1)
+        hits = same & (rank <= r[:, None])  # only the first R ranks count for MAP@R and R-precision
+        average_precision = np.where(hits, np.cumsum(hits, axis=1, dtype=np.int32) / rank, 0.0).sum(1) / r_safe
+        per_query = [np.count_nonzero(same[:, :t], axis=1) / t for t in top] + [same[:, :t].any(1) for t in top]
+        per_query += [average_precision, np.count_nonzero(hits, axis=1) / r_safe]
+        return np.array([np.sum(p, where=r > 0) for p in per_query] + [np.sum(correct)])
+
+    chunks = ((start, keys) for start, _, keys in _search_keys(q, g, metric, loo, rows))
+    *sums, correct = np.sum(list(_in_parallel(score, chunks)), axis=0)
+    sums = np.array(sums)
 
     n_found = int((relevant > 0).sum())
     means = (sums / n_found).tolist() if n_found else [float("nan")] * len(sums)
     out = {f"precision@{k}": means[j] for j, k in enumerate(ks)}
     out |= {f"recall@{k}": means[len(ks) + j] for j, k in enumerate(ks)}
-    out |= {"map@r": means[-2], "r_precision": means[-1], "knn_accuracy": int(correct) / len(q)}
+    out |= {"map@r": means[-2], "r_precision": means[-1], "knn_accuracy": float(correct) / len(q)}
     if clustering:
         out |= _clustering_scores(q.cpu().numpy(), ids[: len(q)], seed, kmeans_n_init)
     return out

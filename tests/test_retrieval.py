@@ -15,7 +15,15 @@ from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_s
 from sklearn.neighbors import KNeighborsClassifier
 
 from metriclab.errors import MetricLabError
-from metriclab.retrieval import evaluate_embeddings, knn, retrieval_metrics, sample_pairs, verification_metrics
+from metriclab.retrieval import (
+    _nearest,
+    _select_by_topk,
+    evaluate_embeddings,
+    knn,
+    retrieval_metrics,
+    sample_pairs,
+    verification_metrics,
+)
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 
@@ -60,6 +68,37 @@ def test_knn_equals_brute_force_for_every_chunk_size(metric):
         brute = np.take_along_axis(pairwise(queries, gallery, metric), expected, 1)
         np.testing.assert_allclose(distances.numpy(), brute, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(distances, results[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_knn_on_a_gallery_large_enough_to_sample_thresholds():
+    gallery, _ = blobs(3001, 5, dim=8)
+    queries = gallery[:40]
+    d = pairwise(queries, gallery)
+    d[np.arange(40), np.arange(40)] = np.inf
+    expected = np.argsort(d, axis=1, kind="stable")[:, :25]
+    for chunk in (None, 9):
+        _, indices = knn(queries, gallery, 25, exclude_self=False, chunk_size=chunk)
+        assert np.array_equal(indices[:, 0].numpy(), np.arange(40))
+        np.testing.assert_array_equal(indices[:, 1:].numpy(), expected[:, :24])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_both_selection_paths_equal_a_stable_sort(tied):
+    # The CPU path selects by a sampled threshold (rows it misjudges are redone); the GPU path uses
+    # torch.topk and re-sorts rows whose k-th key is tied. Both run here on CPU tensors.
+    rng = np.random.default_rng(1)
+    if tied:
+        keys = rng.integers(-50, 50, (300, 3000)).astype(np.float32)
+        keys[keys == 0] = rng.choice([-0.0, 0.0], size=int((keys == 0).sum()))  # -0.0 equals 0.0
+    else:
+        keys = rng.normal(size=(300, 3000)).astype(np.float32)
+    need = rng.integers(1, 400, 300)
+    expected = np.argsort(keys, axis=1, kind="stable")
+    got = _nearest(torch.from_numpy(keys), need)
+    for row in range(300):
+        np.testing.assert_array_equal(got[row, : need[row]], expected[row, : need[row]])
+    by_topk = _select_by_topk(torch.from_numpy(keys), 150) & 0xFFFFFFFF
+    np.testing.assert_array_equal(by_topk, expected[:, :150])
 
 
 def test_knn_orders_ties_by_index_and_excludes_only_self():
