@@ -14,6 +14,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from metriclab import retrieval
 from metriclab.errors import MetricLabError
 from metriclab.retrieval import (
     _nearest,
@@ -88,7 +89,7 @@ def test_both_selection_paths_equal_a_stable_sort(tied):
     # torch.topk and re-sorts rows whose k-th key is tied. Both run here on CPU tensors.
     rng = np.random.default_rng(1)
     if tied:
-        keys = rng.integers(-50, 50, (300, 3000)).astype(np.float32)
+        keys = rng.integers(-2, 60, (300, 3000)).astype(np.float32)  # ~50 copies of each value per row
         keys[keys == 0] = rng.choice([-0.0, 0.0], size=int((keys == 0).sum()))  # -0.0 equals 0.0
     else:
         keys = rng.normal(size=(300, 3000)).astype(np.float32)
@@ -99,6 +100,20 @@ def test_both_selection_paths_equal_a_stable_sort(tied):
         np.testing.assert_array_equal(got[row, : need[row]], expected[row, : need[row]])
     by_topk = _select_by_topk(torch.from_numpy(keys), 150) & 0xFFFFFFFF
     np.testing.assert_array_equal(by_topk, expected[:, :150])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_gpu_code_path_gives_the_host_results(monkeypatch, metric):
+    # On a GPU, keys come from torch.addmm and selection from torch.topk; run that path on CPU tensors.
+    emb, labels = awkward_set(seed=4)
+    big, _ = blobs(2600, 5, dim=8, seed=4)
+    host = retrieval_metrics(emb, labels, metric=metric, clustering=False)
+    host_knn = knn(big[:50], big, 20, metric=metric, exclude_self=False)
+    monkeypatch.setattr(retrieval, "_on_host", lambda device: False)
+    assert retrieval_metrics(emb, labels, metric=metric, clustering=False) == pytest.approx(host, abs=1e-12)
+    distances, indices = knn(big[:50], big, 20, metric=metric, exclude_self=False)
+    assert torch.equal(indices, host_knn[1])
+    torch.testing.assert_close(distances, host_knn[0], rtol=1e-4, atol=1e-4)
 
 
 def test_knn_orders_ties_by_index_and_excludes_only_self():
