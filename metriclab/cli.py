@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import sys
-from collections.abc import Iterator
-from typing import Annotated
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -34,7 +38,8 @@ def exit_on_user_error(debug: bool = False) -> Iterator[None]:
     except MetricLabError as err:
         if debug:
             raise
-        errors.print(f"[bold red]error:[/] {err}", highlight=False)
+        # soft_wrap: one physical line however narrow the terminal (or pipe) is; the terminal wraps it.
+        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
@@ -81,3 +86,296 @@ def plugins(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+# -- evaluate / visualize / compare: thin wrappers over metriclab.analysis --------------------------
+
+RunArgs = Annotated[list[Path], typer.Argument(help="Run directories written by a recipe.", show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of tables.")]
+
+
+class _StatusHandler(logging.Handler):
+    """Shows the analysis logger's INFO records as the spinner text and WARNINGs as notes, all on stderr."""
+
+    def __init__(self, status: Any) -> None:
+        super().__init__(logging.INFO)
+        self.status = status
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            errors.print(f"[yellow]note:[/] {message}", highlight=False)
+        else:
+            self.status.update(f"{message} ...")
+
+
+@contextlib.contextmanager
+def _reporting(debug: bool, what: str) -> Iterator[None]:
+    """User errors as one line (exit 2); progress of the library as a spinner on stderr, so stdout stays clean."""
+    logger = logging.getLogger("metriclab.analysis")
+    with exit_on_user_error(debug), errors.status(what) as status:
+        handler = _StatusHandler(status)
+        logger.addHandler(handler)
+        previous, logger.propagate = logger.level, False
+        logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(previous)
+            logger.propagate = True
+
+
+def _runs(paths: Sequence[Path]) -> list:
+    from metriclab.runs import Run
+
+    return [Run(p) for p in paths]
+
+
+def _parse_ks(k: list[int] | None, ks: str | None) -> tuple[int, ...]:
+    values = list(k or [])
+    if ks:
+        try:
+            values += [int(part) for part in ks.replace(" ", "").split(",") if part]
+        except ValueError as err:
+            raise MetricLabError(f"--ks must be comma-separated integers like 1,5,10, got '{ks}'") from err
+    values = sorted(set(values or [1, 5, 10]))
+    if values[0] < 1:
+        raise MetricLabError(f"k values must be at least 1, got {values}; pass e.g. --ks 1,5,10")
+    return tuple(values)
+
+
+HEADERS = {
+    "precision@": "P@",
+    "recall@": "R@",
+    "map@r": "MAP@R",
+    "r_precision": "R-prec",
+    "knn_accuracy": "kNN acc",
+    "nmi": "NMI",
+    "ami": "AMI",
+    "roc_auc": "ROC-AUC",
+    "eer": "EER",
+    "threshold": "threshold",
+    "verification_accuracy": "accuracy",
+    "trustworthiness": "trust",
+    "silhouette": "silhouette",
+    "seconds": "seconds",
+}
+LOWER_IS_BETTER = {"eer"}
+# Distance thresholds of different models are not comparable; seconds are shown, not judged.
+NOT_RANKED = {"threshold", "seconds"}
+
+
+def _header(key: str) -> str:
+    for prefix, short in HEADERS.items():
+        if key == prefix or (prefix.endswith("@") and key.startswith(prefix)):
+            return short + key[len(prefix) :] if prefix.endswith("@") else short
+    return key
+
+
+def _cell(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if key in ("threshold", "seconds") else f"{value:.4f}"
+    return str(value)
+
+
+def _best(values: Sequence[Any], key: str) -> Any:
+    """The best of the numeric ``values`` of metric ``key`` (None when not ranked or nothing to rank)."""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    if len(values) < 2 or not numbers or key in NOT_RANKED:
+        return None
+    return min(numbers) if key in LOWER_IS_BETTER else max(numbers)
+
+
+def _marked(values: Sequence[Any], key: str) -> list[str]:
+    best = _best(values, key)
+    return [f"[bold green]{_cell(v, key)}[/]" if best is not None and v == best else _cell(v, key) for v in values]
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> Table:
+    """A rich table of compare rows: one per 2-D view, best score per column in bold green."""
+    table = Table(title="2-D views of the same test points", title_justify="left", header_style="bold")
+    table.add_column("run", overflow="fold")
+    table.add_column("view", overflow="fold")
+    keys = ["knn_accuracy", "trustworthiness", "silhouette", "seconds"]
+    for key in keys:
+        table.add_column(_header(key).replace("kNN acc", "5-NN acc"), justify="right")
+    columns = [_marked([r[key] for r in rows], key) for key in keys]
+    for i, row in enumerate(rows):
+        table.add_row(row["run"], row["projection"], *[column[i] for column in columns])
+    return table
+
+
+def evaluation_table(results: list[dict[str, Any]]) -> Table:
+    """One rich table of evaluate results: a row per metric, a column per run, best value per row in bold green.
+
+    Metrics are rows so that two dozen metrics of several runs fit an 80-column terminal.
+    """
+    table = Table(
+        title="Retrieval and verification on the test set",
+        title_justify="left",
+        header_style="bold",
+        caption=f"kNN acc: majority vote of the {results[0]['knn_k']} nearest; threshold: a distance",
+        caption_justify="left",
+    )
+    table.add_column("metric")
+    for r in results:
+        table.add_column(f"{r['name']}\n{r['metric']}", justify="right", overflow="fold")
+    sections = [
+        ("test_loo", "test set, leave-one-out"),
+        ("test_vs_train", "test queries vs train gallery"),
+        ("verification", "pair verification (held-out pairs)"),
+    ]
+    for section, title in sections:
+        keys = list(dict.fromkeys(key for r in results for key in r.get(section) or {}))
+        if not keys:
+            continue
+        table.add_row(f"[bold]{title}[/]", *[""] * len(results), end_section=False)
+        for key in keys:
+            table.add_row(f"  {_header(key)}", *_marked([(r.get(section) or {}).get(key) for r in results], key))
+        table.add_section()
+    return table
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    runs: RunArgs,
+    k: Annotated[list[int] | None, typer.Option("--k", help="A k for precision@k and recall@k (repeatable).")] = None,
+    ks: Annotated[str | None, typer.Option("--ks", help="Comma-separated ks, e.g. 1,5,10 (default).")] = None,
+    metric: Annotated[
+        str | None, typer.Option("--metric", help="euclidean or cosine distance [default: the run's recipe metric].")
+    ] = None,
+    reembed: Annotated[
+        bool, typer.Option("--reembed", help="Embed test and train splits again from model.safetensors (and save).")
+    ] = False,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Evaluate on another registered dataset with the same image shape.")
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Folder to read the dataset from.")] = None,
+    knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours voting in k-NN classification.")] = 5,
+    pairs: Annotated[int, typer.Option("--pairs", help="Balanced pairs sampled for verification.")] = 20000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for pairs and k-means.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Retrieval (precision@k, recall@k, MAP@R, R-precision, k-NN accuracy, NMI/AMI) and pair verification.
+
+    Two protocols: the test set searched leave-one-out, and test queries searched in the train set.
+    Results are added to each run's metrics.json under evaluations[METRIC]; several runs are shown side by side.
+    """
+    from metriclab.analysis import evaluate_run
+
+    debug = ctx.obj["debug"]
+    results = []
+    with _reporting(debug, "evaluating"):
+        ks_ = _parse_ks(k, ks)
+        for run in _runs(runs):
+            start = time.perf_counter()
+            result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, knn_k=knn_k, num_pairs=pairs, seed=seed)
+            results.append(result)
+            errors.print(f"evaluated {run.path} in {time.perf_counter() - start:.1f} s", style="dim", highlight=False)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    console.print(evaluation_table(results))
+    for result in results:
+        console.print(
+            f"[dim]{result['name']}: {result['embeddings']} embeddings, {result['test_size']} test / "
+            f"{result['train_size'] or 0} train; added to {Path(result['run']) / 'metrics.json'} "
+            f"evaluations['{result['key']}'][/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _has_display() -> bool:
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _show(paths: Sequence[Path]) -> None:
+    if not _has_display():
+        errors.print("[yellow]note:[/] --show: no display here (DISPLAY is not set); open the files listed above")
+        return
+    for path in paths:
+        typer.launch(str(path))
+
+
+@app.command()
+def visualize(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Argument(help="A run directory written by a recipe.", show_default=False)],
+    method: Annotated[
+        str, typer.Option("--method", help="Projection of N-D embeddings to 2-D: umap, pca or tsne.")
+    ] = "umap",
+    formats: Annotated[
+        list[str] | None, typer.Option("--format", help="png (default), svg or pdf; repeatable.")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="Where to write [default: RUN/figures].")
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Draw only these: scatter, thumbnails, gallery, animation, curves; repeatable."),
+    ] = None,
+    queries: Annotated[int, typer.Option("--queries", help="Test queries in the retrieval gallery.")] = 8,
+    k: Annotated[int, typer.Option("--k", help="Results shown per query in the gallery.")] = 5,
+    show: Annotated[bool, typer.Option("--show", help="Open the figures where a display exists.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for projections and query choice.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Figures of a run: 2-D embedding scatter, digit thumbnails, retrieval gallery, training GIF and curves.
+
+    Embeddings of more than 2 dimensions are projected with --method (named in each title); the GIF
+    projects every epoch with one PCA fitted on the last epoch, so the frames share their axes.
+    """
+    from metriclab.analysis import FIGURES, visualize_run
+
+    with _reporting(ctx.obj["debug"], "visualizing"):
+        (loaded,) = _runs([run])
+        paths = visualize_run(
+            loaded, method, formats or ["png"], output_dir, only or FIGURES, queries=queries, k=k, seed=seed
+        )
+    if as_json:
+        print(json.dumps({"run": str(run), "files": [str(p) for p in paths]}, indent=2))
+    else:
+        for path in paths:
+            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    if show:
+        _show(paths)
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    runs: RunArgs,
+    max_points: Annotated[
+        int, typer.Option("--max-points", help="Test points used (a fixed random subset when there are more).")
+    ] = 10000,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Figure path [default: FIRST_RUN/figures/compare.png].")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the subset and the projections.")] = 0,
+    show: Annotated[bool, typer.Option("--show", help="Open the figure where a display exists.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """UMAP of the raw pixels next to each run's 2-D view of the same test points, with faithfulness scores.
+
+    A 2-D embedding is shown as learned; an N-D one through UMAP and PCA. The table gives 5-NN accuracy
+    in 2-D, trustworthiness (sklearn; '-' where nothing was projected), silhouette and seconds per projection.
+    The first UMAP in a fresh environment compiles numba kernels (cached on disk afterwards).
+    """
+    from metriclab.analysis import compare_runs
+
+    with _reporting(ctx.obj["debug"], "comparing"):
+        figure, rows = compare_runs(_runs(runs), max_points=max_points, output=output, seed=seed)
+    if as_json:
+        print(json.dumps({"figure": str(figure), "rows": rows}, indent=2))
+    else:
+        console.print(comparison_table(rows))
+        console.print(f"wrote {figure}", highlight=False, soft_wrap=True)
+    if show:
+        _show([figure])

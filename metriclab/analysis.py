@@ -1,0 +1,576 @@
+"""Run-level analysis behind ``metriclab evaluate``, ``visualize`` and ``compare``: runs in, values and paths out.
+
+Each function reads a run directory through :class:`metriclab.runs.Run`, rebuilds what it needs (the
+model from config.json + model.safetensors, the dataset from the recorded recipe) and returns results;
+nothing here prints. Slow steps and skipped work are reported through the ``metriclab.analysis``
+logger (INFO: what is being done now; WARNING: something the user should know), which the CLI shows
+as a status line and notes on stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metriclab import registry
+from metriclab.data import Dataset
+from metriclab.errors import MetricLabError
+from metriclab.model import SiameseNetwork, build_model, embed, load_weights
+from metriclab.recipe import Recipe
+from metriclab.retrieval import METRICS
+from metriclab.runs import Run, save_embeddings
+
+log = logging.getLogger(__name__)
+
+FIGURES = ("scatter", "thumbnails", "gallery", "animation", "curves")
+FIGURE_FORMATS = ("png", "svg", "pdf")
+PROJECTIONS = ("umap", "pca", "tsne")
+
+
+# -- rebuilding a run's model, data and embeddings ---------------------------------------------------
+
+
+def run_recipe(run: Run) -> Recipe:
+    """The run's recipe from config.json, with its plugins imported (so its components can be built)."""
+    config = run.config
+    if "recipe" not in config:
+        raise MetricLabError(f"{run.path / 'config.json'} has no 'recipe' section; the run is damaged, retrain it")
+    recipe = Recipe.from_dict(config["recipe"])
+    for spec in recipe.plugins:
+        registry.load_plugin(spec)
+    return recipe
+
+
+def _require_component(run: Run, kind: str, name: str | None) -> None:
+    """Raise a MetricLabError naming the package to install when the run's component is not registered."""
+    if not name or name in registry.registry(kind):
+        return
+    source = run.config.get("components", {}).get(kind, {}).get("source")
+    origin = f"from the package '{source}'" if source else "from a plugin"
+    install = f"pip install {source}" if source else "install the plugin that provides it"
+    raise MetricLabError(
+        f"{run.path} was trained with {kind} '{name}' {origin}, which is not installed here; "
+        f"{install} (or list it in the recipe's plugins) and retry"
+    )
+
+
+def load_run_model(run: Run, device: str | torch.device | None = None) -> SiameseNetwork:
+    """The run's trained network, rebuilt from config.json and model.safetensors, in eval mode on ``device``."""
+    recipe = run_recipe(run)
+    if not run.weights_path.is_file():
+        raise MetricLabError(
+            f"{run.path} has no weights (model.safetensors is missing): training did not finish; "
+            f"resume it with `python recipes/{recipe.name}.py --resume {run.path}`"
+        )
+    _require_component(run, "encoder", recipe.encoder)
+    _require_component(run, "encoder", recipe.second_encoder)
+    shape = _input_shape(run)
+    log.info("loading the model from %s", run.weights_path)
+    model = build_model(recipe, shape)
+    load_weights(model, run.weights_path)
+    return model.to(_device(device)).eval()
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _input_shape(run: Run) -> tuple[int, ...]:
+    shape = run.config.get("dataset", {}).get("input_shape")
+    if not shape:
+        raise MetricLabError(f"{run.path / 'config.json'} does not record the input shape; the run is damaged")
+    return tuple(int(s) for s in shape)
+
+
+def run_dataset(run: Run, name: str | None = None, data_dir: str | None = None) -> Dataset:
+    """The run's dataset (or dataset ``name``, read from ``data_dir`` if given), loaded as the recipe describes."""
+    recipe = run_recipe(run)
+    if name is not None and name != recipe.dataset:
+        # The run's dataset arguments belong to its own dataset; another one starts from its defaults.
+        recipe = replace(recipe, dataset=name, dataset_args={}, data_dir=data_dir)
+    elif data_dir is not None:
+        recipe = replace(recipe, data_dir=data_dir)
+    if name is None:
+        _require_component(run, "dataset", recipe.dataset)
+    from metriclab.engine import load_dataset
+
+    log.info("loading dataset '%s'", recipe.dataset)
+    dataset = load_dataset(recipe)
+    expected = _input_shape(run)
+    if tuple(dataset.input_shape) != expected:
+        shown = "x".join(map(str, dataset.input_shape))
+        wanted = "x".join(map(str, expected))
+        raise MetricLabError(
+            f"dataset '{dataset.name}' has {shown} images but the model of {run.path} takes {wanted} images; "
+            f"choose a dataset with {wanted} images"
+        )
+    return dataset
+
+
+def embed_run(
+    run: Run, split: str = "test", dataset: Dataset | None = None, model: SiameseNetwork | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(embeddings float32 (N, D), labels int64 (N,))`` of a split, computed from the run's saved weights.
+
+    ``dataset`` defaults to the run's own; ``model`` to :func:`load_run_model`. Non-finite embeddings
+    (weights of a diverged training) raise a MetricLabError.
+    """
+    if split not in ("train", "test"):
+        raise MetricLabError(f"unknown split '{split}'; use 'train' or 'test'")
+    model = model if model is not None else load_run_model(run)
+    dataset = dataset if dataset is not None else run_dataset(run)
+    images, labels = dataset.split(split)
+    log.info("embedding the %s split of %s (%d images)", split, dataset.name, len(labels))
+    embeddings = embed(model, images).cpu().numpy().astype(np.float32)
+    if not np.isfinite(embeddings).all():
+        raise MetricLabError(
+            f"the weights in {run.weights_path} produce NaN or inf embeddings (training diverged); "
+            "retrain with a lower --lr"
+        )
+    return embeddings, labels.cpu().numpy().astype(np.int64)
+
+
+def _check_dimension(run: Run, embeddings: np.ndarray, what: str) -> None:
+    expected = run_recipe(run).embedding_dim
+    if embeddings.shape[1] != expected:
+        raise MetricLabError(
+            f"{what} of {run.path} are {embeddings.shape[1]}-D but the run's model makes {expected}-D embeddings "
+            f"(config.json embedding_dim); the file is not from this run: re-embed with "
+            f"`metriclab evaluate {run.path} --reembed`"
+        )
+
+
+def _last_epoch(run: Run) -> int:
+    epochs = run.snapshot_epochs()
+    return epochs[-1] if epochs else 0
+
+
+def _embeddings(
+    run: Run, reembed: bool = False, dataset: str | None = None, data_dir: str | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | None], dict[str, Any]]:
+    """Test and train embeddings of a run (saved, or embedded from the weights) and where they came from."""
+    recipe = run_recipe(run)
+    own = dataset is None and data_dir is None  # another dataset (or folder) is evaluated, never saved as ours
+    has_saved = run.has_embeddings("test")
+    if own and has_saved and not reembed:
+        test = run.embeddings("test")
+        _check_dimension(run, test[0], "the saved test embeddings")
+        train = run.embeddings("train") if run.has_embeddings("train") else None
+        if train is not None:
+            _check_dimension(run, train[0], "the saved train embeddings")
+        elif run.weights_path.is_file():
+            train = embed_run(run, "train", run_dataset(run))
+        else:
+            log.warning("%s has no train embeddings nor weights: skipping the test-vs-train protocol", run.path)
+        info = {"dataset": run.config.get("dataset", {}).get("source"), "embeddings": "saved"}
+        return {"test": test, "train": train}, info
+    if own and not has_saved and not run.weights_path.is_file():
+        raise MetricLabError(
+            f"{run.path} has neither embeddings (embeddings/test.npz) nor weights (model.safetensors): training "
+            f"did not finish; resume it with `python recipes/{recipe.name}.py --resume {run.path}`"
+        )
+    model = load_run_model(run)
+    data = run_dataset(run, dataset, data_dir)
+    out = {split: embed_run(run, split, data, model) for split in ("test", "train")}
+    if own:
+        # Embeddings are a cache of what the weights compute: refreshing them keeps visualize in step.
+        for split, (emb, lab) in out.items():
+            save_embeddings(run.embeddings_path(split), emb, lab, _last_epoch(run))
+    return out, {"dataset": data.source, "embeddings": f"embedded from {run.weights_path.name}"}
+
+
+# -- evaluate ---------------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None, so the result is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate_run(
+    run: Run,
+    ks: Sequence[int] = (1, 5, 10),
+    metric: str | None = None,
+    reembed: bool = False,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    knn_k: int = 5,
+    num_pairs: int = 20000,
+    seed: int = 0,
+    save: bool = True,
+) -> dict[str, Any]:
+    """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
+
+    ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
+    with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
+    """
+    from metriclab.retrieval import evaluate_embeddings
+
+    metric = metric or run_recipe(run).metric
+    if metric not in METRICS:
+        raise MetricLabError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise MetricLabError(f"k values must be positive integers, got {list(ks)}; pass e.g. --ks 1,5,10")
+    start = time.perf_counter()
+    data, info = _embeddings(run, reembed, dataset, data_dir)
+    test_emb, test_labels = data["test"]
+    train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
+    log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
+    options = {"ks": ks, "metric": metric, "knn_k": knn_k, "num_pairs": num_pairs, "seed": seed}
+    scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options)
+    recipe = run_recipe(run)
+    own = dataset is None and data_dir is None
+    key = metric if own else f"{dataset or recipe.dataset}/{metric}"
+    record = {
+        "metric": metric,
+        "ks": [int(k) for k in ks],
+        "knn_k": knn_k,
+        "num_pairs": num_pairs,
+        "seed": seed,
+        **info,
+        "test_size": len(test_labels),
+        "train_size": None if train_labels is None else len(train_labels),
+        **scores,
+        "seconds": round(time.perf_counter() - start, 3),
+        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    record = _finite(record)
+    if save:
+        run.update_metrics("evaluations", {**run.metrics.get("evaluations", {}), key: record})
+    return {"run": str(run.path), "name": run.name, "key": key, **record}
+
+
+# -- visualize --------------------------------------------------------------------------------------
+
+
+def _class_names(run: Run) -> list[str] | None:
+    return run.config.get("dataset", {}).get("classes")
+
+
+def _split_images(run: Run, data: dict[str, tuple[np.ndarray, np.ndarray] | None]) -> tuple[Dataset | None, dict]:
+    """The run's dataset, with ``data`` re-embedded from the weights if the saved embeddings do not fit it.
+
+    Returns ``(None, data)`` with a warning when the images cannot be loaded.
+    """
+    try:
+        dataset = run_dataset(run)
+    except MetricLabError as err:
+        log.warning("images unavailable, skipping thumbnails and gallery: %s", err)
+        return None, data
+    fits = all(
+        data[split] is None or np.array_equal(dataset.split(split)[1].numpy(), data[split][1])
+        for split in ("test", "train")
+    )
+    if fits:
+        return dataset, data
+    if not run.weights_path.is_file():
+        log.warning("the run's saved embeddings do not match its dataset as it loads now; skipping images")
+        return None, data
+    log.warning("the saved embeddings do not match dataset '%s' as it loads now; re-embedding it", dataset.name)
+    model = load_run_model(run)
+    return dataset, {split: embed_run(run, split, dataset, model) for split in ("test", "train")}
+
+
+def _for_metric(embeddings: np.ndarray, metric: str) -> tuple[np.ndarray, str]:
+    """Embeddings as the metric sees them: unit-normalised for cosine (where only directions count)."""
+    if metric != "cosine" or embeddings.shape[1] == 2:
+        return embeddings, ""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.maximum(norms, 1e-12), "unit-norm "
+
+
+def _load_umap() -> None:
+    """Import umap, saying why it may take a while (numba compiles its kernels once, then loads them from disk)."""
+    from metriclab.projections import import_umap, numba_cache_dir
+
+    log.info("loading UMAP (the first use compiles numba kernels, ~30-60 s, cached in %s)", numba_cache_dir())
+    import_umap()
+
+
+def _to_2d(embeddings: np.ndarray, method: str, metric: str, seed: int) -> tuple[np.ndarray, str]:
+    """2-D points of the embeddings (as learned when 2-D, else projected with ``method``) and a caption."""
+    from metriclab.projections import project
+
+    dims = embeddings.shape[1]
+    if dims == 2:
+        return embeddings, "learned 2-D"
+    x, how = _for_metric(embeddings, metric)
+    if method == "umap":
+        _load_umap()
+    log.info("projecting %d %d-D embeddings to 2-D with %s", len(x), dims, method.upper())
+    name = {"umap": "UMAP", "pca": "PCA", "tsne": "t-SNE"}[method]
+    return project(x, method, seed=seed), f"{name} of {how}{dims}-D"
+
+
+def _pick_queries(labels: np.ndarray, wrong: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, int]:
+    """Up to ``count`` random test indices cycling through the classes, a quarter of them (at least one) among
+    the queries with a ``wrong`` result when there are such; returns the indices and how many of those."""
+    rng = np.random.default_rng(seed)
+    failed = rng.permutation(np.flatnonzero(wrong))[: max(1, count // 4)] if count > 1 else np.zeros(0, np.int64)
+    order = rng.permutation(np.setdiff1d(np.arange(len(labels)), failed))
+    by_class = [order[labels[order] == c] for c in np.unique(labels)]
+    cycled = [group[i] for i in range(max(map(len, by_class))) for group in by_class if i < len(group)]
+    picked = np.concatenate([failed, np.asarray(cycled[: count - len(failed)], dtype=np.int64)])
+    return np.sort(picked.astype(np.int64)), len(failed)
+
+
+def _snapshots(run: Run, metric: str, seed: int) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], str]:
+    """Every epoch's test snapshot in 2-D, and how they were projected.
+
+    N-D snapshots (unit-normalised for cosine runs) are each centred, then rotated onto the two
+    principal axes of the last epoch, so all frames share axes and the motion shown is the embedding's
+    own (UMAP or t-SNE per frame would rearrange the picture; the shared-axis PCA cannot).
+    """
+    epochs = run.snapshot_epochs()
+    frames = [(e, *run.embeddings("test", e)) for e in epochs]
+    dims = frames[-1][1].shape[1]
+    if dims == 2:
+        return [(f"epoch {e}", emb, lab) for e, emb, lab in frames], "test set, learned 2-D embedding"
+    from sklearn.decomposition import PCA
+
+    centred = []
+    for _, emb, _ in frames:
+        x, how = _for_metric(emb, metric)
+        centred.append(x - x.mean(axis=0))
+    axes = PCA(n_components=2, random_state=seed).fit(centred[-1]).components_
+    projected = [
+        (f"epoch {e}", (x @ axes.T).astype(np.float32), lab) for (e, _, lab), x in zip(frames, centred, strict=True)
+    ]
+    return projected, f"test set, PCA of {how}{dims}-D on the axes of epoch {epochs[-1]}"
+
+
+def _curve_series(run: Run) -> dict[str, list[tuple[float, float]]]:
+    history = run.history()
+    series: dict[str, list[tuple[float, float]]] = {}
+    if history:
+        series["training loss"] = [(row["epoch"], row["loss"]) for row in history if math.isfinite(row["loss"])]
+        rates = [(row["epoch"], row["lr"]) for row in history]
+        if len({lr for _, lr in rates}) > 1:  # a constant learning rate is not worth a panel
+            series["learning rate"] = rates
+    epochs = run.metrics.get("epochs", [])
+    for key, label in (("precision@1", "precision@1"), ("map@r", "MAP@R")):
+        points = [(row["epoch"], row[key]) for row in epochs if row.get(key) is not None]
+        if points:
+            series[f"test retrieval (leave-one-out)/{label}"] = points
+    return series
+
+
+def visualize_run(
+    run: Run,
+    method: str = "umap",
+    formats: Sequence[str] = ("png",),
+    output_dir: str | Path | None = None,
+    figures: Sequence[str] = FIGURES,
+    queries: int = 8,
+    k: int = 5,
+    max_thumbnails: int = 250,
+    seed: int = 0,
+) -> list[Path]:
+    """Write the run's figures (scatter, thumbnails, gallery, GIF animation, curves) and return their paths.
+
+    Figures go to ``output_dir`` (default ``RUN/figures``) in each of ``formats``; the animation is a GIF.
+    N-D embeddings are shown through ``method`` (umap, pca or tsne), named in the titles.
+    """
+    from metriclab import plots
+
+    if method not in PROJECTIONS:
+        raise MetricLabError(f"unknown projection method '{method}'; use one of {', '.join(PROJECTIONS)}")
+    bad = [f for f in formats if f not in FIGURE_FORMATS]
+    if bad or not formats:
+        raise MetricLabError(f"unknown figure format {', '.join(bad)}; use one or more of {', '.join(FIGURE_FORMATS)}")
+    unknown = [f for f in figures if f not in FIGURES]
+    if unknown:
+        raise MetricLabError(f"unknown figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    if k < 1 or queries < 1:
+        raise MetricLabError(f"--k and --queries must be at least 1, got k={k}, queries={queries}")
+    out = Path(output_dir) if output_dir is not None else run.path / "figures"
+    names, title = _class_names(run), run.name
+    metric = run_recipe(run).metric
+    written: list[Path] = []
+
+    def save(draw, stem: str, *args, **kwargs) -> None:
+        for fmt in formats:
+            written.append(draw(*args, path=out / f"{stem}.{fmt}", **kwargs))
+
+    needs_embeddings = {"scatter", "thumbnails", "gallery"} & set(figures)
+    data: dict = {}
+    if needs_embeddings:
+        data, _ = _embeddings(run)
+    dataset = None
+    if {"thumbnails", "gallery"} & set(figures):
+        dataset, data = _split_images(run, data)
+    points = how = None
+    if {"scatter", "thumbnails"} & set(figures):
+        points, how = _to_2d(data["test"][0], method, metric, seed)
+    test_labels = data["test"][1] if data else None
+
+    if "scatter" in figures:
+        log.info("drawing the embedding scatter")
+        save(plots.scatter, "embedding", points, test_labels, names, title=f"{title}: test embedding ({how})")
+    if "thumbnails" in figures and dataset is not None:
+        log.info("drawing the thumbnail scatter")
+        save(
+            plots.thumbnail_scatter,
+            "thumbnails",
+            points,
+            dataset.test_images.numpy(),
+            test_labels,
+            names,
+            max_images=max_thumbnails,
+            title=f"{title}: test images at their embedding ({how})",
+        )
+    if "gallery" in figures and dataset is not None:
+        written += _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names)
+    if "animation" in figures:
+        epochs = run.snapshot_epochs()
+        if len(epochs) < 2:
+            log.warning("%s has %d epoch snapshot(s); an animation needs two, skipping it", run.path, len(epochs))
+        else:
+            log.info("animating %d epoch snapshots", len(epochs))
+            frames, how_frames = _snapshots(run, metric, seed)
+            gif = plots.animate_embeddings(
+                frames, names, out / "training.gif", title=f"{how_frames}\n{title}", fps=max(1.0, len(frames) / 8)
+            )
+            written.append(gif)
+    if "curves" in figures:
+        series = _curve_series(run)
+        if not series:
+            log.warning("%s has no history.csv or per-epoch metrics yet; skipping the curves", run.path)
+        else:
+            save(plots.curves, "curves", series, title=f"{title}: training curves")
+    return written
+
+
+def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) -> list[Path]:
+    from metriclab import plots
+    from metriclab.retrieval import knn
+
+    test_emb, test_labels = data["test"]
+    if data.get("train") is not None:
+        gallery_emb, gallery_labels = data["train"]
+        gallery_images, exclude_self, where = dataset.train_images.numpy(), False, "train set"
+    else:  # without train embeddings, search the test set itself, leaving each query out
+        gallery_emb, gallery_labels = test_emb, test_labels
+        gallery_images, exclude_self, where = dataset.test_images.numpy(), True, "test set (leave-one-out)"
+    log.info("retrieving the top %d of %d test queries in the %s", k, len(test_labels), where)
+    _, index = knn(test_emb, gallery_emb, k, metric=metric, exclude_self=exclude_self)
+    index = index.cpu().numpy()
+    wrong = (gallery_labels[index] != test_labels[:, None]).any(axis=1)
+    chosen, failed = _pick_queries(test_labels, wrong, queries, seed)
+    index = index[chosen]
+    title = (
+        f"{run.name}: top {index.shape[1]} in the {where}, {metric} distance\n"
+        f"{len(chosen)} random test queries, {failed} of them drawn from the {wrong.mean():.0%} with a wrong result"
+    )
+    return [
+        plots.retrieval_gallery(
+            dataset.test_images.numpy()[chosen],
+            test_labels[chosen],
+            gallery_images[index],
+            gallery_labels[index],
+            out / f"gallery.{fmt}",
+            class_names=names,
+            title=title,
+        )
+        for fmt in formats
+    ]
+
+
+# -- compare ----------------------------------------------------------------------------------------
+
+
+def compare_runs(
+    runs: Sequence[Run], max_points: int = 10000, output: str | Path | None = None, seed: int = 0
+) -> tuple[Path, list[dict[str, Any]]]:
+    """One figure comparing the runs' 2-D views of the same test points with a UMAP of the raw pixels.
+
+    Panels: UMAP of the pixels (once), then per run its 2-D embedding as learned, or UMAP and PCA of
+    its N-D embedding. Returns the figure's path (default ``first run/figures/compare.png``) and one
+    row per panel: run, projection, seconds, ``knn_accuracy`` (5-NN in 2-D), ``trustworthiness``
+    (None where nothing was projected), ``silhouette``.
+    """
+    from metriclab import plots
+    from metriclab.projections import Panel, project, projection_scores
+
+    if not runs:
+        raise MetricLabError("pass at least one run directory to compare")
+    if max_points < 10:
+        raise MetricLabError(f"--max-points must be at least 10, got {max_points}")
+    loaded = [(run, _embeddings(run)[0]["test"]) for run in runs]
+    first_run, (_, labels) = loaded[0]
+    for run, (_, other) in loaded[1:]:
+        if not np.array_equal(other, labels):
+            raise MetricLabError(
+                f"{run.path} was tested on other data than {first_run.path} ({len(other)} vs {len(labels)} test "
+                "labels); compare runs trained on the same dataset, or compare them one at a time"
+            )
+    dataset = run_dataset(first_run)
+    if not np.array_equal(dataset.test_labels.numpy(), labels):
+        raise MetricLabError(
+            f"the test embeddings of {first_run.path} do not match dataset '{dataset.name}' as it loads now; "
+            f"re-embed them with `metriclab evaluate {first_run.path} --reembed`"
+        )
+    rng = np.random.default_rng(seed)
+    subset = np.sort(rng.choice(len(labels), max_points, replace=False)) if len(labels) > max_points else None
+    pick = (lambda a: a[subset]) if subset is not None else (lambda a: a)
+    labels = pick(labels)
+
+    def timed(name: str, view: str, title: str, x: np.ndarray, method: str) -> tuple[str, str, Panel]:
+        log.info("%s: %s of %d points", name, view, len(x))
+        start = time.perf_counter()
+        points = project(x, method, seed=seed)
+        return name, view, Panel(title, points, time.perf_counter() - start, high_dim=x)
+
+    _load_umap()  # before the clock starts: the seconds are the projections' own
+    pixels = pick(dataset.test_images.numpy()).reshape(len(labels), -1).astype(np.float32)
+    dims = pixels.shape[1]
+    shown = [timed("raw pixels", f"UMAP of {dims}-D", f"UMAP of raw pixels ({dims}-D)", pixels, "umap")]
+    for run, (emb, _) in loaded:
+        emb, how = _for_metric(pick(emb), run_recipe(run).metric)
+        dims = emb.shape[1]
+        if dims == 2:  # the learned plane itself; a projection would only rotate it
+            shown.append((run.name, "learned 2-D", Panel(f"{run.name}\nlearned 2-D embedding", emb, 0.0)))
+        else:
+            for method in ("umap", "pca"):
+                view = f"{method.upper()} of {how}{dims}-D"
+                shown.append(timed(run.name, view, f"{run.name}\n{view} learned embedding", emb, method))
+    rows, scores = [], []
+    for name, view, panel in shown:
+        log.info("scoring %s: %s", name, view)
+        score = projection_scores(panel.points, labels, high_dim=panel.high_dim, seed=seed)
+        scores.append(score)
+        rows.append(
+            {
+                "run": name,
+                "projection": view,
+                "seconds": round(panel.seconds, 3) if panel.seconds > 0 else None,
+                "knn_accuracy": score["knn_accuracy"],
+                "trustworthiness": score.get("trustworthiness"),
+                "silhouette": score["silhouette"],
+            }
+        )
+    path = Path(output) if output is not None else first_run.path / "figures" / "compare.png"
+    log.info("drawing %d panels", len(shown))
+    figure = plots.panels(
+        [panel for _, _, panel in shown],
+        labels,
+        _class_names(first_run),
+        path,
+        scores=scores,
+        title=f"{len(labels)} test points of {dataset.name}: pixels vs learned embeddings",
+    )
+    return figure, _finite(rows)
