@@ -18,7 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/accelerate launch --num_processes 1 recipes/mnist_siamese.py --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	run=runs/demo-$$(date +%Y%m%d-%H%M%S) && \
+	$(BIN)/accelerate launch --num_processes 1 recipes/mnist_siamese.py --output-dir $$run && \
+	$(BIN)/metriclab evaluate $$run
 
 test: setup
 	$(BIN)/python -m pytest -q
