@@ -172,39 +172,47 @@ def _codes(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return codes
 
 
+def _sorted_candidates(keys: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's masked keys as sorted codes, padded and cut to ``width``; and how many each row had."""
+    m, n = keys.shape
+    flat = np.flatnonzero(mask)
+    counts = np.diff(np.searchsorted(flat, np.arange(m + 1) * n))
+    columns = flat - np.repeat(np.arange(m) * n, counts)
+    # boolean assignment fills row-major, so each row's candidates land left-aligned in its row
+    slots = np.arange(max(counts.max(), width)) < counts[:, None]
+    packed = np.full(slots.shape, PAD, dtype=np.int64)
+    packed[slots] = _codes(keys.ravel()[flat], columns)
+    return np.sort(packed, axis=1)[:, :width], counts
+
+
 def _select_by_threshold(keys: np.ndarray, need: np.ndarray) -> np.ndarray:
     """Sorted codes per row of every key up to a threshold that keeps at least ``need`` keys (CPU path).
 
     The threshold comes from a fixed random sample of columns, a little above each row's
-    expected ``need``-th key, and is raised for the rare rows it leaves short. Selecting by
+    expected ``need``-th key, and is raised for the few rows it leaves short. Selecting by
     threshold keeps every key equal to the last one kept, so ties are resolved exactly by
     the sort. numpy's compare, compaction and SIMD sort beat ``torch.topk`` several times on CPU.
     """
     m, n = keys.shape
-    if n <= 4 * SAMPLE:
-        mask, counts = np.ones_like(keys, dtype=bool), np.full(m, n)
-    else:
+    width = int(need.max())
+    rank = np.full(m, SAMPLE + 1)  # beyond the sample: take the whole row
+    if n > 4 * SAMPLE:
         # np.sort of short rows runs in SIMD registers: cheaper than a partition of a longer sample
         sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
         expect = need * (SAMPLE / n)
         rank = np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
-        threshold = sample[np.arange(m), np.minimum(rank, SAMPLE) - 1]
-        mask = keys <= threshold[:, None]
-        counts = np.count_nonzero(mask, axis=1)
-        short = np.flatnonzero(counts < need)
-        while len(short):  # the few rows the sample misjudged: raise their threshold and redo them alone
-            rank[short] *= 2
-            threshold = np.where(rank[short] > SAMPLE, np.inf, sample[short, np.minimum(rank[short], SAMPLE) - 1])
-            mask[short] = keys[short] <= threshold[:, None]
-            counts[short] = np.count_nonzero(mask[short], axis=1)
-            short = short[counts[short] < need[short]]
-    flat = np.flatnonzero(mask)
-    columns = flat - np.repeat(np.arange(m) * n, counts)
-    # boolean assignment fills row-major, so each row's candidates land left-aligned in its row
-    slots = np.arange(counts.max()) < counts[:, None]
-    packed = np.full(slots.shape, PAD, dtype=np.int64)
-    packed[slots] = _codes(keys.ravel()[flat], columns)
-    return np.sort(packed, axis=1)[:, : need.max()]
+    codes = np.empty((m, width), dtype=np.int64)
+    rows = np.arange(m)
+    while len(rows):  # then only the rows the sample misjudged, with their threshold raised
+        threshold = np.full(len(rows), np.inf, dtype=np.float32)
+        inside = rank[rows] <= SAMPLE
+        if inside.any():
+            threshold[inside] = sample[rows[inside], rank[rows[inside]] - 1]
+        part = keys if len(rows) == m else keys[rows]
+        codes[rows], counts = _sorted_candidates(part, part <= threshold[:, None], width)
+        rows = rows[counts < need[rows]]
+        rank[rows] *= 2
+    return codes
 
 
 def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
@@ -270,8 +278,8 @@ def knn(
             return values + 1.0, index
         return (values + (chunk * chunk).sum(1, keepdim=True)).clamp_(min=0).sqrt_(), index
 
-    found = list(_in_parallel(select, (item[1:] for item in _search_keys(q, g, metric, exclude_self, rows))))
-    return torch.cat([d for d, _ in found]), torch.cat([i for _, i in found])
+    parts = list(_in_parallel(select, (item[1:] for item in _search_keys(q, g, metric, exclude_self, rows))))
+    return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
 
 
 def _majority_vote(neighbour_labels: np.ndarray) -> np.ndarray:
