@@ -2,7 +2,7 @@
 
 Exact nearest neighbours, one chunk of queries at a time, so the full query x gallery
 distance matrix never exists (all chunks in flight share ``CHUNK_BYTES``). Ranking is
-deterministic: by distance, equal distances by gallery index, whatever the chunking.
+deterministic: by distance, exactly equal distances (duplicates) by gallery index.
 
 Conventions (shared with pytorch-metric-learning's ``AccuracyCalculator``, whose
 ``precision_at_1``, ``mean_average_precision_at_r`` and ``r_precision`` these metrics equal):
@@ -26,12 +26,13 @@ selected: on GPU by ``torch.topk``; on CPU by a per-row threshold placed from a 
 processed on worker threads. Distances are exact up to float32 rounding of the expansion
 (about 1e-6 of the squared norms), so the chunk size may change them in the last digits.
 
-Speed on a 2-vCPU AMD EPYC VM shared with other jobs (load 2-4), torch 2.14 / numpy 2.4:
-10k queries x 60k gallery, 64-D: ``knn(k=10)`` ~2-4 s; ``retrieval_metrics`` with 10
-classes (MAP@R ranks R ~ 6000 items per query) ~4-5 s, without NMI/AMI. 10k x 10k
-leave-one-out, 10 classes, same values to 1e-7: ~0.7-1.6 s, against ~18-24 s for
-``AccuracyCalculator`` with its defaults (``k=None``; faiss or torch ``CustomKNN``) and
-~1.7-4 s when it is tuned to ``k="max_bin_count"``.
+Speed on a 2-vCPU AMD EPYC VM shared with other jobs (load average 2.5-5.5, so wall times
+vary ~2x between runs; best of 2-3), torch 2.14, numpy 2.4, 64-D float32 embeddings:
+10k queries x 60k gallery: ``knn(k=10)`` 2.0-4.3 s; ``retrieval_metrics`` with 10 classes
+(MAP@R then ranks R ~ 6000 items per query) 3.9-13 s, without NMI/AMI. 10k x 10k
+leave-one-out, 10 classes, equal values (to 1e-7, float rounding of near ties): 0.7-1.7 s,
+against 18-34 s for ``AccuracyCalculator`` with its defaults (``k=None``, faiss or torch
+``CustomKNN``: 16-25x) and 1.7-6 s when it is tuned to ``k="max_bin_count"`` (2-3.5x).
 """
 
 from __future__ import annotations
