@@ -71,16 +71,16 @@ def plugins(
     from metriclab import registry
 
     with exit_on_user_error(ctx.obj["debug"]):
-        kinds = list(registry.REGISTRIES.values())
-        if pattern.rstrip("s") in registry.REGISTRIES or pattern in ("losses",):
-            kinds, pattern = [registry.registry(pattern)], "*"
+        kinds, title = list(registry.REGISTRIES.values()), f"metriclab components matching '{pattern}'"
+        if pattern.rstrip("s") in registry.REGISTRIES or pattern == "losses":
+            kinds, title, pattern = [registry.registry(pattern)], f"metriclab {pattern}", "*"
         rows = [(r.kind, e.name, e.source) for r in kinds for e in r.entries(pattern)]
         if not rows:
             raise MetricLabError(f"no component matches '{pattern}'; run `metriclab plugins` to list all")
     if as_json:
         print(json.dumps([{"kind": k, "name": n, "source": s} for k, n, s in rows], indent=2))
         return
-    table = Table(title=f"metriclab components matching '{pattern}'")
+    table = Table(title=title)
     for column in ("kind", "name", "from"):
         table.add_column(column)
     for row in rows:
