@@ -299,3 +299,25 @@ def test_compare_two_runs_on_the_same_points(run_dir, run_8d, tmp_path):
 
     table = cli("compare", run_dir, "--max-points", "150", "--output", tmp_path / "one.png")
     assert table.exit_code == 0 and "raw pixels" in table.stdout and "5-NN acc" in table.stdout
+
+
+# -- plugins / version ----------------------------------------------------------------------------
+
+
+def test_plugins_lists_components_by_kind_with_their_package():
+    result = cli("plugins", "losses", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {"kind": "loss", "name": "contrastive", "source": "metriclab"} in rows
+    assert {r["kind"] for r in rows} == {"loss"}
+    names = {r["name"] for r in json.loads(cli("plugins", "pml.*Loss", "--json").stdout)}
+    assert {"pml.MultiSimilarityLoss", "pml.TripletMarginLoss"} <= names
+    table = cli("plugins")
+    assert table.exit_code == 0 and "random-pairs" in table.stdout and "fashion-mnist" in table.stdout
+
+
+def test_plugins_with_no_match_and_version():
+    result = cli("plugins", "nothing-like-this")
+    assert result.exit_code == 2 and "metriclab plugins" in result.output
+    version = cli("--version")
+    assert version.exit_code == 0 and version.stdout.strip().startswith("metriclab ")
