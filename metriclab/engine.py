@@ -8,9 +8,11 @@ consulted only every ``log_every`` steps (loss, speed, non-finite check) and at 
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import math
+import pickle
 import platform
 import shutil
 import signal
@@ -35,6 +37,8 @@ from metriclab.recipe import Recipe
 from metriclab.runs import FORMAT_VERSION, Run, latest_run_dir, new_run_dir, save_embeddings, write_atomic, write_json
 from metriclab.sampling import epoch_order, shard
 
+_HISTORY_HEADER = "step,epoch,loss,lr,samples_per_s"
+
 
 @dataclass
 class TrainerState:
@@ -46,14 +50,41 @@ class TrainerState:
     seconds: float = 0.0
 
 
+# Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
 def train(recipe: Recipe) -> Path:
-    """Train ``recipe`` and return its run directory (written by the main process only)."""
+    """Train ``recipe`` and return its run directory (written by the main process only).
+
+    A new run that fails before writing anything leaves no empty run directory behind;
+    a failure to write (full disk, read-only mount) is a MetricLabError naming the last
+    good checkpoint, which stays intact.
+    """
     for spec in recipe.plugins:
         registry.load_plugin(spec)
     cpu = recipe.cpu or not torch.cuda.is_available()
     # The process group first: the run directory is chosen on the main process and shared,
     # and trackers need it when the Accelerator is created.
-    run_dir, checkpoint = _run_directory(recipe, PartialState(cpu=cpu))
+    process = PartialState(cpu=cpu)
+    run_dir, checkpoint = _run_directory(recipe, process)
+    try:
+        return _train(recipe, cpu, run_dir, checkpoint)
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        last = Run.latest_checkpoint_in(run_dir)
+        then = f"continue with --resume {run_dir} (last good checkpoint: {last})" if last else "start the run again"
+        raise MetricLabError(
+            f"{err.strerror}: {err.filename or run_dir}; free disk space or fix the permissions of the output "
+            f"location, then {then}"
+        ) from err
+    finally:
+        if checkpoint is None and process.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder
+
+
+def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) -> Path:
     try:
         accelerator = Accelerator(
             cpu=cpu,
@@ -64,6 +95,7 @@ def train(recipe: Recipe) -> Path:
         )
     except (ValueError, ImportError) as err:
         raise MetricLabError(f"cannot set up training ({err}); check --log-with and --mixed-precision") from err
+    _check_global_batch(recipe, recipe.batch_size * accelerator.num_processes)
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 
@@ -79,11 +111,6 @@ def train(recipe: Recipe) -> Path:
         lr=recipe.lr,
         **recipe.optimizer_args,
     )
-    global_batch = recipe.batch_size * accelerator.num_processes
-    if global_batch < 2:
-        raise MetricLabError(
-            "the global batch holds fewer than 2 samples, so no pair can be formed; raise --batch-size"
-        )
 
     if accelerator.is_main_process and checkpoint is None:
         write_json(run_dir / "config.json", describe_run(recipe, dataset, accelerator, model))
@@ -102,6 +129,22 @@ def train(recipe: Recipe) -> Path:
     trainer.fit()
     accelerator.end_training()
     return run_dir
+
+
+def _check_global_batch(recipe: Recipe, global_batch: int) -> None:
+    """Raise MetricLabError if no batch could hold a pair, or (m-per-class) a negative."""
+    if global_batch < 2:
+        raise MetricLabError(
+            f"the global batch holds {global_batch} sample(s), so no pair can be formed; "
+            "raise --batch-size to at least 2"
+        )
+    if recipe.sampler == "m-per-class" and global_batch < 2 * recipe.m_per_class:
+        # Each batch is whole groups of m samples of one class: one group means no negative pair or triplet.
+        raise MetricLabError(
+            f"with --sampler m-per-class each global batch of {global_batch} holds {global_batch // recipe.m_per_class}"
+            f" class(es) of {recipe.m_per_class} samples, but mining needs at least 2 classes per batch; raise "
+            f"--batch-size to at least {2 * recipe.m_per_class} (per process) or lower --m-per-class"
+        )
 
 
 def load_dataset(recipe: Recipe) -> Dataset:
@@ -200,6 +243,11 @@ def _resolve_resume(recipe: Recipe) -> Path:
     if recipe.resume == "latest" and target is None:
         target = latest_run_dir(recipe.name)
     target = target or Path(recipe.resume)
+    if target.name.startswith((".tmp-", ".old-")):
+        raise MetricLabError(
+            f"{target} is a checkpoint that was never completed (training stopped while writing it); "
+            f"pass the run directory {target.parent.parent} to resume from its latest complete checkpoint"
+        )
     if (target / "trainer_state.json").is_file():
         return target
     checkpoint = Run.latest_checkpoint_in(target)
@@ -209,9 +257,36 @@ def _resolve_resume(recipe: Recipe) -> Path:
 
 
 def _resume(accelerator: Accelerator, checkpoint: Path, miner: Any, reporter: Reporter) -> TrainerState:
-    accelerator.load_state(str(checkpoint))
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    state = TrainerState(**saved["state"])
+    """Load a checkpoint into the prepared objects; untrusted or mismatching files raise MetricLabError."""
+    from accelerate.utils import load
+
+    # accelerate loads the random states inside a bare `except Exception` (a refused pickle would pass
+    # silently), so this process's file is tried first, the same way: weights_only=True.
+    random_states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        if random_states.is_file():
+            load(random_states)
+        accelerator.load_state(str(checkpoint))
+    except pickle.UnpicklingError as err:
+        raise MetricLabError(
+            f"refused to load checkpoint {checkpoint}: a file in it is not a weights-only torch file (it asks to "
+            "run code when unpickled), so it was not loaded; it may have been tampered with. Resume only from "
+            "checkpoints you trust, e.g. an earlier one in checkpoints/, or start a new run"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and accelerate raise many types for one cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MetricLabError(
+            f"cannot load checkpoint {checkpoint} ({first}); resume with the options the run was started with "
+            f"(e.g. --config {checkpoint.parent.parent / 'config.json'} --resume {checkpoint.parent.parent}) "
+            "or from an intact checkpoint"
+        ) from err
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = TrainerState(**saved["state"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise MetricLabError(
+            f"{checkpoint / 'trainer_state.json'} is damaged ({err}); resume from an earlier checkpoint"
+        ) from err
     if miner is not None and hasattr(miner, "load_state") and saved.get("miner") is not None:
         miner.load_state(saved["miner"])
     reporter.notice(f"Resumed from {checkpoint} (epoch {state.epoch + 1}, step {state.step})", style="green")
@@ -230,7 +305,9 @@ class _Trainer:
         self.test_images, self.test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
         self.global_batch = recipe.batch_size * accelerator.num_processes
         self.pseudo_siamese = not accelerator.unwrap_model(model).shares_weights
-        self.stop_requested = False
+        self.interrupted, self.interrupted_at = False, 0.0  # set by the SIGINT handler in this process
+        self.stop_requested = False  # agreed by all processes: stop after this step
+        self.saved_step: int | None = None  # step of the last checkpoint this process wrote
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> None:
@@ -252,7 +329,7 @@ class _Trainer:
                 done = state.epoch >= recipe.epochs or state.step >= total
                 if finished_epoch or done:  # a run stopped by max_steps mid-epoch still leaves embeddings
                     self._end_of_epoch(last=done)
-                if self.stop_requested:
+                if self.stop_requested and not done:
                     self._interrupt()
             self._finish()
         finally:
@@ -276,16 +353,24 @@ class _Trainer:
             samples += batch.numel()
             window.append(loss.detach())
             last_of_epoch = state.position >= n
+            checkpoint_due = bool(recipe.checkpoint_every) and state.step % recipe.checkpoint_every == 0
+            checkpoint_due = checkpoint_due and not last_of_epoch  # the epoch end writes one anyway
             if state.step % recipe.log_every == 0 or last_of_epoch or state.step >= total:
                 elapsed = time.perf_counter() - clock
                 state.seconds += elapsed
                 self._log(window, samples / max(elapsed, 1e-9))
                 window, clock, samples = [], time.perf_counter(), 0
-                self._check_stop_request()
+                self._sync_stop_request()
             else:
                 self.reporter.update(state.step, state.epoch + 1)
-            if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and not last_of_epoch:
+                if checkpoint_due:
+                    # A checkpoint must never hold weights updated by a non-finite loss.
+                    self._check_finite(torch.stack(window).float().cpu(), state.step - len(window) + 1)
+                    self._sync_stop_request()
+            if checkpoint_due:
                 self.save_checkpoint()
+            if self.accelerator.num_processes == 1:
+                self.stop_requested = self.interrupted  # no other process to agree with: stop now
             if self.stop_requested:
                 return last_of_epoch
         return True
@@ -308,8 +393,7 @@ class _Trainer:
             ref_labels = labels.clone() if ref is not None else None
             indices = self.miner(embeddings, labels, ref, ref_labels) if self.miner is not None else None
             loss = self.loss_fn(embeddings, labels, indices, ref, ref_labels)
-            if self.recipe.on_nonfinite == "skip" and not torch.isfinite(loss):
-                # A host sync every step, accepted only in 'skip' mode, which has to decide now.
+            if self.recipe.on_nonfinite == "skip" and self._nonfinite_anywhere(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 return loss
             acc.backward(loss)
@@ -317,20 +401,35 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss
 
+    def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is NaN/inf on any process, so all skip the step together (DDP needs that)."""
+        # A host sync every step, accepted only in 'skip' mode, which has to decide now.
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.gather(bad)
+        return bool(bad.max() > 0)
+
     # -- reporting --------------------------------------------------------------------------
+    def _check_finite(self, losses: torch.Tensor, first_step: int) -> None:
+        """In 'stop' mode, raise MetricLabError naming the first non-finite loss of steps from ``first_step``."""
+        finite = torch.isfinite(losses)
+        if finite.all() or self.recipe.on_nonfinite != "stop":
+            return
+        first = int((~finite).nonzero()[0])
+        lr = self.optimizer.param_groups[0]["lr"]
+        last = Run.latest_checkpoint_in(self.run_dir)
+        raise MetricLabError(
+            f"the loss became {losses[first].item()} at step {first_step + first} (epoch {self.state.epoch + 1}, "
+            f"lr {lr:g}); lower --lr, use --mixed-precision no, or pass --on-nonfinite skip to skip such steps. "
+            f"Last good checkpoint (written before that step): {last or 'none'}"
+        )
+
     def _log(self, window: list[torch.Tensor], samples_per_s: float) -> None:
         state = self.state
         losses = torch.stack(window).float().cpu()
+        self._check_finite(losses, state.step - len(window) + 1)
         finite = torch.isfinite(losses)
         lr = self.optimizer.param_groups[0]["lr"]
-        if not finite.all() and self.recipe.on_nonfinite == "stop":
-            first = int((~finite).nonzero()[0])
-            step = state.step - len(window) + first + 1
-            raise MetricLabError(
-                f"the loss became {losses[first].item()} at step {step} (epoch {state.epoch + 1}, lr {lr:g}); "
-                "lower --lr, use --mixed-precision no, or pass --on-nonfinite skip to skip such steps. "
-                "The last checkpoint in checkpoints/ is intact."
-            )
         loss = losses[finite].mean().item() if finite.any() else float("nan")
         self.reporter.update(state.step, state.epoch + 1, loss, samples_per_s)
         self.accelerator.log({"loss": loss, "lr": lr, "samples_per_s": samples_per_s}, step=state.step)
@@ -339,7 +438,7 @@ class _Trainer:
             new = not path.exists()
             with path.open("a") as handle:
                 if new:
-                    handle.write("step,epoch,loss,lr,samples_per_s\n")
+                    handle.write(_HISTORY_HEADER + "\n")
                 handle.write(
                     f"{state.step},{state.epoch + state.position / self.train_labels.numel():.4f},"
                     f"{loss:.6g},{lr:.6g},{samples_per_s:.1f}\n"
@@ -350,7 +449,10 @@ class _Trainer:
         path = self.run_dir / "history.csv"
         if self.accelerator.is_main_process and path.exists():
             lines = path.read_text().splitlines()
-            kept = [lines[0]] + [line for line in lines[1:] if int(line.split(",")[0]) <= self.state.step]
+            # A kill can leave half a row at the end: keep only whole rows up to the checkpoint's step.
+            kept = [_HISTORY_HEADER] + [
+                line for line in lines[1:] if _whole_row(line) and int(line.split(",")[0]) <= self.state.step
+            ]
             write_atomic(path, "\n".join(kept) + "\n")
 
     # -- epochs, checkpoints, the end ---------------------------------------------------------
@@ -403,14 +505,20 @@ class _Trainer:
         self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
-        """Write a complete checkpoint atomically (temporary name, then rename) and prune old ones."""
+        """Write a complete checkpoint atomically (temporary name, then rename) and prune old ones.
+
+        Only names ``step_NNNNNNNN`` holding trainer_state.json count as checkpoints (written last,
+        inside the temporary folder), so a kill at any moment leaves the previous one as the latest.
+        """
         acc, state = self.accelerator, self.state
         folder = self.run_dir / "checkpoints"
         final = folder / f"step_{state.step:08d}"
         tmp = folder / f".tmp-step_{state.step:08d}"
+        old = folder / f".old-step_{state.step:08d}"
         try:
             if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
+                for stale in [*folder.glob(".tmp-step_*"), *folder.glob(".old-step_*")]:  # left by a killed run
+                    shutil.rmtree(stale, ignore_errors=True)
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
             acc.save_state(str(tmp))
@@ -418,35 +526,46 @@ class _Trainer:
             if acc.is_main_process:
                 miner_state = self.miner.state() if hasattr(self.miner, "state") else None
                 write_json(tmp / "trainer_state.json", {"state": asdict(state), "miner": miner_state})
-                if final.exists():
-                    shutil.rmtree(final)
+                if final.exists():  # resumed from an earlier checkpoint: swap, never delete before replacing
+                    final.rename(old)
                 tmp.rename(final)
-                complete = sorted(p for p in folder.glob("step_*") if p.is_dir())
-                for old in complete[: -self.recipe.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
+                for stale in Run.checkpoints_in(self.run_dir)[: -self.recipe.keep_checkpoints]:
+                    shutil.rmtree(stale, ignore_errors=True)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             last = Run.latest_checkpoint_in(self.run_dir)
             raise MetricLabError(
                 f"could not write checkpoint {final} ({err.strerror or err}); free disk space or choose a writable "
-                f"--output-dir. Last good checkpoint: {last or 'none'}"
+                f"--output-dir, then continue with --resume {self.run_dir}. Last good checkpoint (intact): "
+                f"{last or 'none'}"
             ) from err
         acc.wait_for_everyone()
+        self.saved_step = state.step
         return final
 
     def _request_stop(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C stops at once
+        # `accelerate launch` forwards the terminal's Ctrl-C, so a worker often gets it twice within
+        # milliseconds; only a second Ctrl-C a moment later means "abort now".
+        if self.interrupted and time.monotonic() - self.interrupted_at > 1.0:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        if self.interrupted:
+            return
+        self.interrupted, self.interrupted_at = True, time.monotonic()
         self.reporter.notice("Interrupted: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
 
-    def _check_stop_request(self) -> None:
+    def _sync_stop_request(self) -> None:
+        """Agree on stopping: every process stops after the same step, or none does."""
         if self.accelerator.num_processes > 1:
-            flag = torch.tensor([float(self.stop_requested)], device=self.accelerator.device)
+            # Only at steps that sync with the host anyway; a process must never act on its own flag.
+            flag = torch.tensor([float(self.interrupted)], device=self.accelerator.device)
             self.stop_requested = bool(self.accelerator.gather(flag).max() > 0)
+        else:
+            self.stop_requested = self.interrupted
 
     def _interrupt(self) -> None:
-        checkpoint = self.save_checkpoint()
+        final = self.run_dir / "checkpoints" / f"step_{self.state.step:08d}"
+        checkpoint = final if self.saved_step == self.state.step else self.save_checkpoint()
         self.reporter.stop()
         self.reporter.notice(
             f"Stopped at step {self.state.step}; checkpoint {checkpoint}. Resume with: --resume {self.run_dir}",
@@ -491,6 +610,19 @@ class _Trainer:
             f"({self.dataset.describe()['test_size']} test images)\nRun written to {self.run_dir}",
             style="bold green",
         )
+
+
+def _whole_row(line: str) -> bool:
+    """Whether ``line`` is a complete history.csv row (a kill can cut the last one short)."""
+    fields = line.split(",")
+    if len(fields) != len(_HISTORY_HEADER.split(",")):
+        return False
+    try:
+        for value in fields:
+            float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _in_main_thread() -> bool:

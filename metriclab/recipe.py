@@ -80,6 +80,7 @@ class Recipe:
 
     def validate(self) -> None:
         """Raise MetricLabError for values no run could use."""
+        _check_types(self)
         positive = ("embedding_dim", "batch_size", "epochs", "gradient_accumulation_steps", "m_per_class", "log_every")
         for name in positive:
             value = getattr(self, name)
@@ -87,6 +88,11 @@ class Recipe:
                 raise MetricLabError(f"recipe field '{name}' must be a positive integer, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise MetricLabError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise MetricLabError(
+                f"checkpoint_every must be >= 0 (0: only at epoch ends) and keep_checkpoints >= 1, got "
+                f"{self.checkpoint_every} and {self.keep_checkpoints}"
+            )
         if not self.lr > 0:
             raise MetricLabError(f"lr must be > 0, got {self.lr!r}")
         choices = {
@@ -134,10 +140,23 @@ class Recipe:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError as err:
-            raise MetricLabError(f"recipe file {path} does not exist") from err
+            raise MetricLabError(
+                f"recipe file {path} does not exist; pass the path of a recipe JSON, e.g. a run's config.json"
+            ) from err
         except json.JSONDecodeError as err:
-            raise MetricLabError(f"recipe file {path} is not valid JSON: {err}") from err
-        return cls.from_dict(data.get("recipe", data))
+            raise MetricLabError(f"recipe file {path} is not valid JSON ({err}); correct the file") from err
+        except OSError as err:
+            raise MetricLabError(f"cannot read recipe file {path} ({err.strerror}); pass a readable JSON file") from err
+        data = data.get("recipe", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise MetricLabError(
+                f"recipe file {path} holds a JSON {type(data).__name__}, not an object of recipe fields; "
+                'write it as {"name": ..., "loss": ...} (e.g. with Recipe.to_json)'
+            )
+        try:
+            return cls.from_dict(data)
+        except MetricLabError as err:
+            raise MetricLabError(f"recipe file {path}: {err}") from err
 
     def with_overrides(self, argv: list[str] | None = None, prog: str | None = None) -> Recipe:
         """A copy of the recipe with command-line overrides applied (``--help`` lists them)."""
@@ -154,6 +173,27 @@ class Recipe:
         for key, value in given.items():
             data[key] = None if value == "none" and key in ("miner", "second_encoder", "log_with") else value
         return Recipe.from_dict(data)
+
+
+def _check_types(recipe: Recipe) -> None:
+    """Raise MetricLabError naming the first field whose value has the wrong type (e.g. from a JSON file)."""
+    for name, hint in get_type_hints(Recipe).items():
+        value = getattr(recipe, name)
+        allowed = tuple(t for t in getattr(hint, "__args__", (hint,)) if isinstance(t, type))
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed:  # bool is an int subclass: true is no batch size
+            ok = False
+        else:
+            ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+        if not ok:
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise MetricLabError(
+                f"recipe field '{name}' must be {expected}, got {value!r} ({type(value).__name__}); correct it "
+                "(in JSON: numbers unquoted, true/false, null)"
+            )
+    if not all(isinstance(p, str) for p in recipe.plugins):
+        raise MetricLabError(f"recipe field 'plugins' must be a list of module names or paths, got {recipe.plugins!r}")
 
 
 def _key_values(text: str) -> dict[str, Any]:

@@ -28,6 +28,8 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import json
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -90,7 +92,7 @@ class Registry:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise MetricLabError(
             f"unknown {self.kind} '{name}'.{hint} "
-            f"Run `metriclab plugins {self.kind}` to list all {len(names)} registered {self.kind}s."
+            f"Run `metriclab plugins {_plural(self.kind)}` to list all {len(names)} registered {_plural(self.kind)}."
         )
 
     def create(self, name: str, **kwargs: Any) -> Any:
@@ -100,7 +102,15 @@ class Registry:
         try:
             return factory(**kwargs)
         except (TypeError, ValueError) as err:
-            raise MetricLabError(f"{self.kind} '{name}' rejected its arguments {kwargs}: {err}") from err
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+            if unknown and unknown.group(1) in kwargs:  # hidden behind **kwargs: name the accepted ones
+                _raise_unknown(self.kind, name, unknown.group(1), _accepted_names(factory))
+            # Only the user's plain values: engine-supplied objects (parameters, tensors) are noise here.
+            shown = {k: v for k, v in kwargs.items() if _plain(v)}
+            raise MetricLabError(
+                f"{self.kind} '{name}' rejected its arguments {shown}: {err}; check each value's type "
+                "(numbers unquoted, lists as [1,2], true/false)"
+            ) from err
 
     def list(self, pattern: str = "*") -> list[str]:
         """Sorted names matching a shell-style wildcard pattern (``'pml.*Loss'``)."""
@@ -116,10 +126,37 @@ class Registry:
         return name in self._entries
 
 
+def _plural(kind: str) -> str:
+    return "losses" if kind == "loss" else f"{kind}s"
+
+
 def _top_package(obj: Callable) -> str:
     """The distribution that provides ``obj``'s module (its top-level package name if none)."""
     top = (getattr(obj, "__module__", None) or "?").split(".")[0]
     return importlib.metadata.packages_distributions().get(top, [top])[0]
+
+
+def _raise_unknown(kind: str, name: str, key: str, accepted: list[str]) -> None:
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise MetricLabError(
+        f"{kind} '{name}' has no argument '{key}'.{hint} Accepted arguments: {', '.join(accepted) or 'none'}."
+    )
+
+
+def _accepted_names(factory: Callable) -> list[str]:
+    """Keyword names ``factory`` accepts, following ``**kwargs`` up a class's ``__init__`` chain."""
+    names: list[str] = []
+    chain = [c.__init__ for c in inspect.getmro(factory) if "__init__" in vars(c)] if inspect.isclass(factory) else []
+    for function in chain or [factory]:
+        try:
+            params = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            break
+        names += [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return list(dict.fromkeys(names))
 
 
 def _check_arguments(kind: str, name: str, factory: Callable, kwargs: dict[str, Any]) -> None:
@@ -128,16 +165,53 @@ def _check_arguments(kind: str, name: str, factory: Callable, kwargs: dict[str, 
     except (TypeError, ValueError):  # builtins without a signature
         return
     params = signature.parameters
+    for key, value in kwargs.items():
+        if key in params and not _fits_default(value, params[key].default):
+            default = params[key].default
+            raise MetricLabError(
+                f"{kind} '{name}': argument '{key}' must be {_KINDS[type(default)]} like its default, got {value!r}; "
+                f"pass e.g. {key}={json.dumps(default)}"
+            )
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise MetricLabError(
-                f"{kind} '{name}' has no argument '{key}'.{hint} Accepted arguments: {', '.join(accepted) or 'none'}."
-            )
+            _raise_unknown(kind, name, key, accepted)
+
+
+# What a default value says about the values an argument takes; None and other defaults say nothing.
+_KINDS = {
+    bool: "true or false",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    tuple: "a list",
+    dict: "a dict",
+}
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is plain JSON-like data (what a user passes), not an object such as a tensor list."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, dict) and all(_plain(v) for v in value.values())
+
+
+def _fits_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the kind of ``default`` (numbers mix, lists and tuples mix, None always fits)."""
+    if value is None or type(default) not in _KINDS:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
 
 
 encoders = Registry("encoder")
@@ -162,7 +236,7 @@ register_optimizer = optimizers.register
 
 def registry(kind: str) -> Registry:
     """The registry for ``kind`` (singular or plural: 'loss' or 'losses')."""
-    key = {f"{k}s" if k != "loss" else "losses": k for k in REGISTRIES}.get(kind, kind)
+    key = {_plural(k): k for k in REGISTRIES}.get(kind, kind)
     if key not in REGISTRIES:
         raise MetricLabError(f"unknown component kind '{kind}'; choose one of {', '.join(REGISTRIES)}")
     return REGISTRIES[key]
@@ -209,6 +283,9 @@ def load_plugin(spec: str) -> None:
             if not path.is_file():
                 raise MetricLabError(f"plugin file {spec} does not exist; pass the path to a .py file")
             module_name = f"metriclab_user_plugin_{path.stem}"
+            loaded = sys.modules.get(module_name)
+            if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+                return  # already imported (a second train() in one process): registering again would clash
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module

@@ -65,6 +65,8 @@ def new_run_dir(name: str, output_dir: str | None) -> Path:
     """Create a fresh run directory: ``output_dir`` if given (must not hold a run), else ``runs/NAME/TIMESTAMP``."""
     if output_dir is not None:
         path = Path(output_dir)
+        if path.exists() and not path.is_dir():
+            raise MetricLabError(f"output directory {path} is a file; choose a new --output-dir")
         if path.exists() and any(path.iterdir()):
             raise MetricLabError(
                 f"output directory {path} already exists and is not empty; choose a new --output-dir, "
@@ -177,13 +179,23 @@ class Run:
         return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
 
     @staticmethod
-    def latest_checkpoint_in(path: Path) -> Path | None:
-        """The highest-step complete checkpoint under ``path/checkpoints`` (temporary ones are ignored)."""
+    def checkpoints_in(path: Path) -> list[Path]:
+        """Complete checkpoints under ``path/checkpoints``, oldest first.
+
+        Complete means named ``step_NNNNNNNN`` and holding trainer_state.json (written last): a
+        ``.tmp-`` folder or a step folder without it was cut short and is never used.
+        """
         folder = Path(path) / "checkpoints"
         complete = [
             p for p in folder.glob("step_*") if _CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()
         ]
-        return max(complete, key=lambda p: int(p.name[5:]), default=None)
+        return sorted(complete, key=lambda p: int(p.name[5:]))
+
+    @staticmethod
+    def latest_checkpoint_in(path: Path) -> Path | None:
+        """The highest-step complete checkpoint under ``path/checkpoints`` (see :meth:`checkpoints_in`)."""
+        complete = Run.checkpoints_in(path)
+        return complete[-1] if complete else None
 
 
 def save_embeddings(path: Path, embeddings: np.ndarray, labels: np.ndarray, epoch: int) -> None:
