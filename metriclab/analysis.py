@@ -39,14 +39,15 @@ PROJECTIONS = ("umap", "pca", "tsne")
 
 
 def run_recipe(run: Run) -> Recipe:
-    """The run's recipe from config.json, with its plugins imported (so its components can be built)."""
+    """The run's recipe from config.json.
+
+    Its ``plugins`` list is deliberately not imported: a run directory may come from someone
+    else, and plugins are code. Callers load the plugins they trust first (``--plugins``).
+    """
     config = run.config
     if "recipe" not in config:
         raise MetricLabError(f"{run.path / 'config.json'} has no 'recipe' section; the run is damaged, retrain it")
-    recipe = Recipe.from_dict(config["recipe"])
-    for spec in recipe.plugins:
-        registry.load_plugin(spec)
-    return recipe
+    return Recipe.from_dict(config["recipe"])
 
 
 def _require_component(run: Run, kind: str, name: str | None) -> None:
@@ -54,12 +55,13 @@ def _require_component(run: Run, kind: str, name: str | None) -> None:
     if not name or name in registry.registry(kind):
         return
     source = run.config.get("components", {}).get(kind, {}).get("source")
-    origin = f"from the package '{source}'" if source else "from a plugin"
-    install = f"pip install {source}" if source else "install the plugin that provides it"
-    raise MetricLabError(
-        f"{run.path} was trained with {kind} '{name}' {origin}, which is not installed here; "
-        f"{install} (or list it in the recipe's plugins) and retry"
-    )
+    named = run.config.get("recipe", {}).get("plugins") or []
+    if named:
+        how = f"pass --plugins {' --plugins '.join(named)} if you trust that code, or install the package providing it"
+    else:
+        how = f"pip install {source}" if source else "install the plugin that provides it"
+    origin = f"from '{source}'" if source else "from a plugin"
+    raise MetricLabError(f"{run.path} was trained with {kind} '{name}' {origin}, which is not loaded here; {how}")
 
 
 def load_run_model(run: Run, device: str | torch.device | None = None) -> SiameseNetwork:

@@ -92,6 +92,14 @@ def plugins(
 
 RunArgs = Annotated[list[Path], typer.Argument(help="Run directories written by a recipe.", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of tables.")]
+PluginsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plugins",
+        help="Plugin module or .py file the runs were trained with (repeatable). A run's own plugin list "
+        "is never imported by itself: plugins are code, load only those you trust.",
+    ),
+]
 
 
 class _StatusHandler(logging.Handler):
@@ -126,9 +134,12 @@ def _reporting(debug: bool, what: str) -> Iterator[None]:
             logger.propagate = True
 
 
-def _runs(paths: Sequence[Path]) -> list:
+def _runs(paths: Sequence[Path], plugins: Sequence[str] | None) -> list:
+    from metriclab import registry
     from metriclab.runs import Run
 
+    for spec in plugins or []:
+        registry.load_plugin(spec)
     return [Run(p) for p in paths]
 
 
@@ -259,6 +270,7 @@ def evaluate(
     pairs: Annotated[int, typer.Option("--pairs", help="Balanced pairs sampled for verification.")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Seed for pairs and k-means.")] = 0,
     as_json: JsonOption = False,
+    plugins: PluginsOption = None,
 ) -> None:
     """Retrieval (precision@k, recall@k, MAP@R, R-precision, k-NN accuracy, NMI/AMI) and pair verification.
 
@@ -271,7 +283,7 @@ def evaluate(
     results = []
     with _reporting(debug, "evaluating"):
         ks_ = _parse_ks(k, ks)
-        for run in _runs(runs):
+        for run in _runs(runs, plugins):
             start = time.perf_counter()
             result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, knn_k=knn_k, num_pairs=pairs, seed=seed)
             results.append(result)
@@ -326,6 +338,7 @@ def visualize(
     show: Annotated[bool, typer.Option("--show", help="Open the figures where a display exists.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for projections and query choice.")] = 0,
     as_json: JsonOption = False,
+    plugins: PluginsOption = None,
 ) -> None:
     """Figures of a run: 2-D embedding scatter, digit thumbnails, retrieval gallery, training GIF and curves.
 
@@ -335,7 +348,7 @@ def visualize(
     from metriclab.analysis import FIGURES, visualize_run
 
     with _reporting(ctx.obj["debug"], "visualizing"):
-        (loaded,) = _runs([run])
+        (loaded,) = _runs([run], plugins)
         paths = visualize_run(
             loaded, method, formats or ["png"], output_dir, only or FIGURES, queries=queries, k=k, seed=seed
         )
@@ -361,6 +374,7 @@ def compare(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the subset and the projections.")] = 0,
     show: Annotated[bool, typer.Option("--show", help="Open the figure where a display exists.")] = False,
     as_json: JsonOption = False,
+    plugins: PluginsOption = None,
 ) -> None:
     """UMAP of the raw pixels next to each run's 2-D view of the same test points, with faithfulness scores.
 
@@ -371,7 +385,7 @@ def compare(
     from metriclab.analysis import compare_runs
 
     with _reporting(ctx.obj["debug"], "comparing"):
-        figure, rows = compare_runs(_runs(runs), max_points=max_points, output=output, seed=seed)
+        figure, rows = compare_runs(_runs(runs, plugins), max_points=max_points, output=output, seed=seed)
     if as_json:
         print(json.dumps({"figure": str(figure), "rows": rows}, indent=2))
     else:

@@ -146,3 +146,50 @@ def test_evaluate_refuses_planted_files(tmp_path, baseline, planted, args, words
     assert all(word in one_line(result.output) for word in words), result.output
     assert "Traceback" not in result.output
     assert not marker.exists()
+
+
+def test_a_runs_own_plugin_list_is_not_imported_by_the_cli(tmp_path):
+    """A run directory may come from someone else: its recipe.plugins are named, never run, until --plugins."""
+    from typer.testing import CliRunner
+
+    from metriclab.cli import app
+
+    marker = tmp_path / "plugin-ran"
+    plugin = tmp_path / "their_plugin.py"
+    plugin.write_text(
+        "import pathlib, torch\n"
+        "from metriclab.registry import register_encoder\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n"
+        "@register_encoder('their-linear')\n"
+        "def their_linear(*, embedding_dim, input_shape):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, embedding_dim))\n"
+    )
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "mnist_siamese.py"),
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--encoder",
+            "their-linear",
+            "--plugins",
+            str(plugin),
+            "--output-dir",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    marker.unlink()
+    shutil.rmtree(run / "embeddings")  # force re-embedding, which needs the encoder
+    refused = CliRunner().invoke(app, ["evaluate", str(run)])
+    assert refused.exit_code == 2 and "--plugins" in refused.output
+    assert not marker.exists()
+    allowed = CliRunner().invoke(app, ["evaluate", str(run), "--plugins", str(plugin), "--json"])
+    assert allowed.exit_code == 0, allowed.output
+    assert marker.exists()
