@@ -305,7 +305,8 @@ class _Trainer:
         self.test_images, self.test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
         self.global_batch = recipe.batch_size * accelerator.num_processes
         self.pseudo_siamese = not accelerator.unwrap_model(model).shares_weights
-        self.interrupted, self.interrupted_at = False, 0.0  # set by the SIGINT handler in this process
+        self.interrupted, self.interrupted_at = False, 0.0  # set by the signal handler in this process
+        self.signum = int(signal.SIGINT)  # what stopped the run; another process may have received it
         self.stop_requested = False  # agreed by all processes: stop after this step
         self.saved_step: int | None = None  # step of the last checkpoint this process wrote
 
@@ -319,7 +320,9 @@ class _Trainer:
             total = min(total, recipe.max_steps)
         self._trim_history()
         self.reporter.start(total, completed=state.step)
-        previous = signal.signal(signal.SIGINT, self._request_stop) if _in_main_thread() else None
+        # Ctrl-C and SIGTERM (a scheduler's preemption notice) both stop cleanly after a checkpoint.
+        handled = (signal.SIGINT, signal.SIGTERM) if _in_main_thread() else ()
+        previous = {signum: signal.signal(signum, self._request_stop) for signum in handled}
         try:
             while state.epoch < recipe.epochs and state.step < total:
                 finished_epoch = self._train_epoch(n, total)
@@ -334,8 +337,8 @@ class _Trainer:
             self._finish()
         finally:
             self.reporter.stop()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _train_epoch(self, n: int, total: int) -> bool:
         recipe, state = self.recipe, self.state
@@ -469,7 +472,8 @@ class _Trainer:
     def _end_of_epoch(self, last: bool = False) -> None:
         from metriclab.retrieval import retrieval_metrics
 
-        epoch = self.state.epoch
+        # Completed epochs; a run stopped mid-epoch (max_steps) labels its snapshot with the epoch in progress.
+        epoch = self.state.epoch + (1 if self.state.position else 0)
         test = self.embed_split("test")
         # The train split is large: embedded once, at the end, not every epoch.
         train = self.embed_split("train") if self.recipe.embed_train and last else None
@@ -551,7 +555,7 @@ class _Trainer:
             raise KeyboardInterrupt
         if self.interrupted:
             return
-        self.interrupted, self.interrupted_at = True, time.monotonic()
+        self.interrupted, self.interrupted_at, self.signum = True, time.monotonic(), signum
         self.reporter.notice("Interrupted: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
 
     def _sync_stop_request(self) -> None:
@@ -571,7 +575,7 @@ class _Trainer:
             f"Stopped at step {self.state.step}; checkpoint {checkpoint}. Resume with: --resume {self.run_dir}",
             style="bold yellow",
         )
-        raise SystemExit(130)
+        raise SystemExit(128 + self.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report
 
     def _finish(self) -> None:
         from metriclab.plots import scatter

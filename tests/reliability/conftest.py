@@ -141,4 +141,4 @@ def interrupt(process: subprocess.Popen, how: int, rng: random.Random, most: flo
     return wait
 
 
-SIGKILL, SIGINT = signal.SIGKILL, signal.SIGINT
+SIGKILL, SIGINT, SIGTERM = signal.SIGKILL, signal.SIGINT, signal.SIGTERM

@@ -21,6 +21,7 @@ from .conftest import (
     PLUGIN,
     SIGINT,
     SIGKILL,
+    SIGTERM,
     assert_same_result,
     interrupt,
     launcher,
@@ -67,13 +68,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, baseline):
     assert epochs == [(e["epoch"], e["step"], round(e["map@r"], 4)) for e in Run(baseline).metrics["epochs"]]
 
 
-def test_sigint_writes_a_checkpoint_says_how_to_resume_and_the_resume_completes(tmp_path, baseline):
+@pytest.mark.parametrize("signum, code", [(SIGINT, 130), (SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_sigint_writes_a_checkpoint_says_how_to_resume_and_the_resume_completes(tmp_path, baseline, signum, code):
     seed = random.randrange(10**6)
     out = tmp_path / "interrupted"
     process, log = start_fault_recipe(out)
     wait_for_first_checkpoint(process, out, log)
-    interrupt(process, SIGINT, random.Random(seed), most=0.3)
-    assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    interrupt(process, signum, random.Random(seed), most=0.3)
+    assert process.wait(timeout=120) == code, log.read_text()[-3000:]
     text = one_line(log.read_text())
     assert "Traceback" not in text
     stopped = re.search(r"Stopped at step (\d+); checkpoint (\S+)\. Resume with: --resume (\S+)", text)

@@ -1,0 +1,70 @@
+"""The benchmark suite still runs: `bench/run.py --quick` on tiny sizes, writing to a temporary file.
+
+Nothing here is timed; the assertions check that each benchmark produced its section with numbers,
+that the eval benchmark's equality check between metriclab and pml ran, and that re-running one
+benchmark keeps the other sections of the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """``bench.run`` imported with its scratch directory inside ``tmp_path``."""
+    monkeypatch.setenv("METRICLAB_BENCH_DIR", str(tmp_path / "work"))
+    monkeypatch.syspath_prepend(str(ROOT))
+    for name in [m for m in sys.modules if m == "bench" or m.startswith("bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module("bench.run")
+
+
+def _section(text: str, name: str) -> str:
+    match = re.search(rf"<!-- bench:{name} -->\n(.*?)<!-- /bench:{name} -->", text, flags=re.S)
+    assert match, f"section {name} missing:\n{text[:2000]}"
+    return match.group(1)
+
+
+def test_quick_suite_writes_every_section(bench, tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    names = ["train_vs_pml", "eval", "compare_cold_warm"]
+    assert bench.main(["--quick", *[a for n in names for a in ("--only", n)], "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text.startswith("# Benchmarks") and "--quick run" in text and "torch" in text
+
+    train = _section(text, "train_vs_pml")
+    rows = [line for line in train.splitlines() if re.match(r"\| 1 \| (pml|metriclab) \|", line)]
+    assert len(rows) == 2, train
+    for row in rows:
+        samples_per_s = float(row.split("|")[4].replace(",", ""))
+        precision = float(row.split("|")[7])
+        assert samples_per_s > 0 and 0 <= precision <= 1
+    assert "Ratio metriclab / baseline samples/s" in train
+
+    evaluation = _section(text, "eval")
+    # The same precision@1 and MAP@R for both implementations (the benchmark asserts it; the table shows it).
+    for size in ("leave-one-out", "reference"):
+        pml, ours = (line for line in evaluation.splitlines() if size in line and line.startswith("|"))
+        assert pml.split("|")[7:9] == ours.split("|")[7:9]
+    assert "faster than AccuracyCalculator" in evaluation
+
+    compare = _section(text, "compare_cold_warm")
+    assert compare.count("| `project` |") == 3 and "skipped in --quick" in compare
+
+
+def test_rerunning_one_benchmark_keeps_the_others(bench):
+    before = bench._merge("", "# Benchmarks\n", {"eval": "old eval\n", "distributed": "old distributed\n"})
+    before = before.replace("# Benchmarks\n", "# Benchmarks\n<!-- notes -->\nprofile\n<!-- /notes -->\n")
+    after = bench._merge(before, "# Benchmarks\nnew header\n", {"eval": "new eval\n"})
+    assert "new header" in after and "new eval" in after and "old eval" not in after
+    assert "old distributed" in after and after.count("profile") == 1
+    # Sections stay in suite order whatever order they were written in.
+    assert after.index("bench:eval") < after.index("bench:distributed")
