@@ -104,6 +104,7 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     if dataset.notice:
         reporter.notice(dataset.notice)
     model = build_model(recipe, dataset.input_shape)
+    model.fit_input_statistics(dataset.train_images)
     loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes))
     optimizer = registry.optimizers.create(
         recipe.optimizer,

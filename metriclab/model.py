@@ -20,9 +20,27 @@ class SiameseNetwork(nn.Module):
     each pair is embedded by tower 1 (the engine passes it to the loss as ``ref_emb``).
     """
 
-    def __init__(self, tower: nn.Module, second_tower: nn.Module | None = None) -> None:
+    def __init__(self, tower: nn.Module, second_tower: nn.Module | None = None, channels: int = 1) -> None:
         super().__init__()
         self.towers = nn.ModuleList([tower] if second_tower is None else [tower, second_tower])
+        # Per-channel input standardisation, saved with the weights so evaluation embeds exactly as training did.
+        self.register_buffer("input_mean", torch.zeros(channels, 1, 1))
+        self.register_buffer("input_std", torch.ones(channels, 1, 1))
+
+    @torch.no_grad()
+    def fit_input_statistics(self, images: torch.Tensor, chunk: int = 8192) -> None:
+        """Set the standardisation to the per-channel mean and std of uint8 ``images`` (N, C, H, W)."""
+        total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
+        squares = torch.zeros_like(total)
+        for start in range(0, images.shape[0], chunk):
+            x = images[start : start + chunk].double().div_(255)
+            total += x.sum(dim=(0, 2, 3))
+            squares += x.pow(2).sum(dim=(0, 2, 3))
+        count = images.shape[0] * images.shape[2] * images.shape[3]
+        mean = total / count
+        std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+        self.input_mean.copy_(mean.view(-1, 1, 1))
+        self.input_std.copy_(std.view(-1, 1, 1))
 
     @property
     def shares_weights(self) -> bool:
@@ -30,8 +48,8 @@ class SiameseNetwork(nn.Module):
         return len(self.towers) == 1
 
     def forward(self, images: torch.Tensor, tower: int = 0) -> torch.Tensor:
-        """Embeddings ``(N, D)`` of float images ``(N, C, H, W)`` in [0, 1]."""
-        return self.towers[min(tower, len(self.towers) - 1)](images)
+        """Embeddings ``(N, D)`` of float images ``(N, C, H, W)`` in [0, 1] (standardised here)."""
+        return self.towers[min(tower, len(self.towers) - 1)]((images - self.input_mean) / self.input_std)
 
 
 def resolved_arguments(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +82,7 @@ def build_model(recipe: Any, input_shape: tuple[int, ...]) -> SiameseNetwork:
         second = registry.encoders.create(name, **common, **args)
     elif recipe.second_encoder:
         raise MetricLabError("second_encoder is set but share_weights is true; pass --no-share-weights to use it")
-    return SiameseNetwork(tower, second)
+    return SiameseNetwork(tower, second, channels=input_shape[0])
 
 
 def load_weights(model: nn.Module, path: Any) -> None:

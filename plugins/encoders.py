@@ -3,7 +3,9 @@
 Contract for encoder plugins: a factory registered with ``@register_encoder(name)`` takes the
 keyword arguments ``embedding_dim: int`` and ``input_shape: tuple[int, int, int]`` (C, H, W),
 which the engine supplies, plus options of its own, and returns an ``nn.Module`` that maps
-float images ``(N, C, H, W)`` with values in [0, 1] to embeddings ``(N, embedding_dim)``.
+float images ``(N, C, H, W)`` to embeddings ``(N, embedding_dim)``. The images arrive
+standardised per channel with the training set's mean and std (the Siamese network does it,
+and saves the statistics with the weights).
 """
 
 from __future__ import annotations
