@@ -33,14 +33,6 @@ def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def wait_for_low_load(limit: float = 1.5, max_wait_s: float = 0.0) -> str:
-    """Wait (at most ``max_wait_s``) until the 1-minute load is below ``limit``; return the load then."""
-    deadline = time.monotonic() + max_wait_s
-    while os.getloadavg()[0] > limit and time.monotonic() < deadline:
-        time.sleep(10)
-    return load()
-
-
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
