@@ -607,7 +607,8 @@ class _Trainer:
             labels,
             self.dataset.classes,
             self.run_dir / "embedding.png",
-            title=f"{self.recipe.name}: {self.dataset.name} test embedding{method}",
+            title=f"{self.recipe.name}: {self.dataset.extra.get('subset', self.dataset.name)} test embedding, "
+            f"{len(labels):,} images{method}",
         )
         self.reporter.stop()
         self.reporter.notice(
