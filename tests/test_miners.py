@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from pytorch_metric_learning import distances
 from pytorch_metric_learning import miners as pml_miners
 
