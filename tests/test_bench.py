@@ -48,6 +48,10 @@ def test_quick_suite_writes_every_section(bench, tmp_path):
         precision = float(row.split("|")[7])
         assert samples_per_s > 0 and 0 <= precision <= 1
     assert "Ratio metriclab / baseline samples/s" in train
+    # Both implementations were scored during training (every step here), so time-to-target has data.
+    points = re.search(r"Scored points per run: pml \[(\d+)\], metriclab \[(\d+)\]", train)
+    assert points and int(points.group(1)) == 3 and int(points.group(2)) == 3, train
+    assert re.search(r"\| 0\.30 \| [^|]+ \| [^|]+ \|", train)
 
     evaluation = _section(text, "eval")
     # The same precision@1 and MAP@R for both implementations (the benchmark asserts it; the table shows it).
