@@ -1,0 +1,108 @@
+"""The training loop does not wait on the host between logging steps.
+
+On a GPU, ``.item()``, ``bool(tensor)``, ``.cpu()``, ``nonzero`` and friends stall the CPU until
+the GPU has caught up. CI has no GPU, so this test counts, on the CPU, every such call made by
+metriclab's own code during training and checks the count does not grow with the number of steps.
+Miners and losses that return a data-dependent number of pairs or triplets (pytorch-metric-learning's
+index tuples) need that number on the host; the test trains with a loss that needs none, so what it
+measures is the loop itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+import metriclab
+from metriclab import Recipe
+from metriclab.engine import train
+
+PACKAGE = str(Path(metriclab.__file__).parent)
+TORCH = str(Path(torch.__file__).parent)
+SYNCING = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.Tensor.masked_select,
+    torch.masked_select,
+    torch.unique,
+    torch.Tensor.unique,
+}
+PLUGIN = '''
+import torch
+from metriclab.registry import register_loss
+
+@register_loss("sync-free-test")
+class SpreadLoss(torch.nn.Module):
+    """Pull every embedding towards its class's slot on the unit circle: no data-dependent shapes."""
+
+    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+        angle = labels.float()
+        target = torch.stack([angle.cos(), angle.sin()], 1)
+        return (embeddings - target).pow(2).sum(1).mean()
+'''
+
+
+class HostSyncs(TorchFunctionMode):
+    """Counts syncing tensor calls by the metriclab line that made them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        syncing = func in SYNCING
+        if func is torch.Tensor.__getitem__:  # boolean-mask indexing runs nonzero
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            syncing = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        if func is torch.Tensor.to:
+            syncing = any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))
+        if syncing:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(TORCH):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+                where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
+                self.calls[f"{where} {getattr(func, '__name__', func)}"] += 1
+        return func(*args, **kwargs)
+
+
+def syncs_during_training(tmp_path: Path, steps: int) -> Counter[str]:
+    recipe = Recipe(
+        dataset="digits",
+        encoder="mlp",
+        encoder_args={"hidden": [16]},
+        loss="sync-free-test",
+        miner=None,
+        batch_size=32,
+        epochs=1,
+        max_steps=steps,
+        log_every=1000,  # only the last step logs
+        embed_train=False,
+        cpu=True,
+        plugins=[str(tmp_path / "sync_free_loss.py")],
+        output_dir=str(tmp_path / f"run-{steps}"),
+    )
+    with HostSyncs() as mode:
+        train(recipe)
+    return mode.calls
+
+
+def test_training_steps_add_no_host_syncs(tmp_path):
+    (tmp_path / "sync_free_loss.py").write_text(PLUGIN)
+    short, long = syncs_during_training(tmp_path, 3), syncs_during_training(tmp_path, 9)
+    assert sum(short.values()) > 0, "the counter saw none of the syncs at the end of a run: it is not working"
+    per_step = {k: long[k] - short[k] for k in long if long[k] != short[k]}
+    assert not per_step, f"host syncs that grow with the number of steps (6 more steps): {per_step}"
