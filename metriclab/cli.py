@@ -88,7 +88,7 @@ def plugins(
     console.print(table)
 
 
-# -- evaluate / visualize / compare: thin wrappers over metriclab.analysis --------------------------
+# -- evaluate / visualize / compare: thin wrappers over metriclab.evaluation and metriclab.figures ---
 
 RunArgs = Annotated[list[Path], typer.Argument(help="Run directories written by a recipe.", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of tables.")]
@@ -103,7 +103,7 @@ PluginsOption = Annotated[
 
 
 class _StatusHandler(logging.Handler):
-    """Shows the analysis logger's INFO records as the spinner text and WARNINGs as notes, all on stderr."""
+    """Shows the library loggers' INFO records as the spinner text and WARNINGs as notes, all on stderr."""
 
     def __init__(self, status: Any) -> None:
         super().__init__(logging.INFO)
@@ -120,7 +120,7 @@ class _StatusHandler(logging.Handler):
 @contextlib.contextmanager
 def _reporting(debug: bool, what: str) -> Iterator[None]:
     """User errors as one line (exit 2); progress of the library as a spinner on stderr, so stdout stays clean."""
-    logger = logging.getLogger("metriclab.analysis")
+    logger = logging.getLogger("metriclab")  # the parent of metriclab.evaluation's and metriclab.figures' loggers
     with exit_on_user_error(debug), errors.status(what) as status:
         handler = _StatusHandler(status)
         logger.addHandler(handler)
@@ -277,7 +277,7 @@ def evaluate(
     Two protocols: the test set searched leave-one-out, and test queries searched in the train set.
     Results are added to each run's metrics.json under evaluations[METRIC]; several runs are shown side by side.
     """
-    from metriclab.analysis import evaluate_run
+    from metriclab.evaluation import evaluate_run
 
     debug = ctx.obj["debug"]
     results = []
@@ -345,7 +345,7 @@ def visualize(
     Embeddings of more than 2 dimensions are projected with --method (named in each title); the GIF
     projects every epoch with one PCA fitted on the last epoch, so the frames share their axes.
     """
-    from metriclab.analysis import FIGURES, visualize_run
+    from metriclab.figures import FIGURES, visualize_run
 
     with _reporting(ctx.obj["debug"], "visualizing"):
         (loaded,) = _runs([run], plugins)
@@ -382,7 +382,7 @@ def compare(
     in 2-D, trustworthiness (sklearn; '-' where nothing was projected), silhouette and seconds per projection.
     The first UMAP in a fresh environment compiles numba kernels (cached on disk afterwards).
     """
-    from metriclab.analysis import compare_runs
+    from metriclab.figures import compare_runs
 
     with _reporting(ctx.obj["debug"], "comparing"):
         figure, rows = compare_runs(_runs(runs, plugins), max_points=max_points, output=output, seed=seed)

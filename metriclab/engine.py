@@ -4,6 +4,7 @@ Data lives on the training device as uint8 tensors; each step indexes its shard 
 global batch there, embeds it, gathers the global batch from all processes (so mining
 and the loss see what one process with the whole batch would), and steps. The host is
 consulted only every ``log_every`` steps (loss, speed, non-finite check) and at epoch ends.
+Checkpoints (what one holds, how it is written, how a run resumes) are :mod:`metriclab.checkpoints`.
 """
 
 from __future__ import annotations
@@ -12,43 +13,30 @@ import errno
 import inspect
 import json
 import math
-import pickle
 import platform
-import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
 import metriclab
 from metriclab import registry
+from metriclab.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
 from metriclab.data import Dataset
 from metriclab.distributed import gather_shards, gather_with_grad
 from metriclab.errors import MetricLabError
 from metriclab.model import SiameseNetwork, build_model, embed, resolved_arguments
 from metriclab.progress import Reporter
 from metriclab.recipe import Recipe
-from metriclab.runs import FORMAT_VERSION, Run, latest_run_dir, new_run_dir, save_embeddings, write_atomic, write_json
+from metriclab.runs import FORMAT_VERSION, Run, save_embeddings, write_atomic, write_json
 from metriclab.sampling import epoch_order, shard
 
 _HISTORY_HEADER = "step,epoch,loss,lr,samples_per_s"
-
-
-@dataclass
-class TrainerState:
-    """Where training stands; saved as trainer_state.json in every checkpoint."""
-
-    epoch: int = 0
-    position: int = 0  # samples of the current epoch's order already consumed
-    step: int = 0
-    seconds: float = 0.0
-
 
 # Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -67,7 +55,7 @@ def train(recipe: Recipe) -> Path:
     # The process group first: the run directory is chosen on the main process and shared,
     # and trackers need it when the Accelerator is created.
     process = PartialState(cpu=cpu)
-    run_dir, checkpoint = _run_directory(recipe, process)
+    run_dir, checkpoint = run_directory(recipe, process)
     try:
         return _train(recipe, cpu, run_dir, checkpoint)
     except OSError as err:
@@ -124,7 +112,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     loss_fn.to(accelerator.device)
     state = TrainerState()
     if checkpoint is not None:
-        state = _resume(accelerator, checkpoint, miner, reporter)
+        state = resume(accelerator, checkpoint, miner)
+        reporter.notice(f"Resumed from {checkpoint} (epoch {state.epoch + 1}, step {state.step})", style="green")
 
     trainer = _Trainer(recipe, accelerator, reporter, run_dir, dataset, model, loss_fn, miner, optimizer, state)
     trainer.fit()
@@ -220,80 +209,6 @@ def _flat(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in data.items()}
 
 
-def _run_directory(recipe: Recipe, accelerator: PartialState) -> tuple[Path, Path | None]:
-    """Create (or find, when resuming) the run directory on the main process and share it."""
-    result: list[Any] = [None, None, None]
-    if accelerator.is_main_process:
-        try:
-            if recipe.resume:
-                checkpoint = _resolve_resume(recipe)
-                result = [str(checkpoint.parent.parent), str(checkpoint), None]
-            else:
-                result = [str(new_run_dir(recipe.name, recipe.output_dir)), None, None]
-        except MetricLabError as err:
-            result = [None, None, str(err)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(result)
-    if result[2] is not None:
-        raise MetricLabError(result[2])
-    return Path(result[0]), (Path(result[1]) if result[1] else None)
-
-
-def _resolve_resume(recipe: Recipe) -> Path:
-    target = Path(recipe.output_dir) if recipe.resume == "latest" and recipe.output_dir else None
-    if recipe.resume == "latest" and target is None:
-        target = latest_run_dir(recipe.name)
-    target = target or Path(recipe.resume)
-    if target.name.startswith((".tmp-", ".old-")):
-        raise MetricLabError(
-            f"{target} is a checkpoint that was never completed (training stopped while writing it); "
-            f"pass the run directory {target.parent.parent} to resume from its latest complete checkpoint"
-        )
-    if (target / "trainer_state.json").is_file():
-        return target
-    checkpoint = Run.latest_checkpoint_in(target)
-    if checkpoint is None:
-        raise MetricLabError(f"{target} holds no complete checkpoint to resume from; start a new run instead")
-    return checkpoint
-
-
-def _resume(accelerator: Accelerator, checkpoint: Path, miner: Any, reporter: Reporter) -> TrainerState:
-    """Load a checkpoint into the prepared objects; untrusted or mismatching files raise MetricLabError."""
-    from accelerate.utils import load
-
-    # accelerate loads the random states inside a bare `except Exception` (a refused pickle would pass
-    # silently), so this process's file is tried first, the same way: weights_only=True.
-    random_states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
-    try:
-        if random_states.is_file():
-            load(random_states)
-        accelerator.load_state(str(checkpoint))
-    except pickle.UnpicklingError as err:
-        raise MetricLabError(
-            f"refused to load checkpoint {checkpoint}: a file in it is not a weights-only torch file (it asks to "
-            "run code when unpickled), so it was not loaded; it may have been tampered with. Resume only from "
-            "checkpoints you trust, e.g. an earlier one in checkpoints/, or start a new run"
-        ) from err
-    except Exception as err:  # noqa: BLE001 - safetensors, torch and accelerate raise many types for one cause
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MetricLabError(
-            f"cannot load checkpoint {checkpoint} ({first}); resume with the options the run was started with "
-            f"(e.g. --config {checkpoint.parent.parent / 'config.json'} --resume {checkpoint.parent.parent}) "
-            "or from an intact checkpoint"
-        ) from err
-    try:
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())
-        state = TrainerState(**saved["state"])
-    except (ValueError, TypeError, KeyError) as err:
-        raise MetricLabError(
-            f"{checkpoint / 'trainer_state.json'} is damaged ({err}); resume from an earlier checkpoint"
-        ) from err
-    if miner is not None and hasattr(miner, "load_state") and saved.get("miner") is not None:
-        miner.load_state(saved["miner"])
-    reporter.notice(f"Resumed from {checkpoint} (epoch {state.epoch + 1}, step {state.step})", style="green")
-    return state
-
-
 class _Trainer:
     """The loop and its bookkeeping; one instance per ``train`` call."""
 
@@ -372,7 +287,10 @@ class _Trainer:
                     self._check_finite(torch.stack(window).float().cpu(), state.step - len(window) + 1)
                     self._sync_stop_request()
             if checkpoint_due:
-                self.save_checkpoint()
+                # Writing a checkpoint is not training: the clock skips it, for samples/s and state.seconds.
+                paused = time.perf_counter()
+                self._checkpoint()
+                clock += time.perf_counter() - paused
             if self.accelerator.num_processes == 1:
                 self.stop_requested = self.interrupted  # no other process to agree with: stop now
             if self.stop_requested:
@@ -507,47 +425,13 @@ class _Trainer:
                 f"({self.state.seconds:.1f} s of training)",
                 style="cyan",
             )
-        self.save_checkpoint()
+        self._checkpoint()
 
-    def save_checkpoint(self) -> Path:
-        """Write a complete checkpoint atomically (temporary name, then rename) and prune old ones.
-
-        Only names ``step_NNNNNNNN`` holding trainer_state.json count as checkpoints (written last,
-        inside the temporary folder), so a kill at any moment leaves the previous one as the latest.
-        """
-        acc, state = self.accelerator, self.state
-        folder = self.run_dir / "checkpoints"
-        final = folder / f"step_{state.step:08d}"
-        tmp = folder / f".tmp-step_{state.step:08d}"
-        old = folder / f".old-step_{state.step:08d}"
-        try:
-            if acc.is_main_process:
-                for stale in [*folder.glob(".tmp-step_*"), *folder.glob(".old-step_*")]:  # left by a killed run
-                    shutil.rmtree(stale, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                miner_state = self.miner.state() if hasattr(self.miner, "state") else None
-                write_json(tmp / "trainer_state.json", {"state": asdict(state), "miner": miner_state})
-                if final.exists():  # resumed from an earlier checkpoint: swap, never delete before replacing
-                    final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-                for stale in Run.checkpoints_in(self.run_dir)[: -self.recipe.keep_checkpoints]:
-                    shutil.rmtree(stale, ignore_errors=True)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            last = Run.latest_checkpoint_in(self.run_dir)
-            raise MetricLabError(
-                f"could not write checkpoint {final} ({err.strerror or err}); free disk space or choose a writable "
-                f"--output-dir, then continue with --resume {self.run_dir}. Last good checkpoint (intact): "
-                f"{last or 'none'}"
-            ) from err
-        acc.wait_for_everyone()
-        self.saved_step = state.step
-        return final
+    def _checkpoint(self) -> Path:
+        """Write the checkpoint of the current step (see :func:`metriclab.checkpoints.save_checkpoint`)."""
+        path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.miner, self.recipe.keep_checkpoints)
+        self.saved_step = self.state.step
+        return path
 
     def _request_stop(self, signum, frame) -> None:
         # `accelerate launch` forwards the terminal's Ctrl-C, so a worker often gets it twice within
@@ -569,8 +453,8 @@ class _Trainer:
             self.stop_requested = self.interrupted
 
     def _interrupt(self) -> None:
-        final = self.run_dir / "checkpoints" / f"step_{self.state.step:08d}"
-        checkpoint = final if self.saved_step == self.state.step else self.save_checkpoint()
+        saved = self.saved_step == self.state.step
+        checkpoint = checkpoint_dir(self.run_dir, self.state.step) if saved else self._checkpoint()
         self.reporter.stop()
         self.reporter.notice(
             f"Stopped at step {self.state.step}; checkpoint {checkpoint}. Resume with: --resume {self.run_dir}",

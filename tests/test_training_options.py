@@ -1,8 +1,12 @@
 """Recipe options that change how training runs: each one at least runs and leaves its trace."""
 
+import time
+
 import pytest
+from accelerate import Accelerator
 from conftest import TINY, read_json, run_recipe
 
+from metriclab.recipe import Recipe
 from metriclab.runs import Run
 
 
@@ -60,3 +64,40 @@ def test_tensorboard_tracking_writes_events(tmp_path):
     accumulator = EventAccumulator(str(events[0].parent))
     accumulator.Reload()
     assert {"loss", "lr", "samples_per_s", "test_precision@1"} <= set(accumulator.Tags()["scalars"])
+
+
+def test_checkpoint_writing_is_not_counted_as_training_time(tmp_path, monkeypatch):
+    """--checkpoint-every: samples/s and the recorded training seconds measure the steps, not the writing."""
+    from metriclab.engine import train
+
+    delay, saved = 0.8, []
+    original = Accelerator.save_state
+
+    def slow_save_state(self, output_dir=None, **kwargs):
+        saved.append(output_dir)
+        time.sleep(delay)  # a slow disk
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", slow_save_state)
+    # 22 steps; checkpoints at steps 4, 8, 12, 16 and 20, half of them at a logging step, and at the end.
+    recipe = Recipe(
+        name="slow-disk",
+        dataset="digits",
+        encoder_args={"hidden": [32]},
+        embedding_dim=4,
+        epochs=1,
+        batch_size=64,
+        checkpoint_every=4,
+        log_every=8,
+        embed_train=False,
+        output_dir=str(tmp_path / "run"),
+        cpu=True,
+    )
+    run = Run(train(recipe))
+    assert len(saved) == 6
+    final = run.metrics["final"]
+    assert final["steps"] == 22
+    # The five checkpoints inside the loop slept 4 s; 22 steps of this MLP take a fraction of one delay.
+    assert final["train_seconds"] < 2 * delay, final
+    state = read_json(run.path / "checkpoints" / "step_00000022" / "trainer_state.json")["state"]
+    assert state["seconds"] == pytest.approx(final["train_seconds"], abs=1e-3)

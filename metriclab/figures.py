@@ -1,10 +1,11 @@
-"""Run-level analysis behind ``metriclab evaluate``, ``visualize`` and ``compare``: runs in, values and paths out.
+"""Figures of runs behind ``metriclab visualize`` and ``compare``: runs in, image files (and scores) out.
 
-Each function reads a run directory through :class:`metriclab.runs.Run`, rebuilds what it needs (the
-model from config.json + model.safetensors, the dataset from the recorded recipe) and returns results;
-nothing here prints. Slow steps and skipped work are reported through the ``metriclab.analysis``
+The same rules as :mod:`metriclab.evaluation`, whose helpers rebuild a run's model, dataset and
+embeddings: a run directory is read through :class:`metriclab.runs.Run`, a run's own ``plugins`` list
+is never imported (plugins are code; callers load the ones they trust first, ``--plugins``), and
+nothing here prints. Slow steps and skipped figures are reported through the ``metriclab.figures``
 logger (INFO: what is being done now; WARNING: something the user should know), which the CLI shows
-as a status line and notes on stderr.
+as a status line and notes on stderr. The drawing itself is :mod:`metriclab.plots`.
 """
 
 from __future__ import annotations
@@ -13,247 +14,21 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from metriclab import registry
 from metriclab.data import Dataset
 from metriclab.errors import MetricLabError
-from metriclab.model import SiameseNetwork, build_model, embed, load_weights
-from metriclab.recipe import Recipe
-from metriclab.retrieval import METRICS
-from metriclab.runs import Run, save_embeddings
+from metriclab.evaluation import embed_run, load_run_model, run_dataset, run_embeddings, run_recipe, strict_json
+from metriclab.runs import Run
 
 log = logging.getLogger(__name__)
 
 FIGURES = ("scatter", "thumbnails", "gallery", "animation", "curves")
 FIGURE_FORMATS = ("png", "svg", "pdf")
 PROJECTIONS = ("umap", "pca", "tsne")
-
-
-# -- rebuilding a run's model, data and embeddings ---------------------------------------------------
-
-
-def run_recipe(run: Run) -> Recipe:
-    """The run's recipe from config.json.
-
-    Its ``plugins`` list is deliberately not imported: a run directory may come from someone
-    else, and plugins are code. Callers load the plugins they trust first (``--plugins``).
-    """
-    config = run.config
-    if "recipe" not in config:
-        raise MetricLabError(f"{run.path / 'config.json'} has no 'recipe' section; the run is damaged, retrain it")
-    return Recipe.from_dict(config["recipe"])
-
-
-def _require_component(run: Run, kind: str, name: str | None) -> None:
-    """Raise a MetricLabError naming the package to install when the run's component is not registered."""
-    if not name or name in registry.registry(kind):
-        return
-    source = run.config.get("components", {}).get(kind, {}).get("source")
-    named = run.config.get("recipe", {}).get("plugins") or []
-    if named:
-        how = f"pass --plugins {' --plugins '.join(named)} if you trust that code, or install the package providing it"
-    else:
-        how = f"pip install {source}" if source else "install the plugin that provides it"
-    origin = f"from '{source}'" if source else "from a plugin"
-    raise MetricLabError(f"{run.path} was trained with {kind} '{name}' {origin}, which is not loaded here; {how}")
-
-
-def load_run_model(run: Run, device: str | torch.device | None = None) -> SiameseNetwork:
-    """The run's trained network, rebuilt from config.json and model.safetensors, in eval mode on ``device``."""
-    recipe = run_recipe(run)
-    if not run.weights_path.is_file():
-        raise MetricLabError(
-            f"{run.path} has no weights (model.safetensors is missing): training did not finish; "
-            f"resume it with `python recipes/{recipe.name}.py --resume {run.path}`"
-        )
-    _require_component(run, "encoder", recipe.encoder)
-    _require_component(run, "encoder", recipe.second_encoder)
-    shape = _input_shape(run)
-    log.info("loading the model from %s", run.weights_path)
-    model = build_model(recipe, shape)
-    load_weights(model, run.weights_path)
-    return model.to(_device(device)).eval()
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _input_shape(run: Run) -> tuple[int, ...]:
-    shape = run.config.get("dataset", {}).get("input_shape")
-    if not shape:
-        raise MetricLabError(f"{run.path / 'config.json'} does not record the input shape; the run is damaged")
-    return tuple(int(s) for s in shape)
-
-
-def run_dataset(run: Run, name: str | None = None, data_dir: str | None = None) -> Dataset:
-    """The run's dataset (or dataset ``name``, read from ``data_dir`` if given), loaded as the recipe describes."""
-    recipe = run_recipe(run)
-    if name is not None and name != recipe.dataset:
-        # The run's dataset arguments belong to its own dataset; another one starts from its defaults.
-        recipe = replace(recipe, dataset=name, dataset_args={}, data_dir=data_dir)
-    elif data_dir is not None:
-        recipe = replace(recipe, data_dir=data_dir)
-    if name is None:
-        _require_component(run, "dataset", recipe.dataset)
-    from metriclab.engine import load_dataset
-
-    log.info("loading dataset '%s'", recipe.dataset)
-    dataset = load_dataset(recipe)
-    expected = _input_shape(run)
-    if tuple(dataset.input_shape) != expected:
-        shown = "x".join(map(str, dataset.input_shape))
-        wanted = "x".join(map(str, expected))
-        raise MetricLabError(
-            f"dataset '{dataset.name}' has {shown} images but the model of {run.path} takes {wanted} images; "
-            f"choose a dataset with {wanted} images"
-        )
-    return dataset
-
-
-def embed_run(
-    run: Run, split: str = "test", dataset: Dataset | None = None, model: SiameseNetwork | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(embeddings float32 (N, D), labels int64 (N,))`` of a split, computed from the run's saved weights.
-
-    ``dataset`` defaults to the run's own; ``model`` to :func:`load_run_model`. Non-finite embeddings
-    (weights of a diverged training) raise a MetricLabError.
-    """
-    if split not in ("train", "test"):
-        raise MetricLabError(f"unknown split '{split}'; use 'train' or 'test'")
-    model = model if model is not None else load_run_model(run)
-    dataset = dataset if dataset is not None else run_dataset(run)
-    images, labels = dataset.split(split)
-    log.info("embedding the %s split of %s (%d images)", split, dataset.name, len(labels))
-    embeddings = embed(model, images).cpu().numpy().astype(np.float32)
-    if not np.isfinite(embeddings).all():
-        raise MetricLabError(
-            f"the weights in {run.weights_path} produce NaN or inf embeddings (training diverged); "
-            "retrain with a lower --lr"
-        )
-    return embeddings, labels.cpu().numpy().astype(np.int64)
-
-
-def _check_dimension(run: Run, embeddings: np.ndarray, what: str) -> None:
-    expected = run_recipe(run).embedding_dim
-    if embeddings.shape[1] != expected:
-        raise MetricLabError(
-            f"{what} of {run.path} are {embeddings.shape[1]}-D but the run's model makes {expected}-D embeddings "
-            f"(config.json embedding_dim); the file is not from this run: re-embed with "
-            f"`metriclab evaluate {run.path} --reembed`"
-        )
-
-
-def _last_epoch(run: Run) -> int:
-    epochs = run.snapshot_epochs()
-    return epochs[-1] if epochs else 0
-
-
-def _embeddings(
-    run: Run, reembed: bool = False, dataset: str | None = None, data_dir: str | None = None
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | None], dict[str, Any]]:
-    """Test and train embeddings of a run (saved, or embedded from the weights) and where they came from."""
-    recipe = run_recipe(run)
-    own = dataset is None and data_dir is None  # another dataset (or folder) is evaluated, never saved as ours
-    has_saved = run.has_embeddings("test")
-    if own and has_saved and not reembed:
-        test = run.embeddings("test")
-        _check_dimension(run, test[0], "the saved test embeddings")
-        train = run.embeddings("train") if run.has_embeddings("train") else None
-        if train is not None:
-            _check_dimension(run, train[0], "the saved train embeddings")
-        elif run.weights_path.is_file():
-            train = embed_run(run, "train", run_dataset(run))
-        else:
-            log.warning("%s has no train embeddings nor weights: skipping the test-vs-train protocol", run.path)
-        info = {"dataset": run.config.get("dataset", {}).get("source"), "embeddings": "saved"}
-        return {"test": test, "train": train}, info
-    if own and not has_saved and not run.weights_path.is_file():
-        raise MetricLabError(
-            f"{run.path} has neither embeddings (embeddings/test.npz) nor weights (model.safetensors): training "
-            f"did not finish; resume it with `python recipes/{recipe.name}.py --resume {run.path}`"
-        )
-    model = load_run_model(run)
-    data = run_dataset(run, dataset, data_dir)
-    out = {split: embed_run(run, split, data, model) for split in ("test", "train")}
-    if own:
-        # Embeddings are a cache of what the weights compute: refreshing them keeps visualize in step.
-        for split, (emb, lab) in out.items():
-            save_embeddings(run.embeddings_path(split), emb, lab, _last_epoch(run))
-    return out, {"dataset": data.source, "embeddings": f"embedded from {run.weights_path.name}"}
-
-
-# -- evaluate ---------------------------------------------------------------------------------------
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN/inf floats replaced by None, so the result is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def evaluate_run(
-    run: Run,
-    ks: Sequence[int] = (1, 5, 10),
-    metric: str | None = None,
-    reembed: bool = False,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    knn_k: int = 5,
-    num_pairs: int = 20000,
-    seed: int = 0,
-    save: bool = True,
-) -> dict[str, Any]:
-    """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
-
-    ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
-    with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
-    """
-    from metriclab.retrieval import evaluate_embeddings
-
-    metric = metric or run_recipe(run).metric
-    if metric not in METRICS:
-        raise MetricLabError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
-    if not ks or any(int(k) < 1 for k in ks):
-        raise MetricLabError(f"k values must be positive integers, got {list(ks)}; pass e.g. --ks 1,5,10")
-    start = time.perf_counter()
-    data, info = _embeddings(run, reembed, dataset, data_dir)
-    test_emb, test_labels = data["test"]
-    train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
-    log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
-    options = {"ks": ks, "metric": metric, "knn_k": knn_k, "num_pairs": num_pairs, "seed": seed}
-    scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options)
-    recipe = run_recipe(run)
-    own = dataset is None and data_dir is None
-    key = metric if own else f"{dataset or recipe.dataset}/{metric}"
-    record = {
-        "metric": metric,
-        "ks": [int(k) for k in ks],
-        "knn_k": knn_k,
-        "num_pairs": num_pairs,
-        "seed": seed,
-        **info,
-        "test_size": len(test_labels),
-        "train_size": None if train_labels is None else len(train_labels),
-        **scores,
-        "seconds": round(time.perf_counter() - start, 3),
-        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    record = _finite(record)
-    if save:
-        run.update_metrics("evaluations", {**run.metrics.get("evaluations", {}), key: record})
-    return {"run": str(run.path), "name": run.name, "key": key, **record}
 
 
 # -- visualize --------------------------------------------------------------------------------------
@@ -411,7 +186,7 @@ def visualize_run(
     needs_embeddings = {"scatter", "thumbnails", "gallery"} & set(figures)
     data: dict = {}
     if needs_embeddings:
-        data, _ = _embeddings(run)
+        data, _ = run_embeddings(run)
     dataset = None
     if {"thumbnails", "gallery"} & set(figures):
         dataset, data = _split_images(run, data)
@@ -512,7 +287,7 @@ def compare_runs(
         raise MetricLabError("pass at least one run directory to compare")
     if max_points < 10:
         raise MetricLabError(f"--max-points must be at least 10, got {max_points}")
-    loaded = [(run, _embeddings(run)[0]["test"]) for run in runs]
+    loaded = [(run, run_embeddings(run)[0]["test"]) for run in runs]
     first_run, (_, labels) = loaded[0]
     for run, (_, other) in loaded[1:]:
         if not np.array_equal(other, labels):
@@ -575,4 +350,4 @@ def compare_runs(
         scores=scores,
         title=f"{len(labels)} test points of {dataset.name}: pixels vs learned embeddings",
     )
-    return figure, _finite(rows)
+    return figure, strict_json(rows)

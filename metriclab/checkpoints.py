@@ -1,0 +1,167 @@
+"""Checkpoints of a training run: what one holds, how it is written, and how a run resumes from one.
+
+A checkpoint is ``RUN/checkpoints/step_NNNNNNNN/``: accelerate's ``save_state`` (model.safetensors,
+optimizer.bin, random_states_*.pkl) plus ``trainer_state.json`` (:class:`TrainerState` and the miner's
+state). It is written under ``.tmp-step_NNNNNNNN`` with trainer_state.json last and only then renamed, so
+a kill at any moment leaves the previous checkpoint as the latest (see ``Run.checkpoints_in``); the newest
+``keep_checkpoints`` are kept. A resumed run continues in its own directory (:func:`run_directory`) from
+the checkpoint ``--resume`` names (:func:`resolve_resume`); :func:`resume` loads torch files weights-only,
+so one that asks to run code when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
+
+from metriclab.errors import MetricLabError
+from metriclab.recipe import Recipe
+from metriclab.runs import Run, latest_run_dir, new_run_dir, write_json
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved as trainer_state.json in every checkpoint."""
+
+    epoch: int = 0
+    position: int = 0  # samples of the current epoch's order already consumed
+    step: int = 0
+    seconds: float = 0.0  # time spent in training steps (not in checkpoints or evaluation)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint at ``step``: ``run_dir/checkpoints/step_NNNNNNNN``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, miner: Any, keep: int) -> Path:
+    """Write the checkpoint of ``state.step`` atomically, keep the newest ``keep``, and return its folder.
+
+    Every process calls it (accelerate saves collectively); only the main process renames and prunes.
+    Only names ``step_NNNNNNNN`` holding trainer_state.json (written last, inside the temporary folder)
+    count as checkpoints, so a kill at any moment leaves the previous one as the latest. A failure to
+    write raises MetricLabError naming the last good checkpoint, which stays intact.
+    """
+    final = checkpoint_dir(run_dir, state.step)
+    folder = final.parent
+    tmp = folder / f".tmp-{final.name}"
+    old = folder / f".old-{final.name}"
+    try:
+        if accelerator.is_main_process:
+            for stale in [*folder.glob(".tmp-step_*"), *folder.glob(".old-step_*")]:  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            miner_state = miner.state() if hasattr(miner, "state") else None
+            write_json(tmp / "trainer_state.json", {"state": asdict(state), "miner": miner_state})
+            if final.exists():  # resumed from an earlier checkpoint: swap, never delete before replacing
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            for stale in Run.checkpoints_in(run_dir)[:-keep]:
+                shutil.rmtree(stale, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = Run.latest_checkpoint_in(run_dir)
+        raise MetricLabError(
+            f"could not write checkpoint {final} ({err.strerror or err}); free disk space or choose a writable "
+            f"--output-dir, then continue with --resume {run_dir}. Last good checkpoint (intact): {last or 'none'}"
+        ) from err
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(recipe: Recipe) -> Path:
+    """The complete checkpoint that ``recipe.resume`` names; MetricLabError if there is none.
+
+    A checkpoint folder names itself; a run directory its latest checkpoint; ``"latest"`` the latest of
+    ``recipe.output_dir`` if given, else of the recipe's newest run.
+    """
+    target = Path(recipe.output_dir) if recipe.resume == "latest" and recipe.output_dir else None
+    if recipe.resume == "latest" and target is None:
+        target = latest_run_dir(recipe.name)
+    target = target or Path(recipe.resume)
+    if target.name.startswith((".tmp-", ".old-")):
+        raise MetricLabError(
+            f"{target} is a checkpoint that was never completed (training stopped while writing it); "
+            f"pass the run directory {target.parent.parent} to resume from its latest complete checkpoint"
+        )
+    if (target / "trainer_state.json").is_file():
+        return target
+    checkpoint = Run.latest_checkpoint_in(target)
+    if checkpoint is None:
+        raise MetricLabError(f"{target} holds no complete checkpoint to resume from; start a new run instead")
+    return checkpoint
+
+
+def run_directory(recipe: Recipe, process: PartialState) -> tuple[Path, Path | None]:
+    """``(run directory, checkpoint to resume from or None)``, chosen on the main process and shared with all.
+
+    A new run gets a new directory; a resumed run continues in its own. A user error raises MetricLabError
+    on every process, so none is left waiting.
+    """
+    result: list[Any] = [None, None, None]
+    if process.is_main_process:
+        try:
+            if recipe.resume:
+                checkpoint = resolve_resume(recipe)
+                result = [str(checkpoint.parent.parent), str(checkpoint), None]
+            else:
+                result = [str(new_run_dir(recipe.name, recipe.output_dir)), None, None]
+        except MetricLabError as err:
+            result = [None, None, str(err)]
+    if process.num_processes > 1:
+        broadcast_object_list(result)
+    if result[2] is not None:
+        raise MetricLabError(result[2])
+    return Path(result[0]), (Path(result[1]) if result[1] else None)
+
+
+def resume(accelerator: Accelerator, checkpoint: Path, miner: Any) -> TrainerState:
+    """Load ``checkpoint`` into the prepared objects and ``miner``; return where training stands.
+
+    Untrusted files (a pickle that would run code), files that do not fit the model, and a damaged
+    trainer_state.json raise MetricLabError.
+    """
+    from accelerate.utils import load
+
+    # accelerate loads the random states inside a bare `except Exception` (a refused pickle would pass
+    # silently), so this process's file is tried first, the same way: weights_only=True.
+    random_states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        if random_states.is_file():
+            load(random_states)
+        accelerator.load_state(str(checkpoint))
+    except pickle.UnpicklingError as err:
+        raise MetricLabError(
+            f"refused to load checkpoint {checkpoint}: a file in it is not a weights-only torch file (it asks to "
+            "run code when unpickled), so it was not loaded; it may have been tampered with. Resume only from "
+            "checkpoints you trust, e.g. an earlier one in checkpoints/, or start a new run"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and accelerate raise many types for one cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MetricLabError(
+            f"cannot load checkpoint {checkpoint} ({first}); resume with the options the run was started with "
+            f"(e.g. --config {checkpoint.parent.parent / 'config.json'} --resume {checkpoint.parent.parent}) "
+            "or from an intact checkpoint"
+        ) from err
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = TrainerState(**saved["state"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise MetricLabError(
+            f"{checkpoint / 'trainer_state.json'} is damaged ({err}); resume from an earlier checkpoint"
+        ) from err
+    if miner is not None and hasattr(miner, "load_state") and saved.get("miner") is not None:
+        miner.load_state(saved["miner"])
+    return state
