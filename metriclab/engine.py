@@ -261,7 +261,8 @@ class _Trainer:
         order = epoch_order(self.train_labels, recipe.seed, state.epoch, recipe.sampler, recipe.m_per_class)
         self.model.train()
         window: list[torch.Tensor] = []
-        clock, samples = time.perf_counter(), 0
+        # Training seconds are summed in laps that skip checkpoint writing; every checkpoint records the total so far.
+        clock, window_seconds, samples = time.perf_counter(), 0.0, 0
         while state.position < n:
             if state.step >= total:
                 return False
@@ -275,10 +276,10 @@ class _Trainer:
             checkpoint_due = bool(recipe.checkpoint_every) and state.step % recipe.checkpoint_every == 0
             checkpoint_due = checkpoint_due and not last_of_epoch  # the epoch end writes one anyway
             if state.step % recipe.log_every == 0 or last_of_epoch or state.step >= total:
-                elapsed = time.perf_counter() - clock
-                state.seconds += elapsed
-                self._log(window, samples / max(elapsed, 1e-9))
-                window, clock, samples = [], time.perf_counter(), 0
+                lap = time.perf_counter() - clock
+                state.seconds += lap
+                self._log(window, samples / max(window_seconds + lap, 1e-9))
+                window, clock, window_seconds, samples = [], time.perf_counter(), 0.0, 0
                 self._sync_stop_request()
             else:
                 self.reporter.update(state.step, state.epoch + 1)
@@ -288,9 +289,11 @@ class _Trainer:
                     self._sync_stop_request()
             if checkpoint_due:
                 # Writing a checkpoint is not training: the clock skips it, for samples/s and state.seconds.
-                paused = time.perf_counter()
+                lap = time.perf_counter() - clock
+                state.seconds += lap
+                window_seconds += lap
                 self._checkpoint()
-                clock += time.perf_counter() - paused
+                clock = time.perf_counter()
             if self.accelerator.num_processes == 1:
                 self.stop_requested = self.interrupted  # no other process to agree with: stop now
             if self.stop_requested:

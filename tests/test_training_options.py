@@ -1,5 +1,6 @@
 """Recipe options that change how training runs: each one at least runs and leaves its trace."""
 
+import itertools
 import time
 
 import pytest
@@ -101,3 +102,29 @@ def test_checkpoint_writing_is_not_counted_as_training_time(tmp_path, monkeypatc
     assert final["train_seconds"] < 2 * delay, final
     state = read_json(run.path / "checkpoints" / "step_00000022" / "trainer_state.json")["state"]
     assert state["seconds"] == pytest.approx(final["train_seconds"], abs=1e-3)
+
+
+def test_every_checkpoint_records_the_training_seconds_up_to_its_step(tmp_path):
+    """A checkpoint between logging steps holds the seconds of the steps since the last log too."""
+    from metriclab.engine import train
+
+    recipe = Recipe(
+        name="seconds",
+        dataset="digits",
+        encoder_args={"hidden": [32]},
+        embedding_dim=4,
+        epochs=1,
+        batch_size=64,
+        checkpoint_every=2,
+        keep_checkpoints=100,
+        log_every=50,  # no log inside the epoch: only the checkpoints can record the seconds
+        embed_train=False,
+        output_dir=str(tmp_path / "run"),
+        cpu=True,
+    )
+    run = Run(train(recipe))
+    states = [read_json(c / "trainer_state.json")["state"] for c in sorted((run.path / "checkpoints").glob("step_*"))]
+    seconds = [s["seconds"] for s in states]
+    assert [s["step"] for s in states] == [*range(2, 22, 2), 22]
+    assert all(a < b for a, b in itertools.pairwise(seconds)), seconds  # each later checkpoint trained longer
+    assert seconds[-1] == pytest.approx(run.metrics["final"]["train_seconds"], abs=1e-3)
