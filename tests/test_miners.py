@@ -88,7 +88,7 @@ def test_random_pairs_generator_state_survives_a_checkpoint():
     emb, labels = large_batch(500)
     miner = random_pairs(seed=5)
     miner(emb, labels)
-    state = json.loads(json.dumps(miner.state()))  # the engine keeps it in trainer_state.json
+    state = json.loads(json.dumps(miner.state()))  # checkpoints keep it in trainer_state.json
     expected = miner(emb, labels)
     resumed = random_pairs(seed=5)
     resumed.load_state(state)
