@@ -98,7 +98,9 @@ def _gather_alone(global_batch: int, calls: int) -> dict[str, Any]:
         gather_with_grad(local, global_batch, acc).sum().backward()
         if i >= 5:
             times.append(time.perf_counter() - start)
-    return {"rank": acc.process_index, "world": acc.num_processes, "gather_alone_s": statistics.median(times)}
+    result = {"rank": acc.process_index, "world": acc.num_processes, "gather_alone_s": statistics.median(times)}
+    acc.end_training()  # destroys the process group: exiting with gloo's threads alive sometimes aborts
+    return result
 
 
 def work(argv: list[str] | None = None) -> dict[str, Any]:
