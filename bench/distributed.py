@@ -32,6 +32,7 @@ def _train(dataset: str, global_batch: int, max_steps: int, warmup: int, output_
     from accelerate import PartialState
 
     import metriclab.engine as engine
+    from metriclab.components import load_dataset
 
     state = PartialState(cpu=True)
     world, rank = state.num_processes, state.process_index
@@ -64,7 +65,7 @@ def _train(dataset: str, global_batch: int, max_steps: int, warmup: int, output_
     engine.train(recipe)
     steps = step_times[warmup:]
     gathers = gather_times[warmup:] if gather_times else [0.0] * len(steps)
-    n_train = len(engine.load_dataset(recipe).train_labels)
+    n_train = len(load_dataset(recipe).train_labels)
     step_s = statistics.median(steps)
     return {
         "rank": rank,

@@ -168,7 +168,8 @@ def checkpoint_curve(run_dir: Path, dataset: Any) -> list[tuple[float, int, floa
     """(training seconds, step, test precision@1) of every checkpoint a metriclab run kept."""
     import json
 
-    from metriclab.model import build_model, embed, load_weights
+    from metriclab.components import build_model
+    from metriclab.model import embed, load_weights
     from metriclab.recipe import Recipe
 
     recipe = Recipe.from_dict(json.loads((run_dir / "config.json").read_text())["recipe"])

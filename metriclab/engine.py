@@ -4,19 +4,17 @@ Data lives on the training device as uint8 tensors; each step indexes its shard 
 global batch there, embeds it, gathers the global batch from all processes (so mining
 and the loss see what one process with the whole batch would), and steps. The host is
 consulted only every ``log_every`` steps (loss, speed, non-finite check) and at epoch ends.
-Checkpoints (what one holds, how it is written, how a run resumes) are :mod:`metriclab.checkpoints`.
+Checkpoints (what one holds, how it is written, how a run resumes) are :mod:`metriclab.checkpoints`;
+the dataset, network, loss and miner are built by :mod:`metriclab.components`.
 """
 
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import math
-import platform
 import signal
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +22,15 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
-import metriclab
 from metriclab import registry
 from metriclab.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
-from metriclab.data import Dataset
+from metriclab.components import build_model, build_objective, describe_run, load_dataset
 from metriclab.distributed import gather_shards, gather_with_grad
 from metriclab.errors import MetricLabError
-from metriclab.model import SiameseNetwork, build_model, embed, resolved_arguments
+from metriclab.model import embed
 from metriclab.progress import Reporter
 from metriclab.recipe import Recipe
-from metriclab.runs import FORMAT_VERSION, Run, save_embeddings, write_atomic, write_json
+from metriclab.runs import Run, save_embeddings, write_atomic, write_json
 from metriclab.sampling import epoch_order, shard
 
 _HISTORY_HEADER = "step,epoch,loss,lr,samples_per_s"
@@ -135,74 +132,6 @@ def _check_global_batch(recipe: Recipe, global_batch: int) -> None:
             f" class(es) of {recipe.m_per_class} samples, but mining needs at least 2 classes per batch; raise "
             f"--batch-size to at least {2 * recipe.m_per_class} (per process) or lower --m-per-class"
         )
-
-
-def load_dataset(recipe: Recipe) -> Dataset:
-    """The recipe's dataset, passing ``data_dir`` to factories that accept it."""
-    factory = registry.datasets.get(recipe.dataset)
-    args = dict(recipe.dataset_args)
-    if recipe.data_dir is not None:
-        if "data_dir" not in inspect.signature(factory).parameters:
-            raise MetricLabError(f"dataset '{recipe.dataset}' does not read from a directory; drop --data-dir")
-        args["data_dir"] = recipe.data_dir
-    return registry.datasets.create(recipe.dataset, **args)
-
-
-def build_objective(recipe: Recipe, num_classes: int) -> tuple[torch.nn.Module, Any]:
-    """The recipe's loss (with ``num_classes``/``embedding_size`` injected where accepted) and miner."""
-    context = {"num_classes": num_classes, "embedding_size": recipe.embedding_dim}
-    loss_args = {**_accepted(registry.losses.get(recipe.loss), context), **recipe.loss_args}
-    loss_fn = registry.losses.create(recipe.loss, **loss_args)
-    miner = None
-    if recipe.miner:
-        miner_args = {**_accepted(registry.miners.get(recipe.miner), {"seed": recipe.seed}), **recipe.miner_args}
-        miner = registry.miners.create(recipe.miner, **miner_args)
-    return loss_fn, miner
-
-
-def _accepted(factory: Any, context: dict[str, Any]) -> dict[str, Any]:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {k: v for k, v in context.items() if k in params}
-
-
-def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, model: SiameseNetwork) -> dict:
-    """The config.json of a run: resolved recipe, components with every argument, data source, environment."""
-    components = {}
-    for kind, name, args in [
-        ("encoder", recipe.encoder, {"embedding_dim": recipe.embedding_dim, **recipe.encoder_args}),
-        ("loss", recipe.loss, recipe.loss_args),
-        ("miner", recipe.miner, recipe.miner_args),
-        ("optimizer", recipe.optimizer, {"lr": recipe.lr, **recipe.optimizer_args}),
-        ("dataset", recipe.dataset, recipe.dataset_args),
-    ]:
-        if name:
-            entry = registry.registry(kind)
-            factory = entry.get(name)
-            source = next(e.source for e in entry.entries(name))
-            components[kind] = {"name": name, "source": source, "args": resolved_arguments(factory, args)}
-    versions = {}
-    for package in ("metriclab", "torch", "torchvision", "pytorch-metric-learning", "accelerate", "numpy"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    return {
-        "format_version": FORMAT_VERSION,
-        "recipe": recipe.to_dict(),
-        "components": components,
-        "dataset": dataset.describe(),
-        "num_processes": accelerator.num_processes,
-        "global_batch_size": recipe.batch_size * accelerator.num_processes,
-        "device": str(accelerator.device),
-        "device_name": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else platform.processor(),
-        "mixed_precision": recipe.mixed_precision,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "versions": {**versions, "python": platform.python_version(), "metriclab_module": metriclab.__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 def _flat(data: dict[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from metriclab import registry
+from metriclab.components import build_model, load_dataset
 from metriclab.data import Dataset
 from metriclab.errors import MetricLabError
-from metriclab.model import SiameseNetwork, build_model, embed, load_weights
+from metriclab.model import SiameseNetwork, embed, load_weights
 from metriclab.recipe import Recipe
 from metriclab.retrieval import METRICS
 from metriclab.runs import Run, save_embeddings
@@ -99,7 +100,6 @@ def run_dataset(run: Run, name: str | None = None, data_dir: str | None = None) 
         recipe = replace(recipe, data_dir=data_dir)
     if name is None:
         _require_component(run, "dataset", recipe.dataset)
-    from metriclab.engine import load_dataset
 
     log.info("loading dataset '%s'", recipe.dataset)
     dataset = load_dataset(recipe)

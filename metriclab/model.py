@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from metriclab import registry
 from metriclab.errors import MetricLabError
 
 
@@ -58,39 +56,6 @@ class SiameseNetwork(nn.Module):
         if self.memory_format is not None:
             x = x.contiguous(memory_format=self.memory_format)
         return self.towers[min(tower, len(self.towers) - 1)](x)
-
-
-def resolved_arguments(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` completed with the factory's defaults, as recorded in config.json."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    full = {
-        name: p.default
-        for name, p in params.items()
-        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    full.update(kwargs)
-    return {k: v for k, v in full.items() if _jsonable(v)}
-
-
-def _jsonable(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
-
-
-def build_model(recipe: Any, input_shape: tuple[int, ...]) -> SiameseNetwork:
-    """The recipe's Siamese network for images of ``input_shape`` (C, H, W)."""
-    common = {"embedding_dim": recipe.embedding_dim, "input_shape": tuple(input_shape)}
-    tower = registry.encoders.create(recipe.encoder, **common, **recipe.encoder_args)
-    second = None
-    if not recipe.share_weights:
-        name = recipe.second_encoder or recipe.encoder
-        args = recipe.second_encoder_args if recipe.second_encoder else recipe.encoder_args
-        second = registry.encoders.create(name, **common, **args)
-    elif recipe.second_encoder:
-        raise MetricLabError("second_encoder is set but share_weights is true; pass --no-share-weights to use it")
-    return SiameseNetwork(tower, second, channels=input_shape[0])
 
 
 def load_weights(model: nn.Module, path: Any) -> None:
