@@ -150,22 +150,26 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
         negatives = diffs.sum(1)
         self._set_stats_closed_form(mat, matches, diffs)
 
-        anchors, positives = torch.where(matches)
-        c = x[anchors, positives]
-        slack = 1e-5 * (c.abs() + abs(self.margin) + 1)  # wider than float32 rounding of x - c
-        low = high = None  # runs of x with low < x - c <= high
+        low = high = None  # each positive c keeps the run of negatives x with low < x - c <= high
         if self.type_of_triplets == "easy":
             low = self.margin
         else:
             high = 0 if self.type_of_triplets == "hard" else self.margin
             low = 0 if self.type_of_triplets == "semihard" else None
-        rows = ranked[anchors]
+        # Each anchor's positives first, in column order (a stable sort), then cut to the most any anchor has:
+        # the bounds are searched per anchor row in (B, max positives), not per pair in (pairs, B).
+        per_anchor = matches.sum(1)
+        columns = matches.byte().sort(dim=1, descending=True, stable=True).indices[:, : int(per_anchor.max())]
+        valid = torch.arange(columns.shape[1], device=columns.device) < per_anchor.unsqueeze(1)
+        c = x.gather(1, columns)
+        slack = 1e-5 * (c.abs() + abs(self.margin) + 1)  # wider than float32 rounding of x - c
+        anchors, positives = valid.nonzero(as_tuple=True)[0], columns[valid]
         start = torch.zeros_like(anchors)
         end = negatives[anchors]
         if low is not None:
-            start = torch.searchsorted(rows, (c + low - slack).unsqueeze(1)).squeeze(1)
+            start = torch.searchsorted(ranked, c + low - slack)[valid]
         if high is not None:
-            end = torch.minimum(end, torch.searchsorted(rows, (c + high + slack).unsqueeze(1), right=True).squeeze(1))
+            end = torch.minimum(end, torch.searchsorted(ranked, c + high + slack, right=True)[valid])
         counts = (end - start).clamp_min(0)
         a = anchors.repeat_interleave(counts)
         p = positives.repeat_interleave(counts)
