@@ -14,6 +14,14 @@ RECIPES = ROOT / "recipes"
 TINY = ["--dataset", "digits", "--encoder-args", "hidden=[32]", "--epochs", "2", "--batch-size", "64"]
 
 
+def tiny_recipe(output_dir: Path, **overrides):
+    """TINY as a Recipe for in-process training on the CPU, writing to ``output_dir``; ``overrides`` win."""
+    from metriclab.recipe import Recipe
+
+    fields = {"dataset": "digits", "encoder_args": {"hidden": [32]}, "epochs": 2, "batch_size": 64, "cpu": True}
+    return Recipe(**{**fields, "output_dir": str(output_dir), **overrides})
+
+
 def run_recipe(recipe: str, *args: str, env: dict | None = None, timeout: int = 300, launcher: list | None = None):
     """Run a recipe file as a subprocess; return the CompletedProcess (text output)."""
     command = [*(launcher or [sys.executable]), str(RECIPES / recipe), *args]

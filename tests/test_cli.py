@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_recipe
 from PIL import Image, ImageSequence
 from rich.console import Console
 from typer.testing import CliRunner
@@ -15,7 +16,6 @@ from typer.testing import CliRunner
 from metriclab import registry
 from metriclab.cli import app, evaluation_table
 from metriclab.data import Dataset
-from metriclab.recipe import Recipe
 from metriclab.retrieval import retrieval_metrics, verification_metrics
 from metriclab.runs import Run, save_embeddings
 
@@ -38,18 +38,7 @@ def run_8d(tmp_path_factory):
     from metriclab.engine import train
 
     out = tmp_path_factory.mktemp("runs") / "run8d"
-    recipe = Recipe(
-        name="tiny8",
-        dataset="digits",
-        encoder_args={"hidden": [32]},
-        embedding_dim=8,
-        epochs=2,
-        batch_size=64,
-        metric="cosine",
-        output_dir=str(out),
-        cpu=True,
-    )
-    return train(recipe)
+    return train(tiny_recipe(out, name="tiny8", embedding_dim=8, metric="cosine"))
 
 
 def one_line_error(result) -> str:

@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from conftest import tiny_recipe
 from torch.overrides import TorchFunctionMode
 
 import metriclab
-from metriclab import Recipe
 from metriclab.engine import train
 
 PACKAGE = str(Path(metriclab.__file__).parent)
@@ -80,9 +80,8 @@ class HostSyncs(TorchFunctionMode):
 
 
 def syncs_during_training(tmp_path: Path, steps: int) -> Counter[str]:
-    recipe = Recipe(
-        dataset="digits",
-        encoder="mlp",
+    recipe = tiny_recipe(
+        tmp_path / f"run-{steps}",
         encoder_args={"hidden": [16]},
         loss="sync-free-test",
         miner=None,
@@ -91,9 +90,7 @@ def syncs_during_training(tmp_path: Path, steps: int) -> Counter[str]:
         max_steps=steps,
         log_every=1000,  # only the last step logs
         embed_train=False,
-        cpu=True,
         plugins=[str(tmp_path / "sync_free_loss.py")],
-        output_dir=str(tmp_path / f"run-{steps}"),
     )
     with HostSyncs() as mode:
         train(recipe)

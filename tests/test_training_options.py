@@ -5,9 +5,8 @@ import time
 
 import pytest
 from accelerate import Accelerator
-from conftest import TINY, read_json, run_recipe
+from conftest import TINY, read_json, run_recipe, tiny_recipe
 
-from metriclab.recipe import Recipe
 from metriclab.runs import Run
 
 
@@ -81,19 +80,8 @@ def test_checkpoint_writing_is_not_counted_as_training_time(tmp_path, monkeypatc
 
     monkeypatch.setattr(Accelerator, "save_state", slow_save_state)
     # 22 steps; checkpoints at steps 4, 8, 12, 16 and 20, half of them at a logging step, and at the end.
-    recipe = Recipe(
-        name="slow-disk",
-        dataset="digits",
-        encoder_args={"hidden": [32]},
-        embedding_dim=4,
-        epochs=1,
-        batch_size=64,
-        checkpoint_every=4,
-        log_every=8,
-        embed_train=False,
-        output_dir=str(tmp_path / "run"),
-        cpu=True,
-    )
+    options = {"embedding_dim": 4, "epochs": 1, "checkpoint_every": 4, "log_every": 8, "embed_train": False}
+    recipe = tiny_recipe(tmp_path / "run", name="slow-disk", **options)
     run = Run(train(recipe))
     assert len(saved) == 6
     final = run.metrics["final"]
@@ -108,19 +96,15 @@ def test_every_checkpoint_records_the_training_seconds_up_to_its_step(tmp_path):
     """A checkpoint between logging steps holds the seconds of the steps since the last log too."""
     from metriclab.engine import train
 
-    recipe = Recipe(
+    recipe = tiny_recipe(
+        tmp_path / "run",
         name="seconds",
-        dataset="digits",
-        encoder_args={"hidden": [32]},
         embedding_dim=4,
         epochs=1,
-        batch_size=64,
         checkpoint_every=2,
         keep_checkpoints=100,
         log_every=50,  # no log inside the epoch: only the checkpoints can record the seconds
         embed_train=False,
-        output_dir=str(tmp_path / "run"),
-        cpu=True,
     )
     run = Run(train(recipe))
     states = [read_json(c / "trainer_state.json")["state"] for c in sorted((run.path / "checkpoints").glob("step_*"))]
