@@ -168,15 +168,14 @@ def checkpoint_curve(run_dir: Path, dataset: Any) -> list[tuple[float, int, floa
     """(training seconds, step, test precision@1) of every checkpoint a metriclab run kept."""
     import json
 
-    from metriclab.components import build_model
+    from metriclab.evaluation import load_run_model
     from metriclab.model import embed, load_weights
-    from metriclab.recipe import Recipe
+    from metriclab.runs import Run
 
-    recipe = Recipe.from_dict(json.loads((run_dir / "config.json").read_text())["recipe"])
-    model = build_model(recipe, dataset.input_shape)
+    model = load_run_model(Run(run_dir), device="cpu")  # the run's network; each checkpoint's weights go into it
     images, labels = dataset.split("test")
     curve = []
-    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*")):
+    for checkpoint in Run.checkpoints_in(run_dir):
         state = json.loads((checkpoint / "trainer_state.json").read_text())["state"]
         load_weights(model, checkpoint / "model.safetensors")
         curve.append((state["seconds"], state["step"], precision_at_1(embed(model, images), labels.numpy())))
