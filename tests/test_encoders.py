@@ -77,9 +77,9 @@ def test_convnet_pools_before_relu_with_the_same_outputs_and_gradients():
 
 
 def test_siamese_network_runs_convolutions_channels_last_with_the_same_embeddings(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from metriclab.model import SiameseNetwork
+    from metriclab.model import SiameseNetwork, load_weights
 
     torch.manual_seed(0)
     tower = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), channels=(8, 16))
@@ -92,7 +92,7 @@ def test_siamese_network_runs_convolutions_channels_last_with_the_same_embedding
     # the weights still save and load as plain tensors
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp_path / "w.safetensors")
     restored = SiameseNetwork(copy.deepcopy(plain)).eval()
-    restored.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    load_weights(restored, tmp_path / "w.safetensors")
     with torch.no_grad():
         assert torch.equal(restored(images), network(images))
     mlp = SiameseNetwork(registry.create("encoder", "mlp", embedding_dim=2, input_shape=(1, 28, 28)))
