@@ -189,7 +189,7 @@ def machine() -> dict[str, str]:
         "accelerate": version("accelerate"),
         "umap-learn": version("umap-learn"),
         "numba": version("numba"),
-        "gpu": "not measured: no GPU in this task",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
     }
 
 

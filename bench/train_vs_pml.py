@@ -30,12 +30,17 @@ RECIPE_FILE = ROOT / "recipes" / "fashion_mnist_triplet.py"
 TRAINED_RUN = WORK / "fashion-mnist-run"
 
 
-def fashion_recipe(**overrides: Any):
-    """The Fashion-MNIST triplet recipe from recipes/, with ``overrides`` applied."""
-    spec = importlib.util.spec_from_file_location("fashion_mnist_triplet", RECIPE_FILE)
+def recipe_file(path: Path, **overrides: Any):
+    """The ``recipe`` of the recipe file ``path``, with ``overrides`` applied."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return dataclasses.replace(module.recipe, **overrides)
+
+
+def fashion_recipe(**overrides: Any):
+    """The Fashion-MNIST triplet recipe from recipes/, with ``overrides`` applied."""
+    return recipe_file(RECIPE_FILE, **overrides)
 
 
 def _write_idx(path: Path, array: Any, magic: int) -> None:
@@ -71,7 +76,12 @@ def torchvision_dataset(name: str, root: Path, transform: Any) -> tuple[Any, Any
 
 
 def run_pml(
-    dataset_name: str, seed: int, batch_size: int = 256, max_steps: int | None = None, eval_every: int = 0
+    dataset_name: str,
+    seed: int,
+    batch_size: int = 256,
+    max_steps: int | None = None,
+    eval_every: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """One epoch of pytorch-metric-learning's documented MNIST loop, with metriclab's recipe and model.
 
@@ -85,6 +95,7 @@ def run_pml(
     distance: pml's default ``LpDistance()`` (normalised embeddings) that the recipe's loss and miner use,
     instead of the notebook's ``CosineSimilarity()`` (margin 0.2 means something else there).
     ``ThresholdReducer(low=0)`` averages the positive losses, as the recipe's default AvgNonZeroReducer does.
+    On a GPU (``device="cuda"``) each batch is moved there as the notebook does (``data.to(device)``).
     """
     import torch
     from pytorch_metric_learning import distances, losses, miners, reducers
@@ -100,7 +111,7 @@ def run_pml(
         torch.manual_seed(seed)
         train_loader = torch.utils.data.DataLoader(dataset1, batch_size=batch_size, shuffle=True)
         test_loader = torch.utils.data.DataLoader(dataset2, batch_size=256)
-        model = registry.encoders.create("convnet", embedding_dim=64, input_shape=source.input_shape)
+        model = registry.encoders.create("convnet", embedding_dim=64, input_shape=source.input_shape).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         distance = distances.LpDistance()
         reducer = reducers.ThresholdReducer(low=0)
@@ -111,7 +122,7 @@ def run_pml(
         def test_embeddings():
             model.eval()
             with torch.no_grad():
-                return torch.cat([model(data) for data, _ in test_loader]).numpy()
+                return torch.cat([model(data.to(device)) for data, _ in test_loader]).cpu().numpy()
 
         # The notebook's train(): timed from the first batch fetch to the last optimizer step.
         start = time.perf_counter()
@@ -119,6 +130,7 @@ def run_pml(
         samples = 0
         curve = []  # (training seconds, step, test precision@1) every eval_every steps; evaluation not timed
         for batch_idx, (data, labels) in enumerate(train_loader):
+            data, labels = data.to(device), labels.to(device)
             optimizer.zero_grad()
             embeddings = model(data)
             indices_tuple = mining_func(embeddings, labels)
@@ -136,6 +148,8 @@ def run_pml(
                 start += time.perf_counter() - paused
             if max_steps is not None and batch_idx + 1 >= max_steps:  # --quick only
                 break
+        if device != "cpu":
+            torch.cuda.synchronize()  # the clock stops when the last step has run, not when it was queued
         train_s = time.perf_counter() - start
         test_emb = test_embeddings()
         wall_s = time.perf_counter() - setup_start

@@ -55,8 +55,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     old = folder / f".old-{final.name}"
     try:
         if accelerator.is_main_process:
-            for stale in [*folder.glob(".tmp-step_*"), *folder.glob(".old-step_*")]:  # left by a killed run
-                shutil.rmtree(stale, ignore_errors=True)
+            _remove_unfinished(folder)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
@@ -79,6 +78,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         ) from err
     accelerator.wait_for_everyone()
     return final
+
+
+def _remove_unfinished(folder: Path) -> None:
+    """Delete the temporary checkpoint folders a killed run left in ``folder``."""
+    for stale in [*folder.glob(".tmp-step_*"), *folder.glob(".old-step_*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def resolve_resume(recipe: Recipe) -> Path:
@@ -164,4 +169,7 @@ def resume(accelerator: Accelerator, checkpoint: Path, miner: Any) -> TrainerSta
         ) from err
     if miner is not None and hasattr(miner, "load_state") and saved.get("miner") is not None:
         miner.load_state(saved["miner"])
+    if accelerator.is_main_process:
+        # A run killed after its last checkpoint resumes straight to the end and writes none that would clean up.
+        _remove_unfinished(checkpoint.parent)
     return state

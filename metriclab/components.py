@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import platform
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -46,6 +47,23 @@ def build_objective(recipe: Recipe, num_classes: int) -> tuple[torch.nn.Module, 
         miner_args = {**_accepted(registry.miners.get(recipe.miner), {"seed": recipe.seed}), **recipe.miner_args}
         miner = registry.miners.create(recipe.miner, **miner_args)
     return loss_fn, miner
+
+
+def objective(loss_fn: torch.nn.Module, miner: Any) -> Callable[..., torch.Tensor]:
+    """``(embeddings, labels, ref_emb, ref_labels) -> loss``: mine, then the loss on what was mined.
+
+    Where the miner offers a fused computation for this loss (``miner.fuse(loss_fn)``, see
+    ``metriclab_plugins.miners``), that one: same value, fixed shapes, no waits for the device.
+    """
+    fused = miner.fuse(loss_fn) if hasattr(miner, "fuse") else None
+    if fused is not None:
+        return fused
+
+    def mine_then_loss(embeddings, labels, ref_emb=None, ref_labels=None):
+        indices = miner(embeddings, labels, ref_emb, ref_labels) if miner is not None else None
+        return loss_fn(embeddings, labels, indices, ref_emb, ref_labels)
+
+    return mine_then_loss
 
 
 def _accepted(factory: Any, context: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 
 from metriclab import registry
 from metriclab.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
-from metriclab.components import build_model, build_objective, describe_run, load_dataset
+from metriclab.components import build_model, build_objective, describe_run, load_dataset, objective
 from metriclab.distributed import gather_shards, gather_with_grad
 from metriclab.errors import MetricLabError
 from metriclab.model import embed
@@ -144,6 +144,7 @@ class _Trainer:
     def __init__(self, recipe, accelerator, reporter, run_dir, dataset, model, loss_fn, miner, optimizer, state):
         self.recipe, self.accelerator, self.reporter, self.run_dir = recipe, accelerator, reporter, run_dir
         self.model, self.loss_fn, self.miner, self.optimizer, self.state = model, loss_fn, miner, optimizer, state
+        self.objective = objective(loss_fn, miner)
         self.dataset = dataset
         device = accelerator.device
         self.train_images, self.train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -205,9 +206,11 @@ class _Trainer:
             checkpoint_due = bool(recipe.checkpoint_every) and state.step % recipe.checkpoint_every == 0
             checkpoint_due = checkpoint_due and not last_of_epoch  # the epoch end writes one anyway
             if state.step % recipe.log_every == 0 or last_of_epoch or state.step >= total:
+                # Copying the losses to the host waits for the device, so the lap covers the queued GPU work too.
+                losses = torch.stack(window).float().cpu()
                 lap = time.perf_counter() - clock
                 state.seconds += lap
-                self._log(window, samples / max(window_seconds + lap, 1e-9))
+                self._log(losses, samples / max(window_seconds + lap, 1e-9))
                 window, clock, window_seconds, samples = [], time.perf_counter(), 0.0, 0
                 self._sync_stop_request()
             else:
@@ -245,8 +248,7 @@ class _Trainer:
                 labels = self.train_labels[local]
             # A copy, so pml keeps the (i, i) pairs: image i through each tower is a real positive pair.
             ref_labels = labels.clone() if ref is not None else None
-            indices = self.miner(embeddings, labels, ref, ref_labels) if self.miner is not None else None
-            loss = self.loss_fn(embeddings, labels, indices, ref, ref_labels)
+            loss = self.objective(embeddings, labels, ref, ref_labels)
             if self.recipe.on_nonfinite == "skip" and self._nonfinite_anywhere(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 return loss
@@ -278,10 +280,9 @@ class _Trainer:
             f"Last good checkpoint (written before that step): {last or 'none'}"
         )
 
-    def _log(self, window: list[torch.Tensor], samples_per_s: float) -> None:
+    def _log(self, losses: torch.Tensor, samples_per_s: float) -> None:
         state = self.state
-        losses = torch.stack(window).float().cpu()
-        self._check_finite(losses, state.step - len(window) + 1)
+        self._check_finite(losses, state.step - len(losses) + 1)
         finite = torch.isfinite(losses)
         lr = self.optimizer.param_groups[0]["lr"]
         loss = losses[finite].mean().item() if finite.any() else float("nan")

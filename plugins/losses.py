@@ -20,6 +20,7 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction, TripletMarginLoss
+from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
@@ -66,12 +67,26 @@ class ContrastiveLoss(BaseMetricLossFunction):
         a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
         if len(a1) + len(a2) == 0:
             return self.zero_losses()
-        pos_sq, _ = self._pair_distances(embeddings[a1], ref_emb[p])
-        _, neg_d = self._pair_distances(embeddings[a2], ref_emb[n])
-        losses = torch.cat([pos_sq, torch.relu(self.margin - neg_d) ** 2])
         # pml reduces positive and negative pairs alike; one list of all pairs gives the paper's single mean.
-        pairs = (torch.cat([a1, a2]), torch.cat([p, n]))
-        return {"loss": {"losses": losses, "indices": pairs, "reduction_type": "pos_pair"}}
+        anchors, partners = torch.cat([a1, a2]), torch.cat([p, n])
+        positive = torch.arange(len(anchors), device=anchors.device) < len(a1)
+        losses = self.pair_losses(embeddings[anchors], ref_emb[partners], positive)
+        return {"loss": {"losses": losses, "indices": (anchors, partners), "reduction_type": "pos_pair"}}
+
+    def pair_losses(self, x: torch.Tensor, y: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Losses of the row-aligned pairs ``(x[i], y[i])``: d² where ``positive[i]``, else max(0, margin − d)²."""
+        squared, d = self._pair_distances(x, y)
+        return torch.where(positive, squared, torch.relu(self.margin - d) ** 2)
+
+    def reduces_to_mean(self) -> bool:
+        """Whether the loss is the plain mean of :meth:`pair_losses` (no other reducer, no regularizer).
+
+        Miners that draw a fixed number of pairs use this to compute mining and loss in one pass
+        (see ``RandomPairsMiner.fuse``).
+        """
+        cls = type(self)  # a subclass that changes forward() or compute_loss() computes something else
+        plain = cls.forward is BaseMetricLossFunction.forward and cls.compute_loss is ContrastiveLoss.compute_loss
+        return plain and type(self.reducer) is MeanReducer and self.embedding_regularizer is None
 
     def _pair_distances(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d², d)`` of row-aligned pairs, with finite gradients at ``d = 0``."""

@@ -11,6 +11,12 @@ same pairs. Own a ``torch.Generator`` seeded from a ``seed`` argument; never use
 A miner with such state may expose ``state() -> JSON-ready`` and ``load_state(state)``: the engine
 writes it into every checkpoint, so a resumed run draws what the uninterrupted run would have.
 
+A miner may also offer ``fuse(loss) -> objective | None``: one computation
+``objective(embeddings, labels, ref_emb, ref_labels) -> loss`` equal (up to float rounding) to
+``loss(embeddings, labels, miner(embeddings, labels, ref_emb, ref_labels), ref_emb, ref_labels)``.
+Index tuples have data-dependent sizes, so on a GPU every mined step waits for the device several
+times; a fused objective of fixed shapes does not. The engine uses it whenever it is offered.
+
 Every miner class of ``pytorch_metric_learning.miners`` is also registered as ``pml.<ClassName>``.
 """
 
@@ -18,11 +24,15 @@ from __future__ import annotations
 
 import base64
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.miners import BaseMiner, BatchHardMiner
+from pytorch_metric_learning.reducers import AvgNonZeroReducer
+from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from metriclab.errors import MetricLabError
@@ -65,7 +75,17 @@ class RandomPairsMiner(BaseMiner):
 
     def mine(self, embeddings, labels, ref_emb, ref_labels) -> tuple[torch.Tensor, ...]:
         """Pair indices ``(a1, p, a2, n)`` into ``embeddings`` (anchors) and ``ref_emb`` (partners)."""
-        device, num_ref = embeddings.device, len(ref_labels)
+        anchors, partners, positive, keep = self.draw(labels, ref_labels)
+        pos, neg = keep & positive, keep & ~positive
+        return anchors[pos], partners[pos], anchors[neg], partners[neg]
+
+    def draw(self, labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(anchors, partners, positive, keep)``, each of ``pairs_per_sample x len(labels)`` entries.
+
+        A fixed number of draws, so nothing here waits for the device. ``keep`` is False where the
+        anchor has no partner of the drawn kind (its ``partners`` entry is then a valid but unused index).
+        """
+        device, num_ref = labels.device, len(ref_labels)
         rng = self._rng(device)
         anchors = torch.arange(len(labels), device=device).repeat_interleave(self.pairs_per_sample)
         # Fixed-size draws, whatever the labels, keep every process's generator in step.
@@ -79,10 +99,8 @@ class RandomPairsMiner(BaseMiner):
         count = torch.searchsorted(sorted_labels, labels[anchors], right=True) - start
         same_set = ref_labels is labels  # then the anchor is in its own block and is no partner
         num_pos, num_neg = count - int(same_set), num_ref - count
-        is_pos = (want_pos & (num_pos > 0)) | (num_neg == 0)
-        keep = torch.where(is_pos, num_pos > 0, num_neg > 0)
-        anchors, is_pos, u, start, count = anchors[keep], is_pos[keep], u[keep], start[keep], count[keep]
-        num_pos, num_neg = num_pos[keep], num_neg[keep]
+        positive = (want_pos & (num_pos > 0)) | (num_neg == 0)
+        keep = torch.where(positive, num_pos > 0, num_neg > 0)
 
         pick_pos = torch.minimum((u * num_pos).long(), num_pos - 1)
         if same_set:
@@ -91,8 +109,29 @@ class RandomPairsMiner(BaseMiner):
             pick_pos += (start + pick_pos >= rank[anchors]).long()  # skip the anchor itself
         pick_neg = torch.minimum((u * num_neg).long(), num_neg - 1)
         pick_neg += count * (pick_neg >= start)  # skip the anchor's block
-        partners = order[torch.where(is_pos, start + pick_pos, pick_neg)]
-        return anchors[is_pos], partners[is_pos], anchors[~is_pos], partners[~is_pos]
+        partners = order[torch.where(positive, start + pick_pos, pick_neg).clamp(0, num_ref - 1)]
+        return anchors, partners, positive, keep
+
+    def fuse(self, loss: Any) -> Callable | None:
+        """``loss`` of this miner's pairs as one computation with no host sync, or None if ``loss`` can't.
+
+        Offered to losses with ``pair_losses(x, y, positive)`` whose value is their mean
+        (``reduces_to_mean()``, e.g. metriclab's ``contrastive``). Equal, up to float rounding, to
+        ``loss(embeddings, labels, self(embeddings, labels))``, with the same random draws.
+        """
+        if _changed(self, RandomPairsMiner) or not (
+            hasattr(loss, "pair_losses") and getattr(loss, "reduces_to_mean", lambda: False)()
+        ):
+            return None
+
+        def objective(embeddings, labels, ref_emb=None, ref_labels=None):
+            ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+            with torch.no_grad():
+                anchors, partners, positive, keep = self.draw(labels, ref_labels)
+            losses = loss.pair_losses(embeddings[anchors], ref_emb[partners], positive)
+            return torch.where(keep, losses, 0).sum() / keep.sum().clamp_min(1)
+
+        return objective
 
     def state(self) -> dict[str, str] | None:
         """JSON-ready generator state for checkpoints (None before the first draw)."""
@@ -181,16 +220,61 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
     def _exact(self, mat: torch.Tensor, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The candidates that pass pml's own margin test, computed exactly as pml computes it."""
         ap_dist, an_dist = mat[a, p], mat[a, n]
-        triplet_margin = ap_dist - an_dist if self.distance.is_inverted else an_dist - ap_dist
-        if self.type_of_triplets == "easy":
-            keep = triplet_margin > self.margin
-        else:
-            keep = triplet_margin <= self.margin
-            if self.type_of_triplets == "hard":
-                keep &= triplet_margin <= 0
-            elif self.type_of_triplets == "semihard":
-                keep &= triplet_margin > 0
+        keep = self._passes(ap_dist - an_dist if self.distance.is_inverted else an_dist - ap_dist)
         return a[keep], p[keep], n[keep]
+
+    def _passes(self, triplet_margin: torch.Tensor) -> torch.Tensor:
+        """pml's test of ``type_of_triplets`` on triplet margins (how much farther the negative is)."""
+        if self.type_of_triplets == "easy":
+            return triplet_margin > self.margin
+        keep = triplet_margin <= self.margin
+        if self.type_of_triplets == "hard":
+            keep &= triplet_margin <= 0
+        elif self.type_of_triplets == "semihard":
+            keep &= triplet_margin > 0
+        return keep
+
+    def fuse(self, loss: Any) -> Callable | None:
+        """pml's ``TripletMarginLoss`` of this miner's triplets with no host sync on a GPU, or None.
+
+        On a CUDA device, for batches with ``B x R x R <= DENSE_LIMIT``, every (anchor, positive,
+        negative) of the batch is scored at once (:meth:`dense_loss`): a few large kernels instead
+        of ~100 small ones and ~16 waits for the device per step. Elsewhere (a CPU, where the
+        sorted search is faster; larger batches) it mines then calls the loss, as without fusion.
+        Offered for the loss as the recipes use it: plain ``TripletMarginLoss`` (no swap, no
+        smooth loss, all triplets per anchor, ``AvgNonZeroReducer``, no regularizer) with the
+        miner's distance.
+        """
+        if _changed(self, TripletMarginMiner) or not (
+            _plain_triplet_loss(loss) and _same_distance(loss.distance, self.distance)
+        ):
+            return None
+
+        def objective(embeddings, labels, ref_emb=None, ref_labels=None):
+            refs = len(embeddings) if ref_emb is None else len(ref_emb)
+            if embeddings.is_cuda and len(embeddings) * refs * refs <= DENSE_LIMIT:
+                return self.dense_loss(loss, embeddings, labels, ref_emb, ref_labels)
+            return loss(embeddings, labels, self(embeddings, labels, ref_emb, ref_labels), ref_emb, ref_labels)
+
+        return objective
+
+    def dense_loss(self, loss: Any, embeddings, labels, ref_emb=None, ref_labels=None) -> torch.Tensor:
+        """``loss`` over the triplets this miner keeps, scored as one (B, R, R) array.
+
+        Same triplets, same per-triplet values and the same mean over the non-zero ones as
+        ``loss(embeddings, labels, self(embeddings, labels, ref_emb, ref_labels), ref_emb, ref_labels)``;
+        only the order of summation differs. Memory: a few B x R x R arrays (64 MiB each at B = R = 256).
+        """
+        ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+        mat = loss.distance(embeddings, ref_emb)
+        matches, diffs = (m.bool() for m in lmu.get_matches_and_diffs(labels, ref_labels))
+        ap, an = mat.unsqueeze(2), mat.unsqueeze(1)  # [a, p, .] and [a, ., n]
+        with torch.no_grad():
+            margins = ap - an if self.distance.is_inverted else an - ap
+            mined = matches.unsqueeze(2) & diffs.unsqueeze(1) & self._passes(margins)
+        losses = torch.relu(loss.distance.margin(ap, an) + loss.margin)
+        kept = mined & (losses > 0)  # AvgNonZeroReducer: the mean of the positive losses
+        return torch.where(kept, losses, 0).sum() / kept.sum().clamp_min(1)
 
     def _set_stats_closed_form(self, mat: torch.Tensor, matches: torch.Tensor, diffs: torch.Tensor) -> None:
         """pml's stats (means over every triplet of the batch), from pair sums instead of the triplets."""
@@ -201,6 +285,39 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
         ap = (mat * matches * per_anchor_neg).sum() / triplets
         an = (mat * diffs * per_anchor_pos).sum() / triplets
         self.set_stats(ap.reshape(1), an.reshape(1), (ap - an if self.distance.is_inverted else an - ap).reshape(1))
+
+
+# Largest B x R x R (anchors x references^2) that TripletMarginMiner.fuse scores densely: 512^3.
+DENSE_LIMIT = 2**27
+
+
+def _changed(miner: BaseMiner, cls: type) -> bool:
+    """Whether ``miner`` is a subclass of ``cls`` that mines differently (its fusion would bypass that)."""
+    kind = type(miner)
+    return kind.forward is not BaseMiner.forward or any(
+        getattr(kind, name) is not getattr(cls, name) for name in ("mine", "draw", "_passes") if hasattr(cls, name)
+    )
+
+
+def _plain_triplet_loss(loss: Any) -> bool:
+    """Whether ``loss`` is pml's TripletMarginLoss as the recipes use it (what ``dense_loss`` computes)."""
+    reducer = getattr(loss, "reducer", None)
+    return (
+        type(loss) is pml_losses.TripletMarginLoss
+        and not loss.swap
+        and not loss.smooth_loss
+        and loss.triplets_per_anchor == "all"
+        and type(reducer) is AvgNonZeroReducer
+        and reducer.low == 0
+        and reducer.high is None
+        and loss.embedding_regularizer is None
+    )
+
+
+def _same_distance(a: Any, b: Any) -> bool:
+    """Whether two pml distances compute the same matrix."""
+    fields = ("normalize_embeddings", "p", "power", "is_inverted")
+    return type(a) is type(b) and all(getattr(a, f, None) == getattr(b, f, None) for f in fields)
 
 
 register_miner("triplet-margin", TripletMarginMiner)

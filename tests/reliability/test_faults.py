@@ -196,3 +196,19 @@ def test_plugin_file_is_loaded_once_per_process():
     assert "faulty-contrastive" in registry.losses
     with pytest.raises(MetricLabError, match="already registered"):
         registry.losses.register("faulty-contrastive", lambda: None)
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_end_and_tidies_up(tmp_path):
+    from metriclab.engine import train
+    from tests.conftest import tiny_recipe
+
+    out = tmp_path / "run"
+    train(tiny_recipe(out, epochs=1))
+    # What a kill between the last checkpoint and the final weights leaves, plus an unfinished checkpoint.
+    (out / "model.safetensors").unlink()
+    last = Run.latest_checkpoint_in(out)
+    shutil.copytree(last, out / "checkpoints" / ".tmp-step_99999999")
+    train(tiny_recipe(out, epochs=1, resume=str(out)))
+    assert (out / "model.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert Run.latest_checkpoint_in(out) == last
