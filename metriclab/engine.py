@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from metriclab import registry
 from metriclab.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
@@ -145,6 +145,16 @@ class _Trainer:
         self.recipe, self.accelerator, self.reporter, self.run_dir = recipe, accelerator, reporter, run_dir
         self.model, self.loss_fn, self.miner, self.optimizer, self.state = model, loss_fn, miner, optimizer, state
         self.objective = objective(loss_fn, miner)
+        # accelerate's optimizer wrapper looks for an optional package on disk twice per step before stepping:
+        # step + zero_grad took 0.28 ms through it vs 0.13 ms direct on this project's CPU (tiny MLP, interleaved).
+        # With nothing else for it to do (no fp16 loss scaling, no gradient accumulation, no XLA) the torch
+        # optimizer inside steps directly: the same update, and host time bounds small networks' steps on GPUs.
+        plain = (
+            optimizer.scaler is None
+            and accelerator.gradient_accumulation_steps == 1
+            and accelerator.distributed_type != DistributedType.XLA
+        )
+        self.stepper = optimizer.optimizer if plain else optimizer
         self.dataset = dataset
         device = accelerator.device
         self.train_images, self.train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -253,8 +263,8 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return loss
             acc.backward(loss)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.stepper.step()
+            self.stepper.zero_grad(set_to_none=True)
         return loss
 
     def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:

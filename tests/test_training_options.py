@@ -112,3 +112,22 @@ def test_every_checkpoint_records_the_training_seconds_up_to_its_step(tmp_path):
     assert [s["step"] for s in states] == [*range(2, 22, 2), 22]
     assert all(a < b for a, b in itertools.pairwise(seconds)), seconds  # each later checkpoint trained longer
     assert seconds[-1] == pytest.approx(run.metrics["final"]["train_seconds"], abs=1e-3)
+
+
+@pytest.mark.parametrize("steps, updated", [(1, False), (2, True)])
+def test_gradient_accumulation_updates_the_weights_every_nth_step(tmp_path, steps, updated):
+    import torch
+    from accelerate.utils import set_seed
+
+    from metriclab.components import build_model, load_dataset
+    from metriclab.engine import train
+    from metriclab.model import load_weights
+
+    recipe = tiny_recipe(tmp_path / "run", gradient_accumulation_steps=2, epochs=1, max_steps=steps, embed_train=False)
+    run = train(recipe)
+    set_seed(recipe.seed)  # the engine's order: seed, dataset, network
+    dataset = load_dataset(recipe)
+    initial, trained = build_model(recipe, dataset.input_shape), build_model(recipe, dataset.input_shape)
+    load_weights(trained, run / "model.safetensors")
+    weights = [(a, b) for a, b in zip(initial.towers.parameters(), trained.towers.parameters(), strict=True)]
+    assert any(not torch.equal(a, b) for a, b in weights) == updated
