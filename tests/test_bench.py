@@ -66,6 +66,21 @@ def test_quick_suite_writes_every_section(bench, tmp_path):
     assert compare.count("| `project` |") == 3 and "skipped in --quick" in compare
 
 
+def test_quick_gpu_benchmark_runs_without_a_gpu(bench, tmp_path):
+    # CI has no GPU: --quick runs the GPU benchmark's workers on the CPU, so the code that only a lent GPU
+    # machine runs in full is still exercised (profile with sync counting, engine runs, pml on a device).
+    output = tmp_path / "BENCHMARKS.md"
+    assert bench.main(["--quick", "--only", "gpu", "--output", str(output)]) == 0
+    gpu = _section(output.read_text(), "gpu")
+    assert "Failed" not in gpu, gpu
+    rows = [line for line in gpu.splitlines() if re.match(r"\| (mlp|convnet) \| no \| off \|", line)]
+    assert len(rows) == 2, gpu
+    assert all(0 <= float(row.split("|")[10]) <= 1 for row in rows)  # precision@1
+    profiled = [line for line in gpu.splitlines() if re.match(r"\| (mlp|convnet) \| [\d.]+ \|", line)]
+    assert len(profiled) == 2, gpu
+    assert "documented loop on the same GPU" in gpu
+
+
 def test_rerunning_one_benchmark_keeps_the_others(bench):
     before = bench._merge("", "# Benchmarks\n", {"eval": "old eval\n", "distributed": "old distributed\n"})
     before = before.replace("# Benchmarks\n", "# Benchmarks\n<!-- notes -->\nprofile\n<!-- /notes -->\n")
