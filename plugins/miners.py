@@ -258,7 +258,14 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
 
         return objective
 
-    def dense_loss(self, loss: Any, embeddings, labels, ref_emb=None, ref_labels=None) -> torch.Tensor:
+    def dense_loss(
+        self,
+        loss: Any,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``loss`` over the triplets this miner keeps, scored as one (B, R, R) array.
 
         Same triplets, same per-triplet values and the same mean over the non-zero ones as
