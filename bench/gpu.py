@@ -281,13 +281,12 @@ def _worker(*args: str) -> list[str]:
     return ["python", "bench/gpu.py", "worker", *args]
 
 
-def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
-    """Run the benchmark (needs a CUDA GPU unless ``quick``); return its Markdown section and raw results."""
+def run(quick: bool = False, log=print) -> tuple[str | None, dict[str, Any]]:
+    """Run the benchmark; return its Markdown section (None without a CUDA GPU, unless ``quick``) and raw results."""
     import torch
 
     if not torch.cuda.is_available() and not quick:
-        text = "## gpu: training on one GPU\n\nNot measured: this machine has no CUDA GPU.\n"
-        return text, {}
+        return None, {}  # nothing measured: the section already in BENCHMARKS.md stays
     results: dict[str, Any] = {"train": [], "profile": [], "command": []}
     journal = WORK / "gpu-results.jsonl"  # every result as it comes, so a cut-off run keeps what it measured
 

@@ -81,6 +81,17 @@ def test_quick_gpu_benchmark_runs_without_a_gpu(bench, tmp_path):
     assert "documented loop on the same GPU" in gpu
 
 
+def test_the_full_gpu_benchmark_on_a_cpu_keeps_the_measured_section(bench, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU this would run the full benchmark")
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text("# Benchmarks\n\n<!-- bench:gpu -->\nmeasured on a GPU\n<!-- /bench:gpu -->\n")
+    assert bench.main(["--only", "gpu", "--output", str(output)]) == 0
+    assert _section(output.read_text(), "gpu") == "measured on a GPU\n"
+
+
 def test_rerunning_one_benchmark_keeps_the_others(bench):
     before = bench._merge("", "# Benchmarks\n", {"eval": "old eval\n", "distributed": "old distributed\n"})
     before = before.replace("# Benchmarks\n", "# Benchmarks\n<!-- notes -->\nprofile\n<!-- /notes -->\n")
