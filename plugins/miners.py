@@ -125,6 +125,7 @@ class RandomPairsMiner(BaseMiner):
             return None
 
         def objective(embeddings, labels, ref_emb=None, ref_labels=None):
+            labels = c_f.to_device(labels, embeddings)  # as BaseMiner.forward does: draws on the embeddings' device
             ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
             with torch.no_grad():
                 anchors, partners, positive, keep = self.draw(labels, ref_labels)
@@ -272,6 +273,7 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
         ``loss(embeddings, labels, self(embeddings, labels, ref_emb, ref_labels), ref_emb, ref_labels)``;
         only the order of summation differs. Memory: a few B x R x R arrays (64 MiB each at B = R = 256).
         """
+        labels = c_f.to_device(labels, embeddings)
         ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
         mat = loss.distance(embeddings, ref_emb)
         matches, diffs = (m.bool() for m in lmu.get_matches_and_diffs(labels, ref_labels))
