@@ -5,7 +5,8 @@ global batch there, embeds it, gathers the global batch from all processes (so m
 and the loss see what one process with the whole batch would), and steps. The host is
 consulted only every ``log_every`` steps (loss, speed, non-finite check) and at epoch ends.
 Checkpoints (what one holds, how it is written, how a run resumes) are :mod:`metriclab.checkpoints`;
-the dataset, network, loss and miner are built by :mod:`metriclab.components`.
+the dataset, network, loss and miner, and the objective that joins the last two (fused where the miner
+offers it), are built by :mod:`metriclab.components`.
 """
 
 from __future__ import annotations
