@@ -126,6 +126,7 @@ def train(model: str, precision: str, compile: bool, epochs: int, max_steps: int
     seconds = [e["train_seconds"] for e in metrics["epochs"]]
     epoch_s = [b - a for a, b in zip([0.0, *seconds], seconds, strict=False)]
     n = config["dataset"]["train_size"]
+    steps = -(-n // recipe.batch_size)
     steady = epoch_s[-1]
     shutil.rmtree(out.parent, ignore_errors=True)
     return {
@@ -133,12 +134,12 @@ def train(model: str, precision: str, compile: bool, epochs: int, max_steps: int
         "precision": precision,
         "compile": compile,
         "batch_size": recipe.batch_size,
-        "steps_per_epoch": -(-n // recipe.batch_size),
+        "steps_per_epoch": steps,
         "train_size": n,
         "epoch_s": epoch_s,
         "steady_epoch_s": steady,
         "samples_per_s": n / steady if max_steps is None else None,
-        "ms_per_step": 1000 * steady / -(-n // recipe.batch_size),
+        "ms_per_step": 1000 * steady / steps,
         "wall_s": wall,
         "precision@1": metrics["final"]["test_loo"]["precision@1"],
         "map@r": metrics["final"]["test_loo"]["map@r"],
