@@ -6,11 +6,13 @@ process (``python bench/gpu.py worker MODE ...``):
 - ``ceilings``: what the card does at best: an 8192^3 matrix product in bf16, tf32 and strict fp32, and a
   1 GiB device-to-device copy (CUDA events, median of 10 after 3 warm-ups, random data).
 - ``train``: ``metriclab.engine.train`` for 2 epochs of Fashion-MNIST (data resident on the GPU, as the
-  engine always does), with ``--mixed-precision no|bf16`` and ``--compile`` on/off. Epoch 1 holds the
-  warm-up (and compilation); epoch 2 is the steady state. Achieved TFLOP/s = FLOPs per training sample
-  (``torch.utils.flop_counter`` on one forward + backward of the network) x samples/s.
-- ``profile``: 20 steady steps under ``torch.profiler`` (GPU kernel time and launches per step) and under
-  ``torch.cuda.set_sync_debug_mode("warn")`` (every host synchronisation, with the line that asked for it).
+  engine always does), with CUDA graphs on (the default) and off, ``--mixed-precision bf16``, and
+  ``--compile`` (which runs eagerly). Epoch 1 holds the warm-up, capture and compilation; epoch 2 is the
+  steady state. Achieved TFLOP/s = FLOPs per training sample (``torch.utils.flop_counter`` on one forward +
+  backward of the network) x samples/s.
+- ``profile``: 20 steady steps (as trained by default) under ``torch.profiler`` (GPU kernel time and
+  launches per step) and under ``torch.cuda.set_sync_debug_mode("warn")`` (every host synchronisation,
+  with the line that asked for it).
 - ``pml``: pytorch-metric-learning's documented loop (``bench/train_vs_pml.py``) with the notebook's
   ``.to(device)``: the same model and recipe, fed by a ``DataLoader`` with per-sample transforms.
 - ``command``: the wall time of the user's command, ``python recipes/... --epochs 1``, start to exit.
@@ -108,18 +110,35 @@ def flops_per_sample(model: str) -> float:
     return counter.get_total_flops() / recipe.batch_size
 
 
-def train(model: str, precision: str, compile: bool, epochs: int, max_steps: int | None) -> dict[str, Any]:
+def train(
+    model: str, precision: str, compile: bool, epochs: int, max_steps: int | None, graphs: bool = True
+) -> dict[str, Any]:
     """Train ``model`` through the engine; per-epoch training seconds, quality and GPU memory."""
     import torch
 
-    from metriclab.engine import train as engine_train
+    import metriclab.engine as engine
+
+    graphs_made = []
+
+    class Recorded(engine.StepGraph):  # to report whether steps were in fact replayed from a graph
+        def __init__(self, *args):
+            super().__init__(*args)
+            graphs_made.append(self)
+
+    engine.StepGraph = Recorded
 
     out = Path(tempfile.mkdtemp(prefix="metriclab-gpu-")) / "run"
     recipe = _recipe(
-        model, epochs=epochs, mixed_precision=precision, compile=compile, output_dir=str(out), max_steps=max_steps
+        model,
+        epochs=epochs,
+        mixed_precision=precision,
+        compile=compile,
+        output_dir=str(out),
+        max_steps=max_steps,
+        cuda_graphs=graphs,
     )
     start = time.perf_counter()
-    run_dir = engine_train(recipe)
+    run_dir = engine.train(recipe)
     wall = time.perf_counter() - start
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -133,6 +152,8 @@ def train(model: str, precision: str, compile: bool, epochs: int, max_steps: int
         "model": model,
         "precision": precision,
         "compile": compile,
+        "cuda_graphs": graphs,
+        "replayed": any(g.graph is not None for g in graphs_made),
         "batch_size": recipe.batch_size,
         "steps_per_epoch": steps,
         "train_size": n,
@@ -163,7 +184,7 @@ def profile(model: str, skip: int = 30, active: int = 20) -> dict[str, Any]:
     prof = torch.profiler.profile(
         activities=activities, schedule=torch.profiler.schedule(wait=skip - 3, warmup=3, active=active, repeat=1)
     )
-    original = engine._Trainer._step
+    original = engine._Trainer._train_step  # the whole step as the loop calls it, replayed or eager
     count, syncs, wall = [0], Counter(), []
 
     def step(self, batch):
@@ -193,7 +214,7 @@ def profile(model: str, skip: int = 30, active: int = 20) -> dict[str, Any]:
         prof.step()
         return out
 
-    engine._Trainer._step = step
+    engine._Trainer._train_step = step
     out = Path(tempfile.mkdtemp(prefix="metriclab-gpu-")) / "run"
     recipe = _recipe(model, epochs=1, max_steps=skip + active + 1, output_dir=str(out), embed_train=False)
     with prof:
@@ -258,6 +279,7 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", choices=list(MODELS), default="convnet")
     parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-graphs", action="store_true", help="train: cuda_graphs=False")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="--quick only")
     parser.add_argument("--skip", type=int, default=30, help="profile: steps before the profiled ones")
@@ -265,7 +287,7 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
     if args.mode == "ceilings":
         return ceilings()
     if args.mode == "train":
-        return train(args.model, args.precision, args.compile, args.epochs, args.max_steps)
+        return train(args.model, args.precision, args.compile, args.epochs, args.max_steps, not args.no_graphs)
     if args.mode == "profile":
         return profile(args.model, skip=args.skip)
     if args.mode == "command":
@@ -309,17 +331,22 @@ def run(quick: bool = False, log=print) -> tuple[str | None, dict[str, Any]]:
     for model in MODELS:
         profiled = measure("profile", "profile", "--model", model, *(["--skip", "3"] if quick else []))
         results["profile"] += [profiled] if profiled else []
-    configs = [(p, c) for c in (False, True) for p in ("no", "bf16")]
-    for compile_, precision in [(c, p) for p, c in configs] if not quick else [(False, "no")]:
+    configs = [[], ["--no-graphs"], ["--precision", "bf16"], ["--compile"]]  # fp32 with CUDA graphs first
+    for config in configs if not quick else configs[:1]:
         for model in MODELS:
-            args = ["train", "--model", model, "--precision", precision, *(["--compile"] if compile_ else []), *tiny]
-            trained = measure("train", *args)
+            trained = measure("train", "train", "--model", model, *config, *tiny)
             results["train"] += [trained] if trained else []
-        if not compile_ and precision == "no":  # baselines after the first configuration, before compiling
+        if not config:  # baselines after the first configuration, before compiling
             results["pml"] = measure("pml", "pml", *(["--max-steps", "3"] if quick else []))
             if not quick:
                 results["command"] += [c for c in (measure("command", "command", "--model", m) for m in MODELS) if c]
     return _section(results), results
+
+
+def _graphs(r: dict[str, Any]) -> str:
+    if not r.get("cuda_graphs", False):
+        return "off"
+    return "replayed" if r["replayed"] else "not captured"
 
 
 def _section(results: dict[str, Any]) -> str:
@@ -336,21 +363,22 @@ def _section(results: dict[str, Any]) -> str:
         "`metriclab.engine.train`, 2 epochs of Fashion-MNIST (60k train; data resident on the GPU). "
         "*mlp* = `recipes/mnist_siamese.py --dataset fashion-mnist` (784-1024-1024-2, contrastive, random pairs, "
         "batch 128); *convnet* = `recipes/fashion_mnist_triplet.py` (triplet, semi-hard miner, batch 256). "
-        "Epoch 1 includes warm-up and compilation; epoch 2 is the steady state that samples/s and ms/step "
-        "describe. Achieved TFLOP/s = network FLOPs per sample (forward + backward, counted by "
+        "Epoch 1 includes warm-up, graph capture and compilation; epoch 2 is the steady state that samples/s and "
+        "ms/step describe. Achieved TFLOP/s = network FLOPs per sample (forward + backward, counted by "
         "`torch.utils.flop_counter`) x samples/s; % of peak against the measured bf16 ceiling for bf16 runs and "
         "the strict-fp32 one otherwise (the engine leaves torch's default: no tf32 for matrix products).",
         "",
-        "| model | precision | compile | epoch 1 s | epoch 2 s | samples/s | ms/step | achieved TFLOP/s | % of peak "
-        "| precision@1 | MAP@R | peak GPU MiB | run wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | precision | CUDA graphs | compile | epoch 1 s | epoch 2 s | samples/s | ms/step "
+        "| achieved TFLOP/s | % of peak | precision@1 | MAP@R | peak GPU MiB | run wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["train"]:
         achieved = r["flops_per_sample"] * (r["samples_per_s"] or 0) / 1e12
         ceiling = peak and peak["bf16_tflops" if r["precision"] == "bf16" else "fp32_tflops"]
         share = f"{achieved / ceiling:.2%}" if ceiling else "-"
         lines.append(
-            f"| {r['model']} | {r['precision']} | {'on' if r['compile'] else 'off'} | {fmt(r['epoch_s'][0], 2)} "
+            f"| {r['model']} | {r['precision']} | {_graphs(r)} | {'on' if r['compile'] else 'off'} "
+            f"| {fmt(r['epoch_s'][0], 2)} "
             f"| {fmt(r['steady_epoch_s'], 2)} | {fmt(r['samples_per_s'] or float('nan'), 0)} "
             f"| {fmt(r['ms_per_step'], 2)} "
             f"| {achieved:.2f} | {share} | {r['precision@1']:.4f} | {r['map@r']:.4f} "
@@ -374,8 +402,9 @@ def _section(results: dict[str, Any]) -> str:
         lines += ["", f"Failed (see the log): {', '.join(results['failed'])}."]
     lines += [
         "",
-        "Profile of 20 steady steps (fp32, no compile): GPU busy = summed kernel time; syncs = host "
-        "synchronisations reported by `torch.cuda.set_sync_debug_mode('warn')`, with the line asking for them.",
+        "Profile of 20 steady steps (fp32, CUDA graphs as by default, no compile): GPU busy = summed kernel time; "
+        "syncs = host synchronisations reported by `torch.cuda.set_sync_debug_mode('warn')`, with the line "
+        "asking for them.",
         "",
         "| model | wall ms/step (profiled) | GPU busy ms/step | kernels/step | syncs/step | where the syncs are |",
         "|---|---|---|---|---|---|",

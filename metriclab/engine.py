@@ -6,7 +6,8 @@ and the loss see what one process with the whole batch would), and steps. The ho
 consulted only every ``log_every`` steps (loss, speed, non-finite check) and at epoch ends.
 Checkpoints (what one holds, how it is written, how a run resumes) are :mod:`metriclab.checkpoints`;
 the dataset, network, loss and miner, and the objective that joins the last two (fused where the miner
-offers it), are built by :mod:`metriclab.components`.
+offers it), are built by :mod:`metriclab.components`. On a GPU, steps that can be are replayed from a
+CUDA graph (:mod:`metriclab.graphs`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from metriclab.checkpoints import TrainerState, checkpoint_dir, resume, run_dire
 from metriclab.components import build_model, build_objective, describe_run, load_dataset, objective
 from metriclab.distributed import gather_shards, gather_with_grad
 from metriclab.errors import MetricLabError
+from metriclab.graphs import StepGraph, why_not_captured
 from metriclab.model import embed
 from metriclab.progress import Reporter
 from metriclab.recipe import Recipe
@@ -156,6 +158,19 @@ class _Trainer:
             and accelerator.distributed_type != DistributedType.XLA
         )
         self.stepper = optimizer.optimizer if plain else optimizer
+        self.graph_blocker = (
+            "off in the recipe"
+            if not recipe.cuda_graphs
+            else why_not_captured(
+                accelerator.device,
+                accelerator.num_processes,
+                self.stepper,
+                self.objective,
+                compiled=recipe.compile,
+                skip_nonfinite=recipe.on_nonfinite == "skip",
+            )
+        )
+        self.graph = StepGraph(self._step, self.stepper, self.objective) if self.graph_blocker is None else None
         self.dataset = dataset
         device = accelerator.device
         self.train_images, self.train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -208,11 +223,11 @@ class _Trainer:
             if state.step >= total:
                 return False
             batch = order[state.position : state.position + self.global_batch]
-            loss = self._step(batch)
+            loss = self._train_step(batch)
             state.step += 1
             state.position += batch.numel()
             samples += batch.numel()
-            window.append(loss.detach())
+            window.append(loss)
             last_of_epoch = state.position >= n
             checkpoint_due = bool(recipe.checkpoint_every) and state.step % recipe.checkpoint_every == 0
             checkpoint_due = checkpoint_due and not last_of_epoch  # the epoch end writes one anyway
@@ -243,6 +258,14 @@ class _Trainer:
                 return last_of_epoch
         return True
 
+    def _train_step(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._step(batch)
+        loss = self.graph(batch)
+        if self.graph.captured_at_call == self.graph.calls:
+            self.reporter.notice(f"Training steps now replay a CUDA graph (captured at step {self.state.step + 1})")
+        return loss
+
     def _step(self, batch: torch.Tensor) -> torch.Tensor:
         acc = self.accelerator
         local = shard(batch, acc.process_index, acc.num_processes)
@@ -262,11 +285,11 @@ class _Trainer:
             loss = self.objective(embeddings, labels, ref, ref_labels)
             if self.recipe.on_nonfinite == "skip" and self._nonfinite_anywhere(loss):
                 self.stepper.zero_grad(set_to_none=True)
-                return loss
+                return loss.detach()
             acc.backward(loss)
             self.stepper.step()
             self.stepper.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()  # the step's autograd graph is freed now, not when the next loss replaces this one
 
     def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
         """Whether the loss is NaN/inf on any process, so all skip the step together (DDP needs that)."""

@@ -62,6 +62,7 @@ class Recipe:
     mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1
     compile: bool = False
+    cuda_graphs: bool = True  # on a GPU, replay steady training steps from a CUDA graph where possible
     on_nonfinite: str = "stop"
     # outputs
     output_dir: str | None = None

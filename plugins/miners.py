@@ -16,6 +16,9 @@ A miner may also offer ``fuse(loss) -> objective | None``: one computation
 ``loss(embeddings, labels, miner(embeddings, labels, ref_emb, ref_labels), ref_emb, ref_labels)``.
 Index tuples have data-dependent sizes, so on a GPU every mined step waits for the device several
 times; a fused objective of fixed shapes does not. The engine uses it whenever it is offered.
+A fused objective that does the same device work on every call (given the batch size) may declare it
+with an attribute ``graph_generators() -> [torch.Generator, ...]``, the generators it draws from:
+then the engine may capture whole training steps as a CUDA graph (:mod:`metriclab.graphs`).
 
 Every miner class of ``pytorch_metric_learning.miners`` is also registered as ``pml.<ClassName>``.
 """
@@ -132,6 +135,7 @@ class RandomPairsMiner(BaseMiner):
             losses = loss.pair_losses(embeddings[anchors], ref_emb[partners], positive)
             return torch.where(keep, losses, 0).sum() / keep.sum().clamp_min(1)
 
+        objective.graph_generators = lambda: [self._generator] if self._generator is not None else []
         return objective
 
     def state(self) -> dict[str, str] | None:
@@ -257,6 +261,8 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
                 return self.dense_loss(loss, embeddings, labels, ref_emb, ref_labels)
             return loss(embeddings, labels, self(embeddings, labels, ref_emb, ref_labels), ref_emb, ref_labels)
 
+        # Fixed shapes only on the dense path; a graph is not captured if the warm-up steps mined (and synced).
+        objective.graph_generators = list
         return objective
 
     def dense_loss(
