@@ -118,15 +118,6 @@ def train(
 
     import metriclab.engine as engine
 
-    graphs_made = []
-
-    class Recorded(engine.StepGraph):  # to report whether steps were in fact replayed from a graph
-        def __init__(self, *args):
-            super().__init__(*args)
-            graphs_made.append(self)
-
-    engine.StepGraph = Recorded
-
     out = Path(tempfile.mkdtemp(prefix="metriclab-gpu-")) / "run"
     recipe = _recipe(
         model,
@@ -153,7 +144,7 @@ def train(
         "precision": precision,
         "compile": compile,
         "cuda_graphs": graphs,
-        "replayed": any(g.graph is not None for g in graphs_made),
+        "replayed": metrics["final"]["cuda_graph"]["used"],
         "batch_size": recipe.batch_size,
         "steps_per_epoch": steps,
         "train_size": n,
@@ -268,6 +259,7 @@ def command(model: str) -> dict[str, Any]:
         "command": " ".join(args[1:2] + args[6:]),
         "wall_s": wall,
         "train_s": metrics["final"]["train_seconds"],
+        "cuda_graph": metrics["final"]["cuda_graph"],
     }
 
 
@@ -349,6 +341,14 @@ def _graphs(r: dict[str, Any]) -> str:
     return "replayed" if r["replayed"] else "not captured"
 
 
+def _graph_use(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "CUDA graph use not recorded"
+    if record["used"]:
+        return f"steps replayed from a CUDA graph from step {record['captured_at_step']}"
+    return f"eager steps: {record['reason']}"
+
+
 def _section(results: dict[str, Any]) -> str:
     lines = ["## gpu: training on one GPU", ""]
     peak = results.get("ceilings")
@@ -395,7 +395,8 @@ def _section(results: dict[str, Any]) -> str:
     if results.get("command"):
         lines += ["", "The user's command, start to exit (`CI=1`, so no progress bar):", ""]
         lines += [
-            f"- `python {c['command']} --epochs 1`: {fmt(c['wall_s'])} s wall, {fmt(c['train_s'], 2)} s of training"
+            f"- `python {c['command']} --epochs 1`: {fmt(c['wall_s'])} s wall, {fmt(c['train_s'], 2)} s of training "
+            f"({_graph_use(c.get('cuda_graph'))})"
             for c in results["command"]
         ]
     if results.get("failed"):

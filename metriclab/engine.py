@@ -158,24 +158,25 @@ class _Trainer:
             and accelerator.distributed_type != DistributedType.XLA
         )
         self.stepper = optimizer.optimizer if plain else optimizer
-        self.graph_blocker = (
-            "off in the recipe"
-            if not recipe.cuda_graphs
-            else why_not_captured(
-                accelerator.device,
-                accelerator.num_processes,
-                self.stepper,
-                self.objective,
-                compiled=recipe.compile,
-                skip_nonfinite=recipe.on_nonfinite == "skip",
-            )
+        self.global_batch = recipe.batch_size * accelerator.num_processes
+        # On a GPU, steady steps replay one CUDA graph wherever that gives the same training (metriclab.graphs).
+        self.graph_blocker = why_not_captured(
+            accelerator.device,
+            accelerator.num_processes,
+            self.stepper,
+            self.objective,
+            enabled=recipe.cuda_graphs,
+            compiled=recipe.compile,
+            skip_nonfinite=recipe.on_nonfinite == "skip",
         )
-        self.graph = StepGraph(self._step, self.stepper, self.objective) if self.graph_blocker is None else None
+        self.graph = None
+        if self.graph_blocker is None:
+            self.graph = StepGraph(self._step, self.stepper, self.objective, self.global_batch)
+        self.graph_step: int | None = None  # the step at which this process captured its graph
         self.dataset = dataset
         device = accelerator.device
         self.train_images, self.train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
         self.test_images, self.test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
-        self.global_batch = recipe.batch_size * accelerator.num_processes
         self.pseudo_siamese = not accelerator.unwrap_model(model).shares_weights
         self.interrupted, self.interrupted_at = False, 0.0  # set by the signal handler in this process
         self.signum = int(signal.SIGINT)  # what stopped the run; another process may have received it
@@ -263,8 +264,16 @@ class _Trainer:
             return self._step(batch)
         loss = self.graph(batch)
         if self.graph.captured_at_call == self.graph.calls:
-            self.reporter.notice(f"Training steps now replay a CUDA graph (captured at step {self.state.step + 1})")
+            self.graph_step = self.state.step + 1
+            self.reporter.notice(f"Training steps now replay a CUDA graph (captured at step {self.graph_step})")
         return loss
+
+    def _graph_record(self) -> dict[str, Any]:
+        """What metrics.json says about CUDA graphs: from which step steps were replayed, or why they were not."""
+        if self.graph_step is not None:
+            return {"used": True, "captured_at_step": self.graph_step}
+        refused = self.graph.refused if self.graph is not None else self.graph_blocker
+        return {"used": False, "reason": refused or "too few steps of one batch size to warm up and capture"}
 
     def _step(self, batch: torch.Tensor) -> torch.Tensor:
         acc = self.accelerator
@@ -449,6 +458,7 @@ class _Trainer:
                 "dataset": self.dataset.describe()["source"],
                 "train_seconds": round(self.state.seconds, 3),
                 "steps": self.state.step,
+                "cuda_graph": self._graph_record(),
             },
         )
         points = project(embeddings, method="pca") if embeddings.shape[1] > 2 else embeddings

@@ -38,10 +38,13 @@ def why_not_captured(
     stepper: Any,
     objective: Any,
     *,
-    compiled: bool,
-    skip_nonfinite: bool,
+    enabled: bool = True,
+    compiled: bool = False,
+    skip_nonfinite: bool = False,
 ) -> str | None:
     """Why training steps can't be CUDA graphs here, or None when :class:`StepGraph` may capture them."""
+    if not enabled:
+        return "off in the recipe"
     if device.type != "cuda":
         return "not on a CUDA device"
     if num_processes > 1:
@@ -63,13 +66,18 @@ class StepGraph:
     """``step(batch) -> loss``, replayed from a CUDA graph for batches of the steady size.
 
     ``step`` must leave every gradient ``None`` (it zeroes with ``set_to_none=True``), so the
-    captured backward writes gradients into the graph's own memory. The first call's batch
-    size is the steady one; ``WARMUP_STEPS`` calls of that size run eagerly first.
+    captured backward writes gradients into the graph's own memory. Batches of ``batch_size``
+    indices are captured, after ``WARMUP_STEPS`` eager ones; other sizes always run eagerly.
     """
 
-    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, objective: Any):
-        self.step, self.optimizer, self.objective = step, optimizer, objective
-        self.size: int | None = None
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        objective: Any,
+        batch_size: int,
+    ):
+        self.step, self.optimizer, self.objective, self.size = step, optimizer, objective, batch_size
         self.warm = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.refused: str | None = None  # set when a warm-up step showed the step can't be captured
@@ -81,8 +89,6 @@ class StepGraph:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """This step's loss (a new tensor: the graph's own output is overwritten by the next replay)."""
         self.calls += 1
-        if self.size is None:
-            self.size = batch.numel()
         if self.refused is not None or batch.numel() != self.size:
             return self.step(batch).detach()
         if self.graph is not None:
@@ -99,13 +105,14 @@ class StepGraph:
     def _warm_up(self, batch: torch.Tensor) -> torch.Tensor:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        mode = torch.cuda.get_sync_debug_mode()  # the user's own setting, restored after
         with warnings.catch_warnings(record=True) as caught, torch.cuda.stream(side):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 loss = self.step(batch)
             finally:
-                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(side)
         syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
         if syncs:

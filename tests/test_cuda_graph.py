@@ -14,7 +14,7 @@ from metriclab.components import objective
 from metriclab.data import Dataset
 from metriclab.graphs import StepGraph, why_not_captured
 from metriclab.registry import register_dataset
-from tests.conftest import tiny_recipe
+from tests.conftest import read_json, tiny_recipe
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,6 +36,7 @@ def seed_objective():
         ({"stepper": fused_adam(fused=False)}, "keeps its step count on the host"),
         ({"compiled": True}, "compiled"),
         ({"skip_nonfinite": True}, "on_nonfinite"),
+        ({"enabled": False}, "off in the recipe"),
         ({"objective": objective(registry.create("loss", "contrastive"), None)}, "does not declare fixed shapes"),
     ],
 )
@@ -69,6 +70,26 @@ def test_fused_objectives_name_the_generators_they_draw_from():
     assert fused.graph_generators() == [miner._generator]
     triplet = registry.create("miner", "semi-hard").fuse(registry.create("loss", "triplet"))
     assert triplet.graph_generators() == []
+
+
+def test_a_run_records_whether_its_steps_were_replayed_from_a_cuda_graph(tmp_path):
+    run = engine.train(tiny_recipe(tmp_path / "run", epochs=1))
+    assert read_json(run / "metrics.json")["final"]["cuda_graph"] == {"used": False, "reason": "not on a CUDA device"}
+
+
+def test_batches_of_another_size_and_refused_steps_run_eagerly_without_warming_up():
+    calls = []
+
+    def step(batch):
+        calls.append(len(batch))
+        return torch.tensor(float(len(batch)), requires_grad=True) * 2
+
+    graphed = StepGraph(step, fused_adam(), seed_objective(), batch_size=16)
+    loss = graphed(torch.arange(5))  # an epoch's short last batch (or a resumed run's first): eager, not a warm-up
+    assert loss.item() == 10 and not loss.requires_grad and calls == [5]
+    assert graphed.warm == 0 and graphed.graph is None
+    graphed.refused = "the step synchronises with the host"
+    assert graphed(torch.arange(16)).item() == 32 and calls == [5, 16] and graphed.warm == 0
 
 
 # -- on a GPU ------------------------------------------------------------------------------------
@@ -121,7 +142,7 @@ def test_replayed_steps_equal_eager_steps(sync):
     batches.insert(7, torch.arange(5, device="cuda"))  # a short batch after capture runs eagerly
     eager_step, eager_model, _, eager_gen = linear_step(0, sync)
     step, model, optimizer, generator = linear_step(0, sync)
-    graphed = StepGraph(step, optimizer, step)
+    graphed = StepGraph(step, optimizer, step, batch_size=16)
     eager = torch.stack([eager_step(b) for b in batches])
     losses = torch.stack([graphed(b) for b in batches])
     if sync:
@@ -165,6 +186,11 @@ def test_training_with_cuda_graphs_equals_eager_training(tmp_path, monkeypatch, 
         runs[on] = engine.train(recipe)
     (graph,) = graphs
     assert graph.refused is None and graph.graph is not None and graph.calls > graph.captured_at_call
+    assert read_json(runs[True] / "metrics.json")["final"]["cuda_graph"] == {"used": True, "captured_at_step": 4}
+    assert read_json(runs[False] / "metrics.json")["final"]["cuda_graph"] == {
+        "used": False,
+        "reason": "off in the recipe",
+    }
     tolerance = {"rtol": 2e-2, "atol": 2e-3} if overrides.get("mixed_precision") else {"rtol": 1e-4, "atol": 1e-6}
     got, want = (load_file(runs[on] / "model.safetensors") for on in (True, False))
     for name in want:
