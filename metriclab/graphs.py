@@ -51,8 +51,10 @@ def why_not_captured(
         return "several processes"
     if not isinstance(stepper, torch.optim.Optimizer) or not type(stepper).__module__.startswith("torch.optim"):
         return "the optimizer is not a torch optimizer stepped directly (fp16 loss scaling or gradient accumulation)"
-    if any("capturable" in g and not (g["capturable"] or g.get("fused")) for g in stepper.param_groups):
-        return "the optimizer keeps its step count on the host (pass fused=True or capturable=True)"
+    # Replays must not bake in host-side optimizer state (step counts): SGD has none; others must keep it on the device.
+    on_device = all(g.get("capturable") or (g.get("fused") and "capturable" in g) for g in stepper.param_groups)
+    if not (type(stepper) is torch.optim.SGD or on_device):
+        return "the optimizer keeps state on the host (SGD, fused Adam/AdamW, or capturable=True can be captured)"
     if compiled:
         return "the network is compiled"
     if skip_nonfinite:
