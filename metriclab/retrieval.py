@@ -21,18 +21,15 @@ Conventions (shared with pytorch-metric-learning's ``AccuracyCalculator``, whose
 How: keys (``|g|^2 - 2 q.g`` on centred data, or ``-cos``) are float32 matrix products, on
 the GPU with torch when the embeddings live there (or one is present), on CPU with numpy's
 OpenBLAS (twice torch's MKL speed on AMD). The ``k`` (or, for MAP@R, ``R``) nearest are then
-selected: on GPU by ``torch.topk``; on CPU by a per-row threshold placed from a sample of
-512 keys, numpy compaction and a SIMD sort of ``(key, column)`` int64 codes, with chunks
-processed on worker threads. Distances are exact up to float32 rounding of the expansion
-(about 1e-6 of the squared norms), so the chunk size may change them in the last digits.
+selected: on GPU by ``torch.topk``; on CPU by :mod:`metriclab.ranking` (numba: a per-row
+threshold placed from a sample of 512 keys, then a bucket sort of the keys under it), with
+chunks processed on worker threads. The metrics are then summed from the ranked classes by a
+compiled loop. Distances are exact up to float32 rounding of the expansion (about 1e-6 of the
+squared norms), so the chunk size may change them in the last digits.
 
-Speed on a 2-vCPU AMD EPYC VM shared with other jobs (load average 2.5-5.5, so wall times
-vary ~2x between runs; best of 2-3), torch 2.14, numpy 2.4, 64-D float32 embeddings:
-10k queries x 60k gallery: ``knn(k=10)`` 2.0-4.3 s; ``retrieval_metrics`` with 10 classes
-(MAP@R then ranks R ~ 6000 items per query) 3.9-13 s, without NMI/AMI. 10k x 10k
-leave-one-out, 10 classes, equal values (to 1e-7, float rounding of near ties): 0.7-1.7 s,
-against 18-34 s for ``AccuracyCalculator`` with its defaults (``k=None``, faiss or torch
-``CustomKNN``: 16-25x) and 1.7-6 s when it is tuned to ``k="max_bin_count"`` (2-3.5x).
+Speed: see BENCHMARKS.md (``eval``): on a 2-core AMD EPYC, 10k x 10k leave-one-out and 10k
+queries x 60k gallery (MAP@R ranks R ~ 1,000 and ~6,000 items per query) against
+``AccuracyCalculator(k="max_bin_count")`` at equal precision@1 and MAP@R.
 """
 
 from __future__ import annotations
@@ -54,7 +51,6 @@ METRICS = ("euclidean", "cosine")
 # Memory for the chunks in flight (keys, candidates, labels); small enough for any laptop or GPU.
 CHUNK_BYTES = 256 * 2**20
 SAMPLE = 512  # keys per row sampled to place the selection threshold
-PAD = 0x7FFFFFFF << 32  # a code after every real one (keys are finite or +inf); its column is 0
 
 
 def _embeddings(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
@@ -177,39 +173,27 @@ def _codes(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
 
 
 def _select_by_threshold(keys: np.ndarray, need: np.ndarray) -> np.ndarray:
-    """Sorted codes per row of every key up to a threshold that keeps at least ``need`` keys (CPU path).
+    """Columns of each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.ranking`).
 
-    The threshold comes from a fixed random sample of columns, a little above each row's
-    expected ``need``-th key, and is raised for the few rows it leaves short. Selecting by
-    threshold keeps every key equal to the last one kept, so ties are resolved exactly by
-    the sort. numpy's compare, compaction and SIMD sort beat ``torch.topk`` several times on CPU.
-    Rows are compacted and sorted one at a time: exactly their candidates, no padding.
+    Each row's threshold starts from a fixed random sample of its columns, a little above the
+    row's expected ``need``-th key; the few rows it leaves short have it raised. Keys equal to
+    the last one kept are all candidates, so ties are resolved exactly by the sort.
     """
+    from metriclab.ranking import nearest_columns  # numba: imported when the CPU path first runs
+
     m, n = keys.shape
-    width = int(need.max())
-    rank = np.full(m, SAMPLE + 1)  # beyond the sample: take the whole row
-    sample = None
+    sample = np.empty((m, 0), dtype=np.float32)  # no sample: take the whole row
+    rank = np.ones(m, dtype=np.int64)
     if n > 4 * SAMPLE:
         # np.sort of short rows runs in SIMD registers: cheaper than a partition of a longer sample
         sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
         expect = need * (SAMPLE / n)
         rank = np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
-    codes = np.full((m, width), PAD, dtype=np.int64)
-    for i, row in enumerate(keys):
-        r = int(rank[i])
-        while True:  # the few rows the sample misjudged get their threshold raised
-            columns = np.flatnonzero(row <= (sample[i, r - 1] if r <= SAMPLE else np.inf))
-            if len(columns) >= need[i]:
-                break
-            r *= 2
-        kept = _codes(row[columns], columns)
-        kept.sort()
-        codes[i, : min(len(kept), width)] = kept[:width]
-    return codes
+    return nearest_columns(keys, sample, rank, need.astype(np.int64), int(need.max()))
 
 
 def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
-    """Sorted codes of each row's ``k`` smallest keys via ``torch.topk`` on the keys' device (GPU path)."""
+    """Columns of each row's ``k`` smallest keys via ``torch.topk`` on the keys' device (GPU path)."""
     n = keys.shape[1]
     kk = min(k + 1, n)
     values, columns = torch.topk(keys, kk, dim=1, largest=False, sorted=False)
@@ -219,7 +203,7 @@ def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
     if len(tied):
         whole = keys[torch.as_tensor(tied, device=keys.device)].cpu().numpy()
         codes[tied] = np.sort(_codes(whole, np.arange(n)), axis=1)[:, :kk]
-    return codes[:, :k]
+    return codes[:, :k] & 0xFFFFFFFF
 
 
 def _nearest(keys: torch.Tensor, need: np.ndarray) -> np.ndarray:
@@ -228,10 +212,8 @@ def _nearest(keys: torch.Tensor, need: np.ndarray) -> np.ndarray:
     Entries past a row's own ``need`` are unspecified (but valid columns).
     """
     if _on_host(keys.device):
-        codes = _select_by_threshold(keys.numpy(), need)
-    else:
-        codes = _select_by_topk(keys, int(need.max()))
-    return codes & 0xFFFFFFFF
+        return _select_by_threshold(keys.numpy(), need)
+    return _select_by_topk(keys, int(need.max()))
 
 
 def knn(
@@ -273,15 +255,6 @@ def knn(
 
     parts = list(_in_parallel(select, (item[1:] for item in _search_keys(q, g, metric, exclude_self, rows))))
     return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
-
-
-def _majority_vote(neighbour_labels: np.ndarray) -> np.ndarray:
-    """Most frequent label per row; among equally frequent labels, the one ranked nearest."""
-    k = neighbour_labels.shape[1]
-    counts = (neighbour_labels[:, :, None] == neighbour_labels[:, None, :]).sum(2)
-    # count dominates; the earliest position wins a tie, and it is the earliest position of its label
-    best = np.argmax(counts * (k + 1) - np.arange(k), axis=1)
-    return neighbour_labels[np.arange(len(best)), best]
 
 
 def retrieval_metrics(
@@ -335,20 +308,13 @@ def retrieval_metrics(
     need = np.maximum(max(*top, vote_k), relevant)
     rows = _chunk_rows(len(g), int(need.max()), chunk_size)
 
-    # The GPU (if any) computes keys and selects; the bookkeeping on (rows, k) labels is cheaper in numpy.
+    from metriclab.ranking import ranking_sums  # numba: imported on first use
+
+    # The GPU (if any) computes keys and selects; the bookkeeping on the ranked classes runs compiled on the host.
     def score(start: int, keys: torch.Tensor) -> np.ndarray:
         span = slice(start, start + len(keys))
         neighbours = g_ids[_nearest(keys, need[span])]
-        correct = _majority_vote(neighbours[:, :vote_k]) == q_ids[span]
-        same = neighbours == q_ids[span, None]
-        r = relevant[span]
-        r_safe = np.maximum(r, 1)  # lone queries (R = 0) are left out of the sums below
-        rank = np.arange(1, same.shape[1] + 1)
-        hits = same & (rank <= r[:, None])  # only the first R ranks count for MAP@R and R-precision
-        average_precision = np.where(hits, np.cumsum(hits, axis=1, dtype=np.int32) / rank, 0.0).sum(1) / r_safe
-        per_query = [np.count_nonzero(same[:, :t], axis=1) / t for t in top] + [same[:, :t].any(1) for t in top]
-        per_query += [average_precision, np.count_nonzero(hits, axis=1) / r_safe]
-        return np.array([np.sum(p, where=r > 0) for p in per_query] + [np.sum(correct)])
+        return ranking_sums(neighbours, q_ids[span], relevant[span], np.array(top, dtype=np.int64), vote_k)
 
     chunks = ((start, keys) for start, _, keys in _search_keys(q, g, metric, loo, rows))
     *sums, correct = np.sum(list(_in_parallel(score, chunks)), axis=0)

@@ -98,8 +98,25 @@ def test_both_selection_paths_equal_a_stable_sort(tied):
     got = _nearest(torch.from_numpy(keys), need)
     for row in range(300):
         np.testing.assert_array_equal(got[row, : need[row]], expected[row, : need[row]])
-    by_topk = _select_by_topk(torch.from_numpy(keys), 150) & 0xFFFFFFFF
+    by_topk = _select_by_topk(torch.from_numpy(keys), 150)
     np.testing.assert_array_equal(by_topk, expected[:, :150])
+
+
+def test_rows_whose_sampled_threshold_keeps_too_few_are_redone():
+    # The CPU path places each row's threshold from the keys of a fixed random sample of columns. Make
+    # the sampled columns the nearest of every row: the first threshold then keeps far fewer than
+    # `need` keys, and it must be raised (up to the whole row) rather than return a short ranking.
+    rng = np.random.default_rng(2)
+    n = 3000
+    sampled = np.zeros(n, dtype=bool)
+    sampled[np.random.default_rng(0).choice(n, retrieval.SAMPLE, replace=False)] = True
+    keys = rng.normal(size=(40, n)).astype(np.float32)
+    keys[:, sampled] -= 100
+    need = np.concatenate([np.full(20, 600), rng.integers(1, n, 20)])
+    got = _nearest(torch.from_numpy(keys), need)
+    expected = np.argsort(keys, axis=1, kind="stable")
+    for row in range(40):
+        np.testing.assert_array_equal(got[row, : need[row]], expected[row, : need[row]])
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

@@ -1,0 +1,161 @@
+"""Exact per-row ranking on the CPU, compiled with numba: the nearest columns of each key row, and the
+ranking metrics of a query from the classes of its ranked neighbours.
+
+:mod:`metriclab.retrieval` computes key rows (smaller = nearer) chunk by chunk and calls these on
+worker threads (the kernels release the GIL). Order is by key, then by column, exactly: MAP@R of a
+60k gallery ranks the R ~ 6,000 nearest of each query, so this sort is most of an evaluation.
+
+How a row is sorted: the keys up to a threshold (placed from a sorted sample of the row) are
+compacted in column order, dealt into about one bucket per key by a linear map of the key between
+the smallest and largest kept (monotone, so bucket order is key order), and each bucket is sorted
+by insertion as int64 ``(key, column)`` codes (numpy's sort past 32 codes). Buckets after the one
+that completes the row's ``need`` are never filled. A row of 60k keys with 6,000 needed takes
+~150 us on a 2-core AMD EPYC, against ~300-400 us for numpy's sort of the same codes.
+
+Compiled code is cached on disk (numba's ``cache=True``, beside this file or in numba's user cache):
+the first call in a fresh environment compiles for ~6 s; later processes load it at their first
+call (~0.3 s, mostly numba initialising itself).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+INSERTION_MAX = 32  # larger buckets (many equal or crowded keys) are sorted by np.sort
+
+
+@njit(nogil=True, cache=True)
+def _code(key, column):
+    """An int64 that sorts like ``(key, column)``: the float's bits made monotone, above the column."""
+    bits = np.int64(np.float32(key + np.float32(0.0)).view(np.int32))  # + 0: -0.0 becomes +0.0, its equal
+    if bits < 0:
+        bits ^= 0x7FFFFFFF
+    return (bits << 32) | column
+
+
+@njit(nogil=True, cache=True)
+def _sort_row(row, sample, rank, need, out, ck, cc, bucket, codes, ends):
+    n = row.shape[0]
+    # 1. candidates: every key up to the threshold, raised (rank doubled) until at least `need` are kept
+    while True:
+        thr = sample[rank - 1] if rank <= sample.shape[0] else np.float32(np.inf)
+        m = 0
+        for j in range(n):  # branch-free compaction: write always, advance when kept
+            v = row[j]
+            ck[m] = v
+            cc[m] = j
+            m += v <= thr
+        if m >= need or thr == np.inf:
+            break
+        rank *= 2
+    lo = np.float32(np.inf)
+    hi = np.float32(-np.inf)
+    for i in range(m):
+        v = ck[i]
+        if v < lo:
+            lo = v
+        if v > hi and v < np.inf:
+            hi = v
+    # 2. buckets: a monotone map of the key, so (bucket, key, column) order is (key, column) order
+    nb = m
+    scale = (nb - 1) / (hi - lo) if hi > lo else 0.0
+    ends[: nb + 1] = 0
+    for i in range(m):
+        v = ck[i]
+        b = nb - 1 if v >= hi else min(int((v - lo) * scale), nb - 1)
+        bucket[i] = b
+        ends[b + 1] += 1
+    last = nb - 1  # the bucket that completes `need`: later ones are never filled
+    total = 0
+    for b in range(nb):
+        total += ends[b + 1]
+        ends[b + 1] = total
+        if total >= need:
+            last = b
+            break
+    for i in range(m):
+        b = bucket[i]
+        if b <= last:
+            codes[ends[b]] = _code(ck[i], cc[i])
+            ends[b] += 1
+    # 3. each bucket sorted; codes are distinct, so this is the exact (key, column) order
+    start = 0
+    for b in range(last + 1):
+        end = ends[b]
+        if end - start > INSERTION_MAX:
+            codes[start:end] = np.sort(codes[start:end])
+        else:
+            for x in range(start + 1, end):
+                c = codes[x]
+                y = x - 1
+                while y >= start and codes[y] > c:
+                    codes[y + 1] = codes[y]
+                    y -= 1
+                codes[y + 1] = c
+        start = end
+    for x in range(min(out.shape[0], start)):
+        out[x] = codes[x] & 0xFFFFFFFF
+
+
+@njit(nogil=True, cache=True)
+def nearest_columns(keys, sample, rank, need, width):
+    """Columns of each row's ``need[row]`` smallest keys, by key then column, as ``(rows, width)`` int64.
+
+    ``sample`` holds sorted keys of each row (any columns); the row's threshold starts at
+    ``sample[row, rank[row] - 1]`` (everything when ``rank`` exceeds the sample) and doubles its
+    rank until ``need`` keys are under it. Entries past a row's ``need`` are unspecified.
+    """
+    rows, n = keys.shape
+    out = np.zeros((rows, width), np.int64)
+    ck = np.empty(n, np.float32)
+    cc = np.empty(n, np.int64)
+    bucket = np.empty(n, np.int64)
+    codes = np.empty(n, np.int64)
+    ends = np.empty(n + 1, np.int64)
+    for r in range(rows):
+        _sort_row(keys[r], sample[r], rank[r], need[r], out[r], ck, cc, bucket, codes, ends)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
+    """Sums over queries with ``relevant > 0`` of precision@t and hit@t (each ``t`` in ``top``), AP@R and
+    R-precision, then the number of queries whose ``vote_k`` nearest vote their own class.
+
+    ``neighbours[row]`` are the classes of the row's ranked neighbours, at least
+    ``max(top, vote_k, relevant[row])`` of them. The vote is a majority; among equally frequent
+    classes the one ranked nearest wins.
+    """
+    k = top.shape[0]
+    sums = np.zeros(2 * k + 3)
+    for row in range(neighbours.shape[0]):
+        ranked = neighbours[row]
+        own = query_ids[row]
+        best, best_score = 0, -1
+        for j in range(vote_k):
+            count = 0
+            for i in range(vote_k):
+                count += ranked[i] == ranked[j]
+            score = count * (vote_k + 1) - j  # count first, then the nearest position
+            if score > best_score:
+                best, best_score = j, score
+        sums[2 * k + 2] += ranked[best] == own
+        r = relevant[row]
+        if r == 0:
+            continue
+        for t in range(k):
+            hits = 0
+            for i in range(top[t]):
+                hits += ranked[i] == own
+            sums[t] += hits / top[t]
+            sums[k + t] += hits > 0
+        hits = 0
+        precision_sum = 0.0
+        for i in range(r):
+            if ranked[i] == own:
+                hits += 1
+                precision_sum += hits / (i + 1)
+        sums[2 * k] += precision_sum / r
+        sums[2 * k + 1] += hits / r
+    return sums
