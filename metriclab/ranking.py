@@ -35,7 +35,7 @@ def _code(key, column):
 
 
 @njit(nogil=True, cache=True)
-def _sort_row(row, sample, rank, need, out, ck, cc, bucket, codes, ends):
+def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends):
     n = row.shape[0]
     # 1. candidates: every key up to the threshold, raised (rank doubled) until at least `need` are kept
     while True:
@@ -95,26 +95,28 @@ def _sort_row(row, sample, rank, need, out, ck, cc, bucket, codes, ends):
                 codes[y + 1] = c
         start = end
     for x in range(min(out.shape[0], start)):
-        out[x] = codes[x] & 0xFFFFFFFF
+        out[x] = values[codes[x] & 0xFFFFFFFF]
 
 
 @njit(nogil=True, cache=True)
-def nearest_columns(keys, sample, rank, need, width):
-    """Columns of each row's ``need[row]`` smallest keys, by key then column, as ``(rows, width)`` int64.
+def nearest(keys, sample, rank, need, values, width):
+    """``values`` of the columns of each row's ``need[row]`` smallest keys, by key then column: ``(rows, width)``.
 
-    ``sample`` holds sorted keys of each row (any columns); the row's threshold starts at
-    ``sample[row, rank[row] - 1]`` (everything when ``rank`` exceeds the sample) and doubles its
-    rank until ``need`` keys are under it. Entries past a row's ``need`` are unspecified.
+    ``values`` maps a column to what is returned (``arange`` for the columns themselves, the
+    gallery's class ids for the classes of the neighbours). ``sample`` holds sorted keys of each row
+    (any columns); the row's threshold starts at ``sample[row, rank[row] - 1]`` (everything when
+    ``rank`` exceeds the sample) and doubles its rank until ``need`` keys are under it. Entries
+    past a row's ``need`` are ``values[0]``.
     """
     rows, n = keys.shape
-    out = np.zeros((rows, width), np.int64)
+    out = np.full((rows, width), values[0])
     ck = np.empty(n, np.float32)
     cc = np.empty(n, np.int64)
     bucket = np.empty(n, np.int64)
     codes = np.empty(n, np.int64)
     ends = np.empty(n + 1, np.int64)
     for r in range(rows):
-        _sort_row(keys[r], sample[r], rank[r], need[r], out[r], ck, cc, bucket, codes, ends)
+        _sort_row(keys[r], sample[r], rank[r], need[r], values, out[r], ck, cc, bucket, codes, ends)
     return out
 
 
@@ -152,10 +154,10 @@ def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
             sums[k + t] += hits > 0
         hits = 0
         precision_sum = 0.0
-        for i in range(r):
-            if ranked[i] == own:
-                hits += 1
-                precision_sum += hits / (i + 1)
+        for i in range(r):  # branch-free: same-class neighbours are unpredictable
+            same = ranked[i] == own
+            hits += same
+            precision_sum += same * hits / (i + 1)
         sums[2 * k] += precision_sum / r
         sums[2 * k + 1] += hits / r
     return sums

@@ -172,14 +172,14 @@ def _codes(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _select_by_threshold(keys: np.ndarray, need: np.ndarray) -> np.ndarray:
-    """Columns of each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.ranking`).
+def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` at each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.ranking`).
 
     Each row's threshold starts from a fixed random sample of its columns, a little above the
     row's expected ``need``-th key; the few rows it leaves short have it raised. Keys equal to
     the last one kept are all candidates, so ties are resolved exactly by the sort.
     """
-    from metriclab.ranking import nearest_columns  # numba: imported when the CPU path first runs
+    from metriclab.ranking import nearest  # numba: imported when the CPU path first runs
 
     m, n = keys.shape
     sample = np.empty((m, 0), dtype=np.float32)  # no sample: take the whole row
@@ -189,7 +189,7 @@ def _select_by_threshold(keys: np.ndarray, need: np.ndarray) -> np.ndarray:
         sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
         expect = need * (SAMPLE / n)
         rank = np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
-    return nearest_columns(keys, sample, rank, need.astype(np.int64), int(need.max()))
+    return nearest(keys, sample, rank, need.astype(np.int64), values, int(need.max()))
 
 
 def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
@@ -206,14 +206,16 @@ def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
     return codes[:, :k] & 0xFFFFFFFF
 
 
-def _nearest(keys: torch.Tensor, need: np.ndarray) -> np.ndarray:
-    """Columns of each row's ``need[row]`` smallest keys, by key then column; ``(rows, need.max())`` int64.
+def _nearest(keys: torch.Tensor, need: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """Columns (or ``values`` of them) of each row's ``need[row]`` smallest keys, by key then column.
 
-    Entries past a row's own ``need`` are unspecified (but valid columns).
+    Shape ``(rows, need.max())``; entries past a row's own ``need`` are unspecified (but valid).
     """
+    if values is None:
+        values = np.arange(keys.shape[1])
     if _on_host(keys.device):
-        return _select_by_threshold(keys.numpy(), need)
-    return _select_by_topk(keys, int(need.max()))
+        return _select_by_threshold(keys.numpy(), need, values)
+    return values[_select_by_topk(keys, int(need.max()))]
 
 
 def knn(
@@ -313,7 +315,7 @@ def retrieval_metrics(
     # The GPU (if any) computes keys and selects; the bookkeeping on the ranked classes runs compiled on the host.
     def score(start: int, keys: torch.Tensor) -> np.ndarray:
         span = slice(start, start + len(keys))
-        neighbours = g_ids[_nearest(keys, need[span])]
+        neighbours = _nearest(keys, need[span], g_ids)
         return ranking_sums(neighbours, q_ids[span], relevant[span], np.array(top, dtype=np.int64), vote_k)
 
     chunks = ((start, keys) for start, _, keys in _search_keys(q, g, metric, loo, rows))
