@@ -19,13 +19,23 @@ call (~0.3 s, mostly numba initialising itself).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import njit
 
 INSERTION_MAX = 32  # larger buckets (many equal or crowded keys) are sorted by np.sort
 
 
-@njit(nogil=True, cache=True)
+def _compiled(func: Callable) -> Callable:
+    """``func`` compiled by numba, releasing the GIL, cached on disk where numba finds a writable place."""
+    try:
+        return njit(nogil=True, cache=True)(func)
+    except RuntimeError:  # numba found no writable cache directory: compile in each process instead
+        return njit(nogil=True)(func)
+
+
+@_compiled
 def _code(key, column):
     """An int64 that sorts like ``(key, column)``: the float's bits made monotone, above the column."""
     bits = np.int64(np.float32(key + np.float32(0.0)).view(np.int32))  # + 0: -0.0 becomes +0.0, its equal
@@ -34,7 +44,7 @@ def _code(key, column):
     return (bits << 32) | column
 
 
-@njit(nogil=True, cache=True)
+@_compiled
 def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends):
     n = row.shape[0]
     # 1. candidates: every key up to the threshold, raised (rank doubled) until at least `need` are kept
@@ -98,7 +108,7 @@ def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends)
         out[x] = values[codes[x] & 0xFFFFFFFF]
 
 
-@njit(nogil=True, cache=True)
+@_compiled
 def nearest(keys, sample, rank, need, values, width):
     """``values`` of the columns of each row's ``need[row]`` smallest keys, by key then column: ``(rows, width)``.
 
@@ -120,7 +130,7 @@ def nearest(keys, sample, rank, need, values, width):
     return out
 
 
-@njit(nogil=True, cache=True)
+@_compiled
 def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
     """Sums over queries with ``relevant > 0`` of precision@t and hit@t (each ``t`` in ``top``), AP@R and
     R-precision, then the number of queries whose ``vote_k`` nearest vote their own class.
