@@ -1,5 +1,5 @@
-"""Exact per-row ranking on the CPU, compiled with numba: the nearest columns of each key row, and the
-ranking metrics of a query from the classes of its ranked neighbours.
+"""Exact per-row ranking on the CPU, compiled with numba: each key row's nearest columns in order, and
+a query's ranking metrics from the classes of its ranked neighbours.
 
 :mod:`metriclab.retrieval` computes key rows (smaller = nearer) chunk by chunk and calls these on
 worker threads (the kernels release the GIL). Order is by key, then by column, exactly: MAP@R of a
