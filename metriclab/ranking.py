@@ -45,6 +45,16 @@ def _code(key, column):
 
 
 @_compiled
+def codes(values, columns):
+    """:func:`_code` of each ``(values[i, j], columns[i, j])``: sorting a row of these sorts it by key, then column."""
+    out = np.empty(values.shape, np.int64)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            out[i, j] = _code(values[i, j], columns[i, j])
+    return out
+
+
+@_compiled
 def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends):
     n = row.shape[0]
     # 1. candidates: every key up to the threshold, raised (rank doubled) until at least `need` are kept

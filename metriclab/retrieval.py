@@ -101,8 +101,9 @@ def _chunk_rows(n_gallery: int, k: int, chunk_size: int | None) -> int:
         if chunk_size < 1:
             raise MetricLabError(f"chunk_size must be a positive integer, got {chunk_size}")
         return int(chunk_size)
-    # per query: a key row and its mask, plus ~100 bytes per kept neighbour (GPU path: top-k values,
-    # columns and their codes); one chunk per worker is alive at once
+    # per query: a key row (8 bytes a column leaves room for the GPU path's copies of tied rows), plus
+    # ~100 bytes per kept neighbour (top-k values, columns, codes, the ranked classes); one chunk per worker
+    # is alive at once
     return max(1, CHUNK_BYTES // _workers() // (8 * n_gallery + 100 * k))
 
 
@@ -160,16 +161,6 @@ def _searcher(
     return search
 
 
-def _codes(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """int64 codes that sort like ``(value, column)``: the float's bits made monotone, above the column."""
-    bits = (values + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into +0.0, which compares equal to it
-    np.bitwise_xor(bits, np.int32(0x7FFFFFFF), out=bits, where=bits < 0)
-    codes = bits.astype(np.int64)
-    codes <<= 32
-    codes |= columns
-    return codes
-
-
 def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``values`` at each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.ranking`).
 
@@ -194,13 +185,15 @@ def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
     """Columns of each row's ``k`` smallest keys via ``torch.topk`` on the keys' device (GPU path)."""
     n = keys.shape[1]
     kk = min(k + 1, n)
+    from metriclab.ranking import codes as to_codes  # numba: imported when first used
+
     values, columns = torch.topk(keys, kk, dim=1, largest=False, sorted=False)
-    codes = np.sort(_codes(values.cpu().numpy(), columns.cpu().numpy()), axis=1)
+    codes = np.sort(to_codes(values.cpu().numpy(), columns.cpu().numpy()), axis=1)
     # topk chooses among keys equal to the k-th arbitrarily: such rows are sorted whole
     tied = np.flatnonzero(codes[:, k] >> 32 == codes[:, k - 1] >> 32) if kk > k else []
     if len(tied):
         whole = keys[torch.as_tensor(tied, device=keys.device)].cpu().numpy()
-        codes[tied] = np.sort(_codes(whole, np.arange(n)), axis=1)[:, :kk]
+        codes[tied] = np.sort(to_codes(whole, np.broadcast_to(np.arange(n), whole.shape)), axis=1)[:, :kk]
     return codes[:, :k] & 0xFFFFFFFF
 
 
@@ -316,11 +309,13 @@ def retrieval_metrics(
     search = _searcher(q, g, metric, loo)
 
     # The GPU (if any) computes keys and selects; the bookkeeping on the ranked classes runs compiled on the host.
+    ks_clamped = np.array(top, dtype=np.int64)
+
     def score(start: int, stop: int) -> np.ndarray:
         _, keys = search(start, stop)
         span = slice(start, stop)
         neighbours = _nearest(keys, need[span], g_ids)
-        return ranking_sums(neighbours, q_ids[span], relevant[span], np.array(top, dtype=np.int64), vote_k)
+        return ranking_sums(neighbours, q_ids[span], relevant[span], ks_clamped, vote_k)
 
     *sums, correct = np.sum(_in_parallel(score, len(q), rows), axis=0)
     sums = np.array(sums)
