@@ -1,4 +1,4 @@
-"""Benchmark `compare_cold_warm`: UMAP through ``metriclab.projections.project`` and ``metriclab compare``,
+"""Benchmark `compare_cold_warm`: UMAP through ``metriclab.viz.projections.project`` and ``metriclab compare``,
 cold (a fresh process with an empty numba cache directory) and warm (a fresh process reusing that cache).
 
 umap-learn's numba kernels compile on first use; metriclab caches them on disk (``$METRICLAB_CACHE/numba``),
@@ -61,7 +61,7 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     x = np.load(args.path)
     start = time.perf_counter()
-    from metriclab.projections import project
+    from metriclab.viz.projections import project
 
     out = project(x, args.method)
     seconds = time.perf_counter() - start

@@ -1,8 +1,8 @@
 """Benchmark `distributed`: 1 vs 2 CPU processes (gloo, ``accelerate launch``) on the Fashion-MNIST recipe.
 
-Per process count: samples/s and seconds per step of ``metriclab.engine.train`` at the same global batch
+Per process count: samples/s and seconds per step of ``metriclab.training.engine.train`` at the same global batch
 (256), an epoch's time extrapolated from the measured steps, and the share of a step spent in the
-cross-process embedding gather (``metriclab.distributed.gather_with_grad``, timed by wrapping the
+cross-process embedding gather (``metriclab.training.distributed.gather_with_grad``, timed by wrapping the
 engine's reference to it from here; the library is not edited). A second measurement times the gather
 alone (both processes released together by a barrier), without the wait for a slower peer that the
 in-training number includes. GPU rows need a GPU: none is lent to this task.
@@ -31,8 +31,8 @@ def _train(dataset: str, global_batch: int, max_steps: int, warmup: int, output_
     import torch
     from accelerate import PartialState
 
-    import metriclab.engine as engine
-    from metriclab.components import load_dataset
+    import metriclab.training.engine as engine
+    from metriclab.training.components import load_dataset
 
     state = PartialState(cpu=True)
     world, rank = state.num_processes, state.process_index
@@ -87,8 +87,8 @@ def _gather_alone(global_batch: int, calls: int) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    from metriclab.distributed import gather_with_grad
-    from metriclab.sampling import shard_sizes
+    from metriclab.data.sampling import shard_sizes
+    from metriclab.training.distributed import gather_with_grad
 
     acc = Accelerator(cpu=True)
     local = torch.randn(shard_sizes(global_batch, acc.num_processes)[acc.process_index], 64, requires_grad=True)
@@ -132,7 +132,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
     lines = [
         "## distributed: 1 vs 2 CPU processes (gloo)",
         "",
-        f"`recipes/fashion_mnist_triplet.py` on {dataset} through `metriclab.engine.train` under "
+        f"`recipes/fashion_mnist_triplet.py` on {dataset} through `metriclab.training.engine.train` under "
         f"`python -m accelerate.commands.launch [--multi_gpu] --num_processes N`, global batch {batch} "
         f"(per-process batch {batch}/N, global mining on), {steps} steps of which the first {warmup} are warm-up "
         "and not counted; medians over the counted steps. Time per epoch = steps per epoch x median step "

@@ -1,4 +1,4 @@
-"""Benchmark `eval`: ``metriclab.retrieval.retrieval_metrics`` vs pytorch-metric-learning's ``AccuracyCalculator``.
+"""Benchmark `eval`: ``metrics.retrieval.retrieval_metrics`` vs pytorch-metric-learning's ``AccuracyCalculator``.
 
 Same embeddings, same metric (cosine), leave-one-out on the test set (10k x 10k) and test queries against
 the train set (10k x 60k); seconds and peak memory of each call, each in a fresh process, and the
@@ -78,8 +78,8 @@ def _measure(impl: str, mode: str, path: Path, calls: int = 2) -> dict[str, Any]
     reference_labels = data["reference_labels"] if mode == "ref" else None
     start = time.perf_counter()
     if impl == "metriclab":
-        import metriclab.ranking  # noqa: F401  (numba, imported by the call otherwise)
-        from metriclab.retrieval import retrieval_metrics
+        import metriclab.metrics.ranking  # noqa: F401  (numba, imported by the call otherwise)
+        from metriclab.metrics.retrieval import retrieval_metrics
 
         def evaluate() -> tuple[float, float]:
             scores = retrieval_metrics(
@@ -142,7 +142,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
     sizes["ref"] = f"{len(data['query']):,} queries x {len(data['reference']):,} reference"
     results: dict[str, Any] = {"source": source}
     lines = [
-        "## eval: metriclab.retrieval vs pytorch-metric-learning's AccuracyCalculator",
+        "## eval: metriclab.metrics.retrieval vs pytorch-metric-learning's AccuracyCalculator",
         "",
         f"Embeddings: {source}. Metric: cosine. pml: `AccuracyCalculator(include=(precision_at_1, "
         "mean_average_precision_at_r), k='max_bin_count', knn_func=CustomKNN(CosineSimilarity()))` on CPU "

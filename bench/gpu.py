@@ -5,7 +5,7 @@ process (``python bench/gpu.py worker MODE ...``):
 
 - ``ceilings``: what the card does at best: an 8192^3 matrix product in bf16, tf32 and strict fp32, and a
   1 GiB device-to-device copy (CUDA events, median of 10 after 3 warm-ups, random data).
-- ``train``: ``metriclab.engine.train`` for 2 epochs of Fashion-MNIST (data resident on the GPU, as the
+- ``train``: ``metriclab.training.engine.train`` for 2 epochs of Fashion-MNIST (data resident on the GPU, as the
   engine always does), with CUDA graphs on (the default) and off, ``--mixed-precision bf16``, and
   ``--compile`` (which runs eagerly). Epoch 1 holds the warm-up, capture and compilation; epoch 2 is the
   steady state. Achieved TFLOP/s = FLOPs per training sample (``torch.utils.flop_counter`` on one forward +
@@ -100,7 +100,7 @@ def flops_per_sample(model: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from metriclab.components import build_model
+    from metriclab.training.components import build_model
 
     recipe = _recipe(model)
     net = build_model(recipe, (1, 28, 28))
@@ -116,7 +116,7 @@ def train(
     """Train ``model`` through the engine; per-epoch training seconds, quality and GPU memory."""
     import torch
 
-    import metriclab.engine as engine
+    import metriclab.training.engine as engine
 
     out = Path(tempfile.mkdtemp(prefix="metriclab-gpu-")) / "run"
     recipe = _recipe(
@@ -168,7 +168,7 @@ def profile(model: str, skip: int = 30, active: int = 20) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity
 
-    import metriclab.engine as engine
+    import metriclab.training.engine as engine
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -360,7 +360,7 @@ def _section(results: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "`metriclab.engine.train`, 2 epochs of Fashion-MNIST (60k train; data resident on the GPU). "
+        "`metriclab.training.engine.train`, 2 epochs of Fashion-MNIST (60k train; data resident on the GPU). "
         "*mlp* = `recipes/mnist_siamese.py --dataset fashion-mnist` (784-1024-1024-2, contrastive, random pairs, "
         "batch 128); *convnet* = `recipes/fashion_mnist_triplet.py` (triplet, semi-hard miner, batch 256). "
         "Epoch 1 includes warm-up, graph capture and compilation; epoch 2 is the steady state that samples/s and "

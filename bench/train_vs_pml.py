@@ -1,8 +1,8 @@
-"""Benchmark `train_vs_pml`: pytorch-metric-learning's documented training loop vs ``metriclab.engine.train``.
+"""Benchmark `train_vs_pml`: pytorch-metric-learning's documented training loop vs ``metriclab.training.engine.train``.
 
 Both train the same model (metriclab's ``convnet`` encoder, 64-D, built by the registry) on the same data
 with the same hyper-parameters for one epoch, each in a fresh process, and are scored the same way
-(``metriclab.retrieval.retrieval_metrics``, leave-one-out on the test set, cosine).
+(``metriclab.metrics.retrieval.retrieval_metrics``, leave-one-out on the test set, cosine).
 
 Run through ``python bench/run.py --only train_vs_pml``; ``python bench/train_vs_pml.py worker ...`` is one run.
 """
@@ -102,7 +102,7 @@ def run_pml(
     from torchvision import transforms
 
     from metriclab import registry
-    from metriclab.retrieval import retrieval_metrics
+    from metriclab.metrics.retrieval import retrieval_metrics
 
     setup_start = time.perf_counter()
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -173,7 +173,7 @@ def run_pml(
 
 def precision_at_1(embeddings: Any, labels: Any) -> float:
     """Leave-one-out test precision@1 (cosine), as both implementations are scored."""
-    from metriclab.retrieval import retrieval_metrics
+    from metriclab.metrics.retrieval import retrieval_metrics
 
     return retrieval_metrics(embeddings, labels, ks=(1,), metric="cosine", clustering=False)["precision@1"]
 
@@ -182,8 +182,8 @@ def checkpoint_curve(run_dir: Path, dataset: Any) -> list[tuple[float, int, floa
     """(training seconds, step, test precision@1) of every checkpoint a metriclab run kept."""
     import json
 
-    from metriclab.evaluation import load_run_model
-    from metriclab.model import embed, load_weights
+    from metriclab.inference import load_run_model
+    from metriclab.models import embed, load_weights
     from metriclab.runs import Run
 
     model = load_run_model(Run(run_dir), device="cpu")  # the run's network; each checkpoint's weights go into it
@@ -204,13 +204,13 @@ def run_metriclab(
     max_steps: int | None = None,
     eval_every: int = 0,
 ) -> dict[str, Any]:
-    """One epoch of recipes/fashion_mnist_triplet.py through ``metriclab.engine.train`` (on ``dataset_name``)."""
+    """One epoch of recipes/fashion_mnist_triplet.py through ``metriclab.training.train`` (on ``dataset_name``)."""
     import json
 
     from metriclab import registry
-    from metriclab.engine import train
-    from metriclab.retrieval import retrieval_metrics
+    from metriclab.metrics.retrieval import retrieval_metrics
     from metriclab.runs import Run
+    from metriclab.training.engine import train
 
     shutil.rmtree(output_dir, ignore_errors=True)
     recipe = fashion_recipe(
@@ -290,12 +290,12 @@ def run(quick: bool = False, repeats: int | None = None, reuse: bool = False, lo
         "`examples/notebooks/TripletMarginLossMNIST.ipynb` loop (torchvision dataset from idx files, per-sample "
         "`ToTensor()+Normalize`, `DataLoader(batch_size=256, shuffle=True)`), with the notebook's model, lr and "
         "`CosineSimilarity` replaced as above (see `bench/train_vs_pml.py`). *metriclab* = "
-        "`recipes/fashion_mnist_triplet.py --epochs 1` through `metriclab.engine.train` (everything it writes "
+        "`recipes/fashion_mnist_triplet.py --epochs 1` through `metriclab.training.engine.train` (everything it writes "
         "included in its wall time: per-epoch test embedding, train-set embedding, checkpoint, metrics, plot).",
         "",
         "samples/s = training samples / seconds of the training steps (data fetch, forward, mining, loss, backward, "
         "step; metriclab's own step clock). precision@1 and MAP@R: leave-one-out on the test set, cosine, "
-        "both computed by `metriclab.retrieval.retrieval_metrics` from each run's final test embeddings. "
+        "both computed by `metriclab.metrics.retrieval.retrieval_metrics` from each run's final test embeddings. "
         "Peak RSS: the process's `VmHWM` (/proc) at the end of the run, so it includes torch, the data and "
         "evaluation.",
         "",

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import metriclab
-from metriclab.errors import MetricLabError
+from metriclab.errors import MetricLabError, exit_on_user_error
 
 app = typer.Typer(
     name="metriclab",
@@ -28,19 +28,6 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
-
-
-@contextlib.contextmanager
-def exit_on_user_error(debug: bool = False) -> Iterator[None]:
-    """Turn a MetricLabError into one red line on stderr and exit code 2 (a traceback only with --debug)."""
-    try:
-        yield
-    except MetricLabError as err:
-        if debug:
-            raise
-        # soft_wrap: one physical line however narrow the terminal (or pipe) is; the terminal wraps it.
-        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
 
 
 def _version(value: bool) -> None:
@@ -88,7 +75,7 @@ def plugins(
     console.print(table)
 
 
-# -- evaluate / visualize / compare: thin wrappers over metriclab.evaluation and metriclab.figures ---
+# -- evaluate / visualize / compare: thin wrappers over metriclab.evaluation and metriclab.viz.figures ---
 
 RunArgs = Annotated[list[Path], typer.Argument(help="Run directories written by a recipe.", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of tables.")]
@@ -120,7 +107,7 @@ class _StatusHandler(logging.Handler):
 @contextlib.contextmanager
 def _reporting(debug: bool, what: str) -> Iterator[None]:
     """User errors as one line (exit 2); progress of the library as a spinner on stderr, so stdout stays clean."""
-    logger = logging.getLogger("metriclab")  # the parent of metriclab.evaluation's and metriclab.figures' loggers
+    logger = logging.getLogger("metriclab")  # the parent of metriclab.evaluation's and metriclab.viz.figures' loggers
     with exit_on_user_error(debug), errors.status(what) as status:
         handler = _StatusHandler(status)
         logger.addHandler(handler)
@@ -345,7 +332,7 @@ def visualize(
     Embeddings of more than 2 dimensions are projected with --method (named in each title); the GIF
     projects every epoch with one PCA fitted on the last epoch, so the frames share their axes.
     """
-    from metriclab.figures import FIGURES, visualize_run
+    from metriclab.viz.figures import FIGURES, visualize_run
 
     with _reporting(ctx.obj["debug"], "visualizing"):
         (loaded,) = _runs([run], plugins)
@@ -382,7 +369,7 @@ def compare(
     in 2-D, trustworthiness (sklearn; '-' where nothing was projected), silhouette and seconds per projection.
     The first UMAP in a fresh environment compiles numba kernels (cached on disk afterwards).
     """
-    from metriclab.figures import compare_runs
+    from metriclab.viz.figures import compare_runs
 
     with _reporting(ctx.obj["debug"], "comparing"):
         figure, rows = compare_runs(_runs(runs, plugins), max_points=max_points, output=output, seed=seed)

@@ -1,6 +1,7 @@
 """Recipes: what to train, as a plain dataclass with JSON round-trip and CLI overrides.
 
-A recipe file names its components and hyper-parameters and hands them to :func:`main`::
+A recipe file names its components and hyper-parameters and hands them to :func:`metriclab.main`
+(:mod:`metriclab.training.launch`)::
 
     recipe = Recipe(name="mnist_siamese", dataset="mnist", encoder="mlp", loss="contrastive")
     if __name__ == "__main__":
@@ -16,12 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from metriclab.errors import MetricLabError
+from metriclab.errors import MetricLabError, did_you_mean
 
 # Component fields whose ``<name>_args`` dict belongs to them.
 COMPONENTS = ("dataset", "encoder", "second_encoder", "loss", "miner", "optimizer")
@@ -121,14 +121,10 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         """Recipe from a dict, rejecting unknown fields with a did-you-mean hint."""
-        import difflib
-
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise MetricLabError(f"recipe has no field '{key}'.{hint}")
+                raise MetricLabError(f"recipe has no field '{key}'.{did_you_mean(key, names)}")
         return cls(**data)
 
     def to_json(self, path: str | Path) -> None:
@@ -255,14 +251,3 @@ def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
             base = next((t for t in (int, float, str) if t in getattr(hint, "__args__", (hint,))), str)
             parser.add_argument(flag, type=base, default=None, help=f"(recipe: {default})")
     return parser
-
-
-def main(recipe: Recipe, argv: list[str] | None = None) -> None:
-    """Entry point of a recipe file: apply CLI overrides, train, and exit 2 on user errors."""
-    from metriclab.cli import exit_on_user_error
-    from metriclab.engine import train
-
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
-    with exit_on_user_error(debug):
-        train(recipe.with_overrides(args, prog=Path(sys.argv[0]).name))

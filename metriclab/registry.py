@@ -22,7 +22,6 @@ Only installed entry points and modules or files the user names explicitly are i
 from __future__ import annotations
 
 import contextvars
-import difflib
 import fnmatch
 import importlib
 import importlib.metadata
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metriclab.errors import MetricLabError
+from metriclab.errors import MetricLabError, did_you_mean
 
 ENTRY_POINT_GROUP = "metriclab.plugins"
 
@@ -85,11 +84,7 @@ class Registry:
         if name in self._entries:
             return self._entries[name].factory
         names = sorted(self._entries)
-        lowered = {n.lower(): n for n in names}
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-        if name.lower() in lowered and lowered[name.lower()] not in close:
-            close.insert(0, lowered[name.lower()])
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, names, n=3)
         raise MetricLabError(
             f"unknown {self.kind} '{name}'.{hint} "
             f"Run `metriclab plugins {_plural(self.kind)}` to list all {len(names)} registered {_plural(self.kind)}."
@@ -104,7 +99,9 @@ class Registry:
         except (TypeError, ValueError) as err:
             unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
             if unknown and unknown.group(1) in kwargs:  # hidden behind **kwargs: name the accepted ones
-                _raise_unknown(self.kind, name, unknown.group(1), _accepted_names(factory))
+                _raise_unknown(
+                    self.kind, name, unknown.group(1), list((keyword_parameters(factory, True) or ({}, False))[0])
+                )
             # Only the user's plain values: engine-supplied objects (parameters, tensors) are noise here.
             shown = {k: v for k, v in kwargs.items() if _plain(v)}
             raise MetricLabError(
@@ -137,47 +134,76 @@ def _top_package(obj: Callable) -> str:
 
 
 def _raise_unknown(kind: str, name: str, key: str, accepted: list[str]) -> None:
-    close = difflib.get_close_matches(key, accepted, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
     raise MetricLabError(
-        f"{kind} '{name}' has no argument '{key}'.{hint} Accepted arguments: {', '.join(accepted) or 'none'}."
+        f"{kind} '{name}' has no argument '{key}'.{did_you_mean(key, accepted)} "
+        f"Accepted arguments: {', '.join(accepted) or 'none'}."
     )
 
 
-def _accepted_names(factory: Callable) -> list[str]:
-    """Keyword names ``factory`` accepts, following ``**kwargs`` up a class's ``__init__`` chain."""
-    names: list[str] = []
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+def keyword_parameters(factory: Callable, follow_kwargs: bool = False) -> tuple[dict[str, Any], bool] | None:
+    """``({name: default or inspect.Parameter.empty}, takes **kwargs)`` of ``factory``; None without a signature.
+
+    With ``follow_kwargs``, a class's ``**kwargs`` are followed up its ``__init__`` chain (pml's losses pass
+    theirs to their base classes), so the names cover everything the class accepts.
+    """
     chain = [c.__init__ for c in inspect.getmro(factory) if "__init__" in vars(c)] if inspect.isclass(factory) else []
+    if not follow_kwargs:
+        chain = []
+    params: dict[str, Any] = {}
+    var_keyword = False
     for function in chain or [factory]:
         try:
-            params = inspect.signature(function).parameters
-        except (TypeError, ValueError):
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):  # builtins without a signature
+            if not params:
+                return None
             break
-        names += [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        found = signature.parameters.values()
+        for p in found:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                params.setdefault(p.name, p.default)
+        var_keyword = any(p.kind is p.VAR_KEYWORD for p in found)
+        if not var_keyword:
             break
-    return list(dict.fromkeys(names))
+    return params, var_keyword
+
+
+def accepted_arguments(factory: Callable, offered: dict[str, Any]) -> dict[str, Any]:
+    """The items of ``offered`` that ``factory`` names as parameters (context a component may take, e.g. a seed)."""
+    found = keyword_parameters(factory)
+    return {k: v for k, v in offered.items() if found is not None and k in found[0]}
+
+
+def resolved_arguments(factory: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` completed with the factory's defaults, as recorded in config.json."""
+    found = keyword_parameters(factory)
+    if found is None:
+        return dict(kwargs)
+    full = {name: default for name, default in found[0].items() if default is not _NO_DEFAULT}
+    full.update(kwargs)
+    return {k: v for k, v in full.items() if _plain(v)}
 
 
 def _check_arguments(kind: str, name: str, factory: Callable, kwargs: dict[str, Any]) -> None:
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # builtins without a signature
+    found = keyword_parameters(factory)
+    if found is None:
         return
-    params = signature.parameters
+    params, var_keyword = found
     for key, value in kwargs.items():
-        if key in params and not _fits_default(value, params[key].default):
-            default = params[key].default
+        if key in params and not _fits_default(value, params[key]):
+            default = params[key]
             raise MetricLabError(
                 f"{kind} '{name}': argument '{key}' must be {_KINDS[type(default)]} like its default, got {value!r}; "
                 f"pass e.g. {key}={json.dumps(default)}"
             )
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if var_keyword:
         return
-    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
-        if key not in accepted:
-            _raise_unknown(kind, name, key, accepted)
+        if key not in params:
+            _raise_unknown(kind, name, key, list(params))
 
 
 # What a default value says about the values an argument takes; None and other defaults say nothing.

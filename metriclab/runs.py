@@ -18,13 +18,16 @@ Layout (``format_version`` 1)::
       metrics.json              {"epochs": [...], "final": {...}, "evaluations": {...}}
       embedding.png             2-D scatter of the test embedding at the end of training
 
-Nothing in a run directory is ever unpickled: arrays are ``.npz`` read with
-``allow_pickle=False``, weights are safetensors, JSON is JSON.
+This module is the only one that reads or writes these files (checkpoints' torch files aside, which
+accelerate writes and :mod:`metriclab.training.checkpoints` loads weights-only). Nothing in a run
+directory is ever unpickled: arrays are ``.npz`` read with ``allow_pickle=False``, weights are
+safetensors, JSON is JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -38,6 +41,7 @@ from metriclab.errors import MetricLabError
 
 FORMAT_VERSION = 1
 _CHECKPOINT = re.compile(r"^step_(\d{8})$")
+HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "samples_per_s")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -59,6 +63,72 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Atomically write pretty JSON."""
     write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None, so the result is strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Write the run's config.json (what ``metriclab.training.components.describe_run`` returns)."""
+    write_json(Path(run_dir) / "config.json", config)
+
+
+def append_history(run_dir: Path, row: dict[str, float]) -> None:
+    """Append one row (the :data:`HISTORY_COLUMNS`) to history.csv, writing the header first if it is new."""
+    path = Path(run_dir) / "history.csv"
+    new = not path.exists()
+    line = f"{row['step']},{row['epoch']:.4f},{row['loss']:.6g},{row['lr']:.6g},{row['samples_per_s']:.1f}\n"
+    with path.open("a") as handle:
+        if new:
+            handle.write(",".join(HISTORY_COLUMNS) + "\n")
+        handle.write(line)
+
+
+def trim_history(run_dir: Path, step: int) -> None:
+    """Keep only the whole history.csv rows up to ``step`` (on resume; a kill can cut the last row short)."""
+    path = Path(run_dir) / "history.csv"
+    if path.exists():
+        lines = path.read_text().splitlines()
+        kept = [",".join(HISTORY_COLUMNS)] + [
+            line for line in lines[1:] if _whole_row(line) and int(float(line.split(",")[0])) <= step
+        ]
+        write_atomic(path, "\n".join(kept) + "\n")
+
+
+def _whole_row(line: str) -> bool:
+    """Whether ``line`` is a complete history.csv row."""
+    fields = line.split(",")
+    if len(fields) != len(HISTORY_COLUMNS):
+        return False
+    try:
+        for value in fields:
+            float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def write_trainer_state(checkpoint: Path, state: dict[str, Any], miner: Any) -> None:
+    """Write a checkpoint's trainer_state.json: where training stands and the miner's state (written last)."""
+    write_json(Path(checkpoint) / "trainer_state.json", {"state": state, "miner": miner})
+
+
+def read_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], Any]:
+    """``(state, miner state)`` of a checkpoint's trainer_state.json; MetricLabError if it is damaged."""
+    path = Path(checkpoint) / "trainer_state.json"
+    try:
+        saved = json.loads(path.read_text())
+        return dict(saved["state"]), saved.get("miner")
+    except (ValueError, TypeError, KeyError) as err:
+        raise MetricLabError(f"{path} is damaged ({err}); resume from an earlier checkpoint") from err
 
 
 def new_run_dir(name: str, output_dir: str | None) -> Path:

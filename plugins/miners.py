@@ -18,7 +18,7 @@ Index tuples have data-dependent sizes, so on a GPU every mined step waits for t
 times; a fused objective of fixed shapes does not. The engine uses it whenever it is offered.
 A fused objective that does the same device work on every call (given the batch size) may declare it
 with an attribute ``graph_generators() -> [torch.Generator, ...]``, the generators it draws from:
-then the engine may capture whole training steps as a CUDA graph (:mod:`metriclab.graphs`).
+then the engine may capture whole training steps as a CUDA graph (:mod:`metriclab.training.graphs`).
 
 Every miner class of ``pytorch_metric_learning.miners`` is also registered as ``pml.<ClassName>``.
 """

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from metriclab import registry
 from metriclab.cli import app, evaluation_table
 from metriclab.data import Dataset
-from metriclab.retrieval import retrieval_metrics, verification_metrics
+from metriclab.metrics.retrieval import retrieval_metrics, verification_metrics
 from metriclab.runs import Run, save_embeddings
 
 runner = CliRunner()
@@ -35,7 +35,7 @@ def run_dir(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def run_8d(tmp_path_factory):
     """A tiny 8-D digits run trained in-process with the engine, evaluated with cosine distance."""
-    from metriclab.engine import train
+    from metriclab.training.engine import train
 
     out = tmp_path_factory.mktemp("runs") / "run8d"
     return train(tiny_recipe(out, name="tiny8", embedding_dim=8, metric="cosine"))

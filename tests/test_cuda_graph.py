@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from metriclab import engine, registry
-from metriclab.components import objective
 from metriclab.data import Dataset
-from metriclab.graphs import StepGraph, why_not_captured
 from metriclab.registry import register_dataset
+from metriclab.training.components import objective
+from metriclab.training.graphs import StepGraph, why_not_captured
 from tests.conftest import read_json, tiny_recipe
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -79,7 +79,7 @@ def test_convnet_pools_before_relu_with_the_same_outputs_and_gradients():
 def test_siamese_network_runs_convolutions_channels_last_with_the_same_embeddings(tmp_path):
     from safetensors.torch import save_file
 
-    from metriclab.model import SiameseNetwork, load_weights
+    from metriclab.models import SiameseNetwork, load_weights
 
     torch.manual_seed(0)
     tower = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), channels=(8, 16))

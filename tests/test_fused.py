@@ -12,7 +12,7 @@ import torch
 from pytorch_metric_learning import distances, losses, reducers
 
 from metriclab import registry
-from metriclab.components import objective
+from metriclab.training.components import objective
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 import metriclab
 from metriclab import registry
-from metriclab.engine import train
+from metriclab.training.engine import train
 
 OURS = (str(Path(metriclab.__file__).parent), str(Path(metriclab_plugins.__file__).parent))
 TORCH = str(Path(torch.__file__).parent)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from metriclab import plots
 from metriclab.errors import MetricLabError
-from metriclab.projections import Panel
+from metriclab.viz import plots
+from metriclab.viz.projections import Panel
 
 N_CLASSES = 10
 NAMES = [f"digit {i}" for i in range(N_CLASSES)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from metriclab.errors import MetricLabError
-from metriclab.projections import compare_projections, numba_cache_dir, project, projection_scores
+from metriclab.viz.projections import compare_projections, numba_cache_dir, project, projection_scores
 
 
 def blobs(n: int = 300, dims: int = 10, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +86,7 @@ def test_import_umap_caches_its_kernels_on_disk():
     script = """
 import json, os, numba
 njit = numba.njit
-from metriclab.projections import import_umap, numba_cache_dir
+from metriclab.viz.projections import import_umap, numba_cache_dir
 umap = import_umap()
 from umap import layouts, umap_
 print(json.dumps({

@@ -1,4 +1,4 @@
-"""metriclab.retrieval against independent computations: pml's AccuracyCalculator, scikit-learn, numpy."""
+"""metriclab.metrics.retrieval against independent computations: pml's AccuracyCalculator, scikit-learn, numpy."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from metriclab import retrieval
 from metriclab.errors import MetricLabError
-from metriclab.retrieval import (
+from metriclab.metrics import retrieval
+from metriclab.metrics.retrieval import (
     _nearest,
     _select_by_topk,
     evaluate_embeddings,

@@ -2,7 +2,7 @@
 
 import torch
 
-from metriclab.sampling import epoch_order, shard, shard_sizes
+from metriclab.data.sampling import epoch_order, shard, shard_sizes
 
 
 def test_random_order_is_a_seeded_permutation():

@@ -68,7 +68,7 @@ def test_tensorboard_tracking_writes_events(tmp_path):
 
 def test_checkpoint_writing_is_not_counted_as_training_time(tmp_path, monkeypatch):
     """--checkpoint-every: samples/s and the recorded training seconds measure the steps, not the writing."""
-    from metriclab.engine import train
+    from metriclab.training.engine import train
 
     delay, saved = 0.8, []
     original = Accelerator.save_state
@@ -94,7 +94,7 @@ def test_checkpoint_writing_is_not_counted_as_training_time(tmp_path, monkeypatc
 
 def test_every_checkpoint_records_the_training_seconds_up_to_its_step(tmp_path):
     """A checkpoint between logging steps holds the seconds of the steps since the last log too."""
-    from metriclab.engine import train
+    from metriclab.training.engine import train
 
     recipe = tiny_recipe(
         tmp_path / "run",
@@ -119,9 +119,9 @@ def test_gradient_accumulation_updates_the_weights_every_nth_step(tmp_path, step
     import torch
     from accelerate.utils import set_seed
 
-    from metriclab.components import build_model, load_dataset
-    from metriclab.engine import train
-    from metriclab.model import load_weights
+    from metriclab.models import load_weights
+    from metriclab.training.components import build_model, load_dataset
+    from metriclab.training.engine import train
 
     recipe = tiny_recipe(tmp_path / "run", gradient_accumulation_steps=2, epochs=1, max_steps=steps, embed_train=False)
     run = train(recipe)

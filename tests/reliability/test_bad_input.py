@@ -260,12 +260,12 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path
 
 
 def test_a_full_disk_while_writing_embeddings(tmp_path, capsys, monkeypatch):
-    import metriclab.engine
+    import metriclab.training.engine
 
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(metriclab.engine, "save_embeddings", full)
+    monkeypatch.setattr(metriclab.training.engine, "save_embeddings", full)
     out = tmp_path / "run"
     code, err = train_in_process(capsys, *FAULT, "--epochs", "1", "--output-dir", str(out))
     assert code == 2, err[-3000:]

@@ -199,7 +199,7 @@ def test_plugin_file_is_loaded_once_per_process():
 
 
 def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_end_and_tidies_up(tmp_path):
-    from metriclab.engine import train
+    from metriclab.training.engine import train
     from tests.conftest import tiny_recipe
 
     out = tmp_path / "run"

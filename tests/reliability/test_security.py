@@ -15,7 +15,7 @@ from conftest import ROOT
 from safetensors import safe_open
 
 from metriclab.errors import MetricLabError
-from metriclab.model import load_weights
+from metriclab.models import load_weights
 from metriclab.runs import Run
 
 from .conftest import FAULT, RECIPE, one_line, train_in_process

@@ -21,7 +21,7 @@ Conventions (shared with pytorch-metric-learning's ``AccuracyCalculator``, whose
 How: keys (``|g|^2 - 2 q.g`` on centred data, or ``-cos``) are float32 matrix products, on
 the GPU with torch when the embeddings live there (or one is present), on CPU with numpy's
 OpenBLAS (twice torch's MKL speed on AMD). The ``k`` (or, for MAP@R, ``R``) nearest are then
-selected: on GPU by ``torch.topk``; on CPU by :mod:`metriclab.ranking` (numba: a per-row
+selected: on GPU by ``torch.topk``; on CPU by :mod:`metriclab.metrics.ranking` (numba: a per-row
 threshold placed from a sample of 512 keys, then a bucket sort of the keys under it), with
 chunks processed on worker threads. The metrics are then summed from the ranked classes by a
 compiled loop. Distances are exact up to float32 rounding of the expansion (about 1e-6 of the
@@ -162,13 +162,13 @@ def _searcher(
 
 
 def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``values`` at each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.ranking`).
+    """``values`` at each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.metrics.ranking`).
 
     Each row's threshold starts from a fixed random sample of its columns, a little above the
     row's expected ``need``-th key; the few rows it leaves short have it raised. Keys equal to
     the last one kept are all candidates, so ties are resolved exactly by the sort.
     """
-    from metriclab.ranking import nearest  # numba: imported when the CPU path first runs
+    from metriclab.metrics.ranking import nearest  # numba: imported when the CPU path first runs
 
     m, n = keys.shape
     sample = np.empty((m, 0), dtype=np.float32)  # no sample: take the whole row
@@ -185,7 +185,7 @@ def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
     """Columns of each row's ``k`` smallest keys via ``torch.topk`` on the keys' device (GPU path)."""
     n = keys.shape[1]
     kk = min(k + 1, n)
-    from metriclab.ranking import codes as to_codes  # numba: imported when first used
+    from metriclab.metrics.ranking import codes as to_codes  # numba: imported when first used
 
     values, columns = torch.topk(keys, kk, dim=1, largest=False, sorted=False)
     codes = np.sort(to_codes(values.cpu().numpy(), columns.cpu().numpy()), axis=1)
@@ -304,7 +304,7 @@ def retrieval_metrics(
     need = np.maximum(max(*top, vote_k), relevant)
     rows = _chunk_rows(len(g), int(need.max()), chunk_size)
 
-    from metriclab.ranking import ranking_sums  # numba: imported on first use
+    from metriclab.metrics.ranking import ranking_sums  # numba: imported on first use
 
     search = _searcher(q, g, metric, loo)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from metriclab.sampling import shard_sizes
+from metriclab.data.sampling import shard_sizes
 
 
 def _all_gather_padded(tensor: torch.Tensor, sizes: list[int], accelerator: Accelerator) -> torch.Tensor:

@@ -1,20 +1,15 @@
-"""Evaluation of a run behind ``metriclab evaluate``: a run directory in, metrics out (and into metrics.json).
+"""A finished run, rebuilt: its recipe, network, dataset and embeddings, from the run directory alone.
 
-Each function reads a run directory through :class:`metriclab.runs.Run`, rebuilds what it needs (the
-model from config.json + model.safetensors, the dataset from the recorded recipe) and returns results;
-nothing here prints. A run's own ``plugins`` list is never imported: a run directory may come from
-someone else, and plugins are code, so callers load the plugins they trust first (``--plugins``).
-Slow steps and skipped work are reported through the ``metriclab.evaluation`` logger (INFO: what is
-being done now; WARNING: something the user should know), which the CLI shows as a status line and
-notes on stderr. :mod:`metriclab.figures` draws runs with the helpers here.
+``metriclab evaluate``, ``visualize`` and ``compare`` all start here. A run directory is read through
+:class:`metriclab.runs.Run`; the model comes from config.json + model.safetensors, the dataset from the
+recorded recipe. A run's own ``plugins`` list is never imported: a run directory may come from someone
+else, and plugins are code, so callers load the plugins they trust first (``--plugins``). Slow steps are
+reported through the ``metriclab.inference`` logger, which the CLI shows as a status line.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,18 +17,13 @@ import numpy as np
 import torch
 
 from metriclab import registry
-from metriclab.components import build_model, load_dataset
-from metriclab.data import Dataset
+from metriclab.data import Dataset, load_dataset
 from metriclab.errors import MetricLabError
-from metriclab.model import SiameseNetwork, embed, load_weights
+from metriclab.models import SiameseNetwork, build_model, embed, load_weights
 from metriclab.recipe import Recipe
-from metriclab.retrieval import METRICS
 from metriclab.runs import Run, save_embeddings
 
 log = logging.getLogger(__name__)
-
-
-# -- rebuilding a run's model, data and embeddings ---------------------------------------------------
 
 
 def run_recipe(run: Run) -> Recipe:
@@ -188,70 +178,3 @@ def run_embeddings(
         for split, (emb, lab) in out.items():
             save_embeddings(run.embeddings_path(split), emb, lab, _last_epoch(run))
     return out, {"dataset": data.source, "embeddings": f"embedded from {run.weights_path.name}"}
-
-
-# -- evaluate ---------------------------------------------------------------------------------------
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with NaN/inf floats replaced by None, so the result is strict JSON."""
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def evaluate_run(
-    run: Run,
-    ks: Sequence[int] = (1, 5, 10),
-    metric: str | None = None,
-    reembed: bool = False,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    knn_k: int = 5,
-    num_pairs: int = 20000,
-    seed: int = 0,
-    save: bool = True,
-) -> dict[str, Any]:
-    """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
-
-    ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
-    with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
-    """
-    from metriclab.retrieval import evaluate_embeddings
-
-    metric = metric or run_recipe(run).metric
-    if metric not in METRICS:
-        raise MetricLabError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
-    if not ks or any(int(k) < 1 for k in ks):
-        raise MetricLabError(f"k values must be positive integers, got {list(ks)}; pass e.g. --ks 1,5,10")
-    start = time.perf_counter()
-    data, info = run_embeddings(run, reembed, dataset, data_dir)
-    test_emb, test_labels = data["test"]
-    train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
-    log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
-    options = {"ks": ks, "metric": metric, "knn_k": knn_k, "num_pairs": num_pairs, "seed": seed}
-    scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options)
-    recipe = run_recipe(run)
-    own = dataset is None and data_dir is None
-    key = metric if own else f"{dataset or recipe.dataset}/{metric}"
-    record = {
-        "metric": metric,
-        "ks": [int(k) for k in ks],
-        "knn_k": knn_k,
-        "num_pairs": num_pairs,
-        "seed": seed,
-        **info,
-        "test_size": len(test_labels),
-        "train_size": None if train_labels is None else len(train_labels),
-        **scores,
-        "seconds": round(time.perf_counter() - start, 3),
-        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    record = strict_json(record)
-    if save:
-        run.update_metrics("evaluations", {**run.metrics.get("evaluations", {}), key: record})
-    return {"run": str(run.path), "name": run.name, "key": key, **record}

@@ -11,7 +11,6 @@ so one that asks to run code when unpickled is refused.
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 
 from metriclab.errors import MetricLabError
 from metriclab.recipe import Recipe
-from metriclab.runs import Run, latest_run_dir, new_run_dir, write_json
+from metriclab.runs import Run, latest_run_dir, new_run_dir, read_trainer_state, write_trainer_state
 
 
 @dataclass
@@ -62,7 +61,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             miner_state = miner.state() if hasattr(miner, "state") else None
-            write_json(tmp / "trainer_state.json", {"state": asdict(state), "miner": miner_state})
+            write_trainer_state(tmp, asdict(state), miner_state)
             if final.exists():  # resumed from an earlier checkpoint: swap, never delete before replacing
                 final.rename(old)
             tmp.rename(final)
@@ -160,15 +159,15 @@ def resume(accelerator: Accelerator, checkpoint: Path, miner: Any) -> TrainerSta
             f"(e.g. --config {checkpoint.parent.parent / 'config.json'} --resume {checkpoint.parent.parent}) "
             "or from an intact checkpoint"
         ) from err
+    saved_state, miner_state = read_trainer_state(checkpoint)
     try:
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())
-        state = TrainerState(**saved["state"])
-    except (ValueError, TypeError, KeyError) as err:
+        state = TrainerState(**saved_state)
+    except TypeError as err:
         raise MetricLabError(
             f"{checkpoint / 'trainer_state.json'} is damaged ({err}); resume from an earlier checkpoint"
         ) from err
-    if miner is not None and hasattr(miner, "load_state") and saved.get("miner") is not None:
-        miner.load_state(saved["miner"])
+    if miner is not None and hasattr(miner, "load_state") and miner_state is not None:
+        miner.load_state(miner_state)
     if accelerator.is_main_process:
         # A run killed after its last checkpoint resumes straight to the end and writes none that would clean up.
         _remove_unfinished(checkpoint.parent)

@@ -1,7 +1,7 @@
 """Exact per-row ranking on the CPU, compiled with numba: each key row's nearest columns in order, and
 a query's ranking metrics from the classes of its ranked neighbours.
 
-:mod:`metriclab.retrieval` computes key rows (smaller = nearer) chunk by chunk and calls these on
+:mod:`metriclab.metrics.retrieval` computes key rows (smaller = nearer) chunk by chunk and calls these on
 worker threads (the kernels release the GIL). Order is by key, then by column, exactly: MAP@R of a
 60k gallery ranks the R ~ 6,000 nearest of each query, so this sort is most of an evaluation.
 

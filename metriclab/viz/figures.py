@@ -1,11 +1,11 @@
 """Figures of runs behind ``metriclab visualize`` and ``compare``: runs in, image files (and scores) out.
 
-The same rules as :mod:`metriclab.evaluation`, whose helpers rebuild a run's model, dataset and
+The same rules as :mod:`metriclab.evaluation`; :mod:`metriclab.inference` rebuilds a run's model, dataset and
 embeddings: a run directory is read through :class:`metriclab.runs.Run`, a run's own ``plugins`` list
 is never imported (plugins are code; callers load the ones they trust first, ``--plugins``), and
-nothing here prints. Slow steps and skipped figures are reported through the ``metriclab.figures``
+nothing here prints. Slow steps and skipped figures are reported through the ``metriclab.viz.figures``
 logger (INFO: what is being done now; WARNING: something the user should know), which the CLI shows
-as a status line and notes on stderr. The drawing itself is :mod:`metriclab.plots`.
+as a status line and notes on stderr. The drawing itself is :mod:`metriclab.viz.plots`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 
 from metriclab.data import Dataset
 from metriclab.errors import MetricLabError
-from metriclab.evaluation import embed_run, load_run_model, run_dataset, run_embeddings, run_recipe, strict_json
-from metriclab.runs import Run
+from metriclab.inference import embed_run, load_run_model, run_dataset, run_embeddings, run_recipe
+from metriclab.runs import Run, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _for_metric(embeddings: np.ndarray, metric: str) -> tuple[np.ndarray, str]:
 
 def _load_umap() -> None:
     """Import umap, saying why it may take a while (numba compiles its kernels once, then loads them from disk)."""
-    from metriclab.projections import import_umap, numba_cache_dir
+    from metriclab.viz.projections import import_umap, numba_cache_dir
 
     log.info("loading UMAP (the first use compiles numba kernels, ~30-60 s, cached in %s)", numba_cache_dir())
     import_umap()
@@ -80,7 +80,7 @@ def _load_umap() -> None:
 
 def _to_2d(embeddings: np.ndarray, method: str, metric: str, seed: int) -> tuple[np.ndarray, str]:
     """2-D points of the embeddings (as learned when 2-D, else projected with ``method``) and a caption."""
-    from metriclab.projections import project
+    from metriclab.viz.projections import project
 
     dims = embeddings.shape[1]
     if dims == 2:
@@ -162,7 +162,7 @@ def visualize_run(
     Figures go to ``output_dir`` (default ``RUN/figures``) in each of ``formats``; the animation is a GIF.
     N-D embeddings are shown through ``method`` (umap, pca or tsne), named in the titles.
     """
-    from metriclab import plots
+    from metriclab.viz import plots
 
     if method not in PROJECTIONS:
         raise MetricLabError(f"unknown projection method '{method}'; use one of {', '.join(PROJECTIONS)}")
@@ -233,8 +233,8 @@ def visualize_run(
 
 
 def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) -> list[Path]:
-    from metriclab import plots
-    from metriclab.retrieval import knn
+    from metriclab.metrics.retrieval import knn
+    from metriclab.viz import plots
 
     test_emb, test_labels = data["test"]
     if data.get("train") is not None:
@@ -280,8 +280,8 @@ def compare_runs(
     row per panel: run, projection, seconds, ``knn_accuracy`` (5-NN in 2-D), ``trustworthiness``
     (None where nothing was projected), ``silhouette``.
     """
-    from metriclab import plots
-    from metriclab.projections import Panel, project, projection_scores
+    from metriclab.viz import plots
+    from metriclab.viz.projections import Panel, project, projection_scores
 
     if not runs:
         raise MetricLabError("pass at least one run directory to compare")

@@ -20,7 +20,7 @@ from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
 
 from metriclab.errors import MetricLabError
-from metriclab.projections import Panel
+from metriclab.viz.projections import Panel
 
 FIGURE_FORMATS = (".png", ".svg", ".pdf")
 DPI = 120
@@ -77,7 +77,7 @@ def _points(points: np.ndarray) -> np.ndarray:
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2:
         raise MetricLabError(
-            f"points must have shape (n, 2) but have {points.shape}; project them first (metriclab.projections.project)"
+            f"points must have shape (n, 2) but have {points.shape}; project them first (viz.projections.project)"
         )
     return points
 
@@ -399,7 +399,7 @@ def panels(
 ) -> Path:
     """Write one scatter per panel side by side, titled with method, seconds and (given) scores; returns the path.
 
-    ``scores`` (e.g. from :func:`metriclab.projections.projection_scores`) lines up with ``panels``.
+    ``scores`` (e.g. from :func:`metriclab.viz.projections.projection_scores`) lines up with ``panels``.
     """
     if not panels:
         raise MetricLabError("no panels to draw; pass the result of compare_projections")

@@ -1,13 +1,12 @@
-"""A recipe's components, built from the registry: dataset, Siamese network, loss and miner.
+"""The training objective (loss and miner from the registry) and what a run records about its components.
 
-Also what a run records about them (``config.json``): every component with all its
-arguments, defaults included, and where it came from. The engine trains with these; the
-evaluation rebuilds a finished run's network and dataset with the same functions.
+``describe_run`` is config.json's content: every component with all its arguments, defaults included,
+and where it came from. The network and the dataset are built by :mod:`metriclab.models` and
+:mod:`metriclab.data`, which evaluation uses too.
 """
 
 from __future__ import annotations
 
-import inspect
 import platform
 import time
 from collections.abc import Callable
@@ -20,31 +19,22 @@ from accelerate import Accelerator
 import metriclab
 from metriclab import registry
 from metriclab.data import Dataset
-from metriclab.errors import MetricLabError
-from metriclab.model import SiameseNetwork
+from metriclab.models import SiameseNetwork
 from metriclab.recipe import Recipe
 from metriclab.runs import FORMAT_VERSION
-
-
-def load_dataset(recipe: Recipe) -> Dataset:
-    """The recipe's dataset, passing ``data_dir`` to factories that accept it."""
-    factory = registry.datasets.get(recipe.dataset)
-    args = dict(recipe.dataset_args)
-    if recipe.data_dir is not None:
-        if "data_dir" not in inspect.signature(factory).parameters:
-            raise MetricLabError(f"dataset '{recipe.dataset}' does not read from a directory; drop --data-dir")
-        args["data_dir"] = recipe.data_dir
-    return registry.datasets.create(recipe.dataset, **args)
 
 
 def build_objective(recipe: Recipe, num_classes: int) -> tuple[torch.nn.Module, Any]:
     """The recipe's loss (with ``num_classes``/``embedding_size`` injected where accepted) and miner."""
     context = {"num_classes": num_classes, "embedding_size": recipe.embedding_dim}
-    loss_args = {**_accepted(registry.losses.get(recipe.loss), context), **recipe.loss_args}
+    loss_args = {**registry.accepted_arguments(registry.losses.get(recipe.loss), context), **recipe.loss_args}
     loss_fn = registry.losses.create(recipe.loss, **loss_args)
     miner = None
     if recipe.miner:
-        miner_args = {**_accepted(registry.miners.get(recipe.miner), {"seed": recipe.seed}), **recipe.miner_args}
+        miner_args = {
+            **registry.accepted_arguments(registry.miners.get(recipe.miner), {"seed": recipe.seed}),
+            **recipe.miner_args,
+        }
         miner = registry.miners.create(recipe.miner, **miner_args)
     return loss_fn, miner
 
@@ -66,14 +56,6 @@ def objective(loss_fn: torch.nn.Module, miner: Any) -> Callable[..., torch.Tenso
     return mine_then_loss
 
 
-def _accepted(factory: Any, context: dict[str, Any]) -> dict[str, Any]:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {k: v for k, v in context.items() if k in params}
-
-
 def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, model: SiameseNetwork) -> dict:
     """The config.json of a run: resolved recipe, components with every argument, data source, environment."""
     components = {}
@@ -88,7 +70,7 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
             entry = registry.registry(kind)
             factory = entry.get(name)
             source = next(e.source for e in entry.entries(name))
-            components[kind] = {"name": name, "source": source, "args": resolved_arguments(factory, args)}
+            components[kind] = {"name": name, "source": source, "args": registry.resolved_arguments(factory, args)}
     versions = {}
     for package in ("metriclab", "torch", "torchvision", "pytorch-metric-learning", "accelerate", "numpy"):
         try:
@@ -109,36 +91,3 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
         "versions": {**versions, "python": platform.python_version(), "metriclab_module": metriclab.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def build_model(recipe: Any, input_shape: tuple[int, ...]) -> SiameseNetwork:
-    """The recipe's Siamese network for images of ``input_shape`` (C, H, W)."""
-    common = {"embedding_dim": recipe.embedding_dim, "input_shape": tuple(input_shape)}
-    tower = registry.encoders.create(recipe.encoder, **common, **recipe.encoder_args)
-    second = None
-    if not recipe.share_weights:
-        name = recipe.second_encoder or recipe.encoder
-        args = recipe.second_encoder_args if recipe.second_encoder else recipe.encoder_args
-        second = registry.encoders.create(name, **common, **args)
-    elif recipe.second_encoder:
-        raise MetricLabError("second_encoder is set but share_weights is true; pass --no-share-weights to use it")
-    return SiameseNetwork(tower, second, channels=input_shape[0])
-
-
-def resolved_arguments(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` completed with the factory's defaults, as recorded in config.json."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    full = {
-        name: p.default
-        for name, p in params.items()
-        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    full.update(kwargs)
-    return {k: v for k, v in full.items() if _jsonable(v)}
-
-
-def _jsonable(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))

@@ -4,10 +4,10 @@ Data lives on the training device as uint8 tensors; each step indexes its shard 
 global batch there, embeds it, gathers the global batch from all processes (so mining
 and the loss see what one process with the whole batch would), and steps. The host is
 consulted only every ``log_every`` steps (loss, speed, non-finite check) and at epoch ends.
-Checkpoints (what one holds, how it is written, how a run resumes) are :mod:`metriclab.checkpoints`;
+Checkpoints (what one holds, how it is written, how a run resumes) are :mod:`metriclab.training.checkpoints`;
 the dataset, network, loss and miner, and the objective that joins the last two (fused where the miner
-offers it), are built by :mod:`metriclab.components`. On a GPU, steps that can be are replayed from a
-CUDA graph (:mod:`metriclab.graphs`).
+offers it), are built by :mod:`metriclab.training.components`. On a GPU, steps that can be are replayed from a
+CUDA graph (:mod:`metriclab.training.graphs`).
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, set_seed
 
 from metriclab import registry
-from metriclab.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
-from metriclab.components import build_model, build_objective, describe_run, load_dataset, objective
-from metriclab.distributed import gather_shards, gather_with_grad
+from metriclab.data import load_dataset
+from metriclab.data.sampling import epoch_order, shard
 from metriclab.errors import MetricLabError
-from metriclab.graphs import StepGraph, why_not_captured
-from metriclab.model import embed
-from metriclab.progress import Reporter
+from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
+from metriclab.models import build_model, embed
 from metriclab.recipe import Recipe
-from metriclab.runs import Run, save_embeddings, write_atomic, write_json
-from metriclab.sampling import epoch_order, shard
-
-_HISTORY_HEADER = "step,epoch,loss,lr,samples_per_s"
+from metriclab.runs import Run, append_history, save_embeddings, trim_history, write_config
+from metriclab.training.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
+from metriclab.training.components import build_objective, describe_run, objective
+from metriclab.training.distributed import gather_shards, gather_with_grad
+from metriclab.training.graphs import StepGraph, why_not_captured
+from metriclab.training.progress import Reporter
 
 # Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -102,7 +102,7 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     )
 
     if accelerator.is_main_process and checkpoint is None:
-        write_json(run_dir / "config.json", describe_run(recipe, dataset, accelerator, model))
+        write_config(run_dir, describe_run(recipe, dataset, accelerator, model))
     if recipe.log_with:
         accelerator.init_trackers(recipe.name, config=_flat(recipe.to_dict()))
 
@@ -159,7 +159,7 @@ class _Trainer:
         )
         self.stepper = optimizer.optimizer if plain else optimizer
         self.global_batch = recipe.batch_size * accelerator.num_processes
-        # On a GPU, steady steps replay one CUDA graph wherever that gives the same training (metriclab.graphs).
+        # On a GPU, steady steps replay one CUDA graph wherever that gives the same training (training.graphs).
         self.graph_blocker = why_not_captured(
             accelerator.device,
             accelerator.num_processes,
@@ -332,26 +332,14 @@ class _Trainer:
         self.reporter.update(state.step, state.epoch + 1, loss, samples_per_s)
         self.accelerator.log({"loss": loss, "lr": lr, "samples_per_s": samples_per_s}, step=state.step)
         if self.accelerator.is_main_process:
-            path = self.run_dir / "history.csv"
-            new = not path.exists()
-            with path.open("a") as handle:
-                if new:
-                    handle.write(_HISTORY_HEADER + "\n")
-                handle.write(
-                    f"{state.step},{state.epoch + state.position / self.train_labels.numel():.4f},"
-                    f"{loss:.6g},{lr:.6g},{samples_per_s:.1f}\n"
-                )
+            epoch = state.epoch + state.position / self.train_labels.numel()
+            row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": samples_per_s}
+            append_history(self.run_dir, row)
 
     def _trim_history(self) -> None:
         """On resume, drop history rows written after the checkpoint we continue from."""
-        path = self.run_dir / "history.csv"
-        if self.accelerator.is_main_process and path.exists():
-            lines = path.read_text().splitlines()
-            # A kill can leave half a row at the end: keep only whole rows up to the checkpoint's step.
-            kept = [_HISTORY_HEADER] + [
-                line for line in lines[1:] if _whole_row(line) and int(line.split(",")[0]) <= self.state.step
-            ]
-            write_atomic(path, "\n".join(kept) + "\n")
+        if self.accelerator.is_main_process:
+            trim_history(self.run_dir, self.state.step)
 
     # -- epochs, checkpoints, the end ---------------------------------------------------------
     def embed_split(self, split: str) -> torch.Tensor:
@@ -365,8 +353,6 @@ class _Trainer:
         return gather_shards(part, n, acc)
 
     def _end_of_epoch(self, last: bool = False) -> None:
-        from metriclab.retrieval import retrieval_metrics
-
         # Completed epochs; a run stopped mid-epoch (max_steps) labels its snapshot with the epoch in progress.
         epoch = self.state.epoch + (1 if self.state.position else 0)
         test = self.embed_split("test")
@@ -404,7 +390,7 @@ class _Trainer:
         self._checkpoint()
 
     def _checkpoint(self) -> Path:
-        """Write the checkpoint of the current step (see :func:`metriclab.checkpoints.save_checkpoint`)."""
+        """Write the checkpoint of the current step (see :func:`metriclab.training.checkpoints.save_checkpoint`)."""
         path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.miner, self.recipe.keep_checkpoints)
         self.saved_step = self.state.step
         return path
@@ -439,9 +425,8 @@ class _Trainer:
         raise SystemExit(128 + self.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report
 
     def _finish(self) -> None:
-        from metriclab.plots import scatter
-        from metriclab.projections import project
-        from metriclab.retrieval import retrieval_metrics
+        from metriclab.viz.plots import scatter  # matplotlib: imported when a run ends, not at start-up
+        from metriclab.viz.projections import project
 
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -450,11 +435,13 @@ class _Trainer:
             return
         run = Run(self.run_dir)
         embeddings, labels = run.embeddings("test")
-        final = retrieval_metrics(embeddings, labels, ks=(1, 5, 10), metric=self.recipe.metric)
+        # The scores `metriclab evaluate` computes, by the same function; it adds the train gallery.
+        scores = evaluate_embeddings(None, None, embeddings, labels, metric=self.recipe.metric)
+        final = scores["test_loo"]
         run.update_metrics(
             "final",
             {
-                "test_loo": final,
+                **scores,
                 "dataset": self.dataset.describe()["source"],
                 "train_seconds": round(self.state.seconds, 3),
                 "steps": self.state.step,
@@ -477,19 +464,6 @@ class _Trainer:
             f"({self.dataset.describe()['test_size']} test images)\nRun written to {self.run_dir}",
             style="bold green",
         )
-
-
-def _whole_row(line: str) -> bool:
-    """Whether ``line`` is a complete history.csv row (a kill can cut the last one short)."""
-    fields = line.split(",")
-    if len(fields) != len(_HISTORY_HEADER.split(",")):
-        return False
-    try:
-        for value in fields:
-            float(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _in_main_thread() -> bool:

@@ -1,0 +1,71 @@
+"""Evaluation of a run behind ``metriclab evaluate``: a run directory in, metrics out (and into metrics.json).
+
+The run's embeddings come from :mod:`metriclab.inference` (saved, or embedded from the weights); the
+scores from :func:`metriclab.metrics.retrieval.evaluate_embeddings`, the same code that scores a run at
+the end of training. Nothing here prints; slow steps are reported through the ``metriclab`` loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from metriclab.errors import MetricLabError
+from metriclab.inference import run_embeddings, run_recipe
+from metriclab.metrics.retrieval import METRICS, evaluate_embeddings
+from metriclab.runs import Run, strict_json
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(
+    run: Run,
+    ks: Sequence[int] = (1, 5, 10),
+    metric: str | None = None,
+    reembed: bool = False,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    knn_k: int = 5,
+    num_pairs: int = 20000,
+    seed: int = 0,
+    save: bool = True,
+) -> dict[str, Any]:
+    """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
+
+    ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
+    with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
+    """
+    metric = metric or run_recipe(run).metric
+    if metric not in METRICS:
+        raise MetricLabError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise MetricLabError(f"k values must be positive integers, got {list(ks)}; pass e.g. --ks 1,5,10")
+    start = time.perf_counter()
+    data, info = run_embeddings(run, reembed, dataset, data_dir)
+    test_emb, test_labels = data["test"]
+    train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
+    log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
+    options = {"ks": ks, "metric": metric, "knn_k": knn_k, "num_pairs": num_pairs, "seed": seed}
+    scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options)
+    recipe = run_recipe(run)
+    own = dataset is None and data_dir is None
+    key = metric if own else f"{dataset or recipe.dataset}/{metric}"
+    record = {
+        "metric": metric,
+        "ks": [int(k) for k in ks],
+        "knn_k": knn_k,
+        "num_pairs": num_pairs,
+        "seed": seed,
+        **info,
+        "test_size": len(test_labels),
+        "train_size": None if train_labels is None else len(train_labels),
+        **scores,
+        "seconds": round(time.perf_counter() - start, 3),
+        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    record = strict_json(record)
+    if save:
+        run.update_metrics("evaluations", {**run.metrics.get("evaluations", {}), key: record})
+    return {"run": str(run.path), "name": run.name, "key": key, **record}

@@ -1,0 +1,1 @@
+"""Scores of embeddings: retrieval, verification and clustering metrics (``retrieval``), exact ranking (``ranking``)."""
