@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metriclab import engine, registry
+from metriclab import registry
 from metriclab.data import Dataset
 from metriclab.registry import register_dataset
+from metriclab.training import engine
 from metriclab.training.components import objective
 from metriclab.training.graphs import StepGraph, why_not_captured
 from tests.conftest import read_json, tiny_recipe
