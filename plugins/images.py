@@ -42,7 +42,7 @@ def _check_common(channels: int, train_fraction: float | None = None) -> None:
 
 def _class_folders(root: Path) -> tuple[dict[str, list[str]], list[str]]:
     """``({class name: sorted image paths}, problems)`` of ``root/<class>/<image>``."""
-    folders = sorted(e for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
     found, problems = {}, []
     for folder in folders:
         images = sorted(
