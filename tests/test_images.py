@@ -1,4 +1,4 @@
-"""Datasets of image files: folders and CSV files of JPEG/PNG/BMP/WebP images written at test time from sklearn's digits."""
+"""Datasets of image files: folders and CSV files of JPEG, PNG, BMP and WebP digits written at test time."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from metriclab_plugins.images import csv_dataset, image_folder
 from PIL import Image
 
 from metriclab.data import Dataset, ImageSource, StreamingDataset, load_dataset
@@ -16,7 +17,6 @@ from metriclab.errors import MetricLabError
 from metriclab.recipe import Recipe
 from metriclab.registry import datasets, register_dataset
 from metriclab.runs import Run
-from metriclab_plugins.images import csv_dataset, image_folder
 
 FORMATS = ("png", "jpg", "bmp", "webp")
 
@@ -66,7 +66,9 @@ def test_image_folder_split_by_classes_is_class_disjoint(tree):
     assert isinstance(data, StreamingDataset) and data.classes == [f"c{c:02d}" for c in range(6)]
     assert set(data.train.labels.tolist()) == {0, 1, 2} and set(data.test.labels.tolist()) == {3, 4, 5}
     assert len(data.train) == len(data.test) == 24
-    assert all(Path(p).parent.name == data.classes[int(y)] for p, y in zip(data.train.paths, data.train.labels))
+    assert all(
+        Path(p).parent.name == data.classes[int(y)] for p, y in zip(data.train.paths, data.train.labels, strict=True)
+    )
     assert image_folder(str(tree), split="classes", train_fraction=0.34).train.labels.unique().tolist() == [0, 1]
 
 
