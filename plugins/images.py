@@ -21,6 +21,7 @@ from metriclab.registry import register_dataset
 SPLIT_RULES = ("classes", "images")
 CSV_REQUIRED = ("label", "path", "split")
 CSV_SPLITS = {"train": "train", "validation": "test"}
+BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")  # open-metric-learning's optional crop, in pixels
 _TRUE, _FALSE = {"true", "1", "yes", "t", "1.0"}, {"false", "0", "no", "f", "0.0", ""}
 
 
@@ -158,6 +159,22 @@ def _label(text: str) -> tuple[str | int | None, str | None]:
     return None, f"label {text!r} is a number but not an integer; use integer or string labels"
 
 
+def _box(row: dict, where: str, problems: list[str]) -> list[int] | None | bool:
+    """``[x1, y1, x2, y2]`` of the row's crop, None without one, False (and a problem noted) if it is wrong."""
+    cells = [(row[c] or "").strip() for c in BOX_COLUMNS]
+    if not any(cells):
+        return None
+    try:
+        x1, y1, x2, y2 = (round(float(c)) for c in cells)
+    except ValueError:
+        problems.append(f"{where}: crop {', '.join(cells)} (x_1, y_1, x_2, y_2) is not four numbers")
+        return False
+    if not (0 <= x1 < x2 and 0 <= y1 < y2):
+        problems.append(f"{where}: crop x_1={x1} x_2={x2} y_1={y1} y_2={y2} is empty or negative")
+        return False
+    return [x1, y1, x2, y2]
+
+
 @register_dataset("csv")
 def csv_dataset(
     data_dir: str | None = None, dataset_root: str | None = None, channels: int = 3, skip_unreadable: bool = False
@@ -166,7 +183,8 @@ def csv_dataset(
 
     Columns: ``label`` (integer or string), ``path`` (relative to ``dataset_root``, by default the
     CSV's folder, or absolute), ``split`` (``train`` or ``validation``), and optionally ``is_query``
-    and ``is_gallery`` (the validation images searched for and searched in) and ``category``.
+    and ``is_gallery`` (the validation images searched for and searched in), ``category``, and the crop
+    ``x_1``, ``x_2``, ``y_1``, ``y_2`` (pixels; empty cells: the whole image).
     """
     path = _root(data_dir, "csv", "FILE.csv in open-metric-learning's format (label, path, split)")
     _check_common(channels)
@@ -192,6 +210,7 @@ def csv_dataset(
         raise MetricLabError(
             f"csv: {path} has '{marks[0]}' but not the other of is_query/is_gallery; add both or neither"
         )
+    boxed = all(c in columns for c in BOX_COLUMNS)
     problems: list[str] = []
     parsed: dict[str, list[tuple[str, object, str, bool | None, bool | None, str | None]]] = {"train": [], "test": []}
     for number, row in enumerate(rows, start=2):  # line 1 is the header
@@ -208,12 +227,13 @@ def csv_dataset(
                 problems.append(f"{where}: {column} {row[column]!r} is not true/false")
         if not (row["path"] or "").strip():
             problems.append(f"{where}: empty path")
-        if why or split is None or None in flags or not (row["path"] or "").strip():
+        box = _box(row, where, problems) if boxed else None
+        if why or split is None or None in flags or not (row["path"] or "").strip() or box is False:
             continue
         file = Path(row["path"].strip()).expanduser()
         file = file if file.is_absolute() else root / file
         query, gallery = flags if marks else (None, None)
-        parsed[split].append((str(file), label, where, query, gallery, row.get("category")))
+        parsed[split].append((str(file), label, where, query, gallery, row.get("category"), box or [-1, -1, -1, -1]))
     report_problems(f"csv {path}", problems, "correct these rows")
     kinds = {type(label) for rows_ in parsed.values() for _, label, *_ in rows_}
     if len(kinds) > 1:
@@ -232,6 +252,7 @@ def csv_dataset(
             is_query=torch.tensor([bool(item[3]) for item in items]) if marks and split == "test" else None,
             is_gallery=torch.tensor([bool(item[4]) for item in items]) if marks and split == "test" else None,
             categories=[str(item[5]) for item in items] if "category" in columns else None,
+            boxes=torch.tensor([item[6] for item in items], dtype=torch.long) if boxed else None,
         )
         where[split] = [item[2] for item in items]
     splits, skipped = checked(f"csv {path}", splits, where, skip_unreadable, [])

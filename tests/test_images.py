@@ -287,3 +287,64 @@ def test_resume_mid_epoch_on_files_continues_with_the_same_batches(twin, tmp_pat
     for (batch_a, images_a), (batch_b, images_b) in zip(whole, first + rest, strict=True):
         assert torch.equal(batch_a, batch_b) and torch.equal(images_a, images_b)
     np.testing.assert_array_equal(straight.embeddings("test")[0], Run(run_dir).embeddings("test")[0])
+
+
+# -- the dataset's own evaluation protocol -----------------------------------------------------------
+
+
+def pml_scores(query, query_labels, reference, reference_labels) -> dict:
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+    )
+    tensors = [torch.as_tensor(x) for x in (query, query_labels, reference, reference_labels)]
+    return calculator.get_accuracy(*tensors, ref_includes_query=False)
+
+
+def test_query_gallery_metrics_match_pytorch_metric_learning():
+    from metriclab.evaluation.protocol import query_gallery_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 15, 400)
+    embeddings = (rng.normal(size=(400, 6)) + rng.normal(size=(15, 6))[labels] * 1.5).astype(np.float32)
+    is_query = rng.random(400) < 0.3
+    categories = np.where(labels < 6, "tops", "shoes")
+    out = query_gallery_metrics(embeddings, labels, is_query, ~is_query, list(categories), ks=(1,), metric="euclidean")
+    q, g = np.flatnonzero(is_query), np.flatnonzero(~is_query)
+    expected = pml_scores(embeddings[q], labels[q], embeddings[g], labels[g])
+    assert out["query_gallery"]["queries"] == len(q) and out["query_gallery"]["gallery"] == len(g)
+    for ours, theirs in (("precision@1", "precision_at_1"), ("map@r", "mean_average_precision_at_r")):
+        assert out["query_gallery"][ours] == pytest.approx(expected[theirs], abs=1e-6)
+    assert out["query_gallery"]["r_precision"] == pytest.approx(expected["r_precision"], abs=1e-6)
+    for name in ("tops", "shoes"):  # a category's queries against the whole gallery
+        rows = q[categories[q] == name]
+        expected = pml_scores(embeddings[rows], labels[rows], embeddings[g], labels[g])
+        assert out["by_category"][name]["map@r"] == pytest.approx(expected["mean_average_precision_at_r"], abs=1e-6)
+    loo = query_gallery_metrics(embeddings, labels, np.ones(400, bool), np.ones(400, bool), ks=(1,))
+    assert loo["query_gallery"]["gallery"] == 400  # every image both: leave-one-out
+    with pytest.raises(MetricLabError, match="disjoint"):
+        query_gallery_metrics(embeddings, labels, is_query | (labels == 0), ~is_query, ks=(1,))
+
+
+def test_csv_crop_columns_cut_the_region_of_interest(tmp_path):
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[5:15, 10:30] = 200  # the object
+    rows = []
+    for i in range(8):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        split = "train" if i < 4 else "validation"
+        rows.append({"label": i % 2 + (0 if i < 4 else 2), "path": f"{i}.png", "split": split})
+        rows[-1] |= (
+            {"x_1": 10, "x_2": 30, "y_1": 5, "y_2": 15} if i % 2 else {"x_1": "", "x_2": "", "y_1": "", "y_2": ""}
+        )
+    data = load_dataset(
+        Recipe(dataset="csv", data_dir=str(write_csv(tmp_path, rows)), image_size=10, test_transform="resize")
+    )
+    cropped, whole = ImageSource(data, "train").take([1, 0])
+    assert int(cropped.min()) == 200 and int(whole.min()) == 0

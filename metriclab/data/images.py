@@ -34,6 +34,7 @@ class ImageFiles:
     is_query: torch.Tensor | None = None  # bool (N,): the image is searched for (In-Shop protocol)
     is_gallery: torch.Tensor | None = None  # bool (N,): the image is searched in
     categories: list[str] | None = None
+    boxes: torch.Tensor | None = None  # int64 (N, 4): x1, y1, x2, y2 of the region to crop; -1 where none
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -175,6 +176,7 @@ def drop(files: ImageFiles, bad: set[int]) -> ImageFiles:
         is_query=pick(files.is_query),
         is_gallery=pick(files.is_gallery),
         categories=None if files.categories is None else [files.categories[i] for i in keep],
+        boxes=pick(files.boxes),
     )
 
 

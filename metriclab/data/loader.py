@@ -22,14 +22,19 @@ from metriclab.data.images import StreamingDataset, decode
 class DecodedFiles(torch.utils.data.Dataset):
     """Map-style torch dataset: item ``i`` is file ``i`` decoded and transformed (run in a worker)."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable | None, channels: int) -> None:
-        self.paths, self.transform, self.channels = list(paths), transform, channels
+    def __init__(
+        self, paths: Sequence[str], transform: Callable | None, channels: int, boxes: torch.Tensor | None = None
+    ) -> None:
+        self.paths, self.transform, self.channels, self.boxes = list(paths), transform, channels, boxes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = decode(self.paths[index], self.channels)
+        if self.boxes is not None and self.boxes[index, 0] >= 0:  # the region of interest only
+            x1, y1, x2, y2 = self.boxes[index].tolist()
+            image = image[:, y1:y2, x1:x2]
         return self.transform(image) if self.transform is not None else image
 
 
@@ -55,7 +60,7 @@ class ImageSource:
         if self.streaming:
             files = dataset.files(split)
             transform = dataset.train_transform if augment else dataset.test_transform
-            self.files = DecodedFiles(files.paths, transform, dataset.channels)
+            self.files = DecodedFiles(files.paths, transform, dataset.channels, files.boxes)
             self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
             self.images = None
         else:
