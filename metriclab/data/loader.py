@@ -38,6 +38,19 @@ class DecodedFiles(torch.utils.data.Dataset):
         return self.transform(image) if self.transform is not None else image
 
 
+class _Plan(torch.utils.data.Sampler):
+    """The batch sampler of a persistent DataLoader: whatever list of index batches was set last."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def is_streaming(dataset: object) -> bool:
     """Whether ``dataset`` streams its images from files (else it holds them as tensors)."""
     return bool(getattr(dataset, "streaming", False))
@@ -63,6 +76,7 @@ class ImageSource:
             self.files = DecodedFiles(files.paths, transform, dataset.channels, files.boxes)
             self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
             self.images = None
+            self.plan, self.loader = _Plan(), None  # workers start on first use and stay for later calls
         else:
             self.images = dataset.split(split)[0].to(self.device)
 
@@ -72,18 +86,19 @@ class ImageSource:
             for batch in batches:
                 yield self.images[batch.to(self.device)]
             return
-        plan = [batch.tolist() for batch in batches]
-        if not plan:
+        self.plan.batches = [batch.tolist() for batch in batches]
+        if not self.plan.batches:
             return
-        workers = min(self.num_workers, len(plan))
-        loader = DataLoader(
-            self.files,
-            batch_sampler=plan,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=self.prefetch_factor if workers else None,
-        )
-        for images in loader:
+        if self.loader is None:
+            self.loader = DataLoader(
+                self.files,
+                batch_sampler=self.plan,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                persistent_workers=self.num_workers > 0,  # no start-up cost per epoch
+            )
+        for images in self.loader:
             yield images.to(self.device, non_blocking=True)
 
     def take(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
