@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from bench.measure import WORK, emit, fmt, load, median, peak_memory, run_child
+from bench.measure import ROOT, WORK, emit, fmt, load, median, peak_memory, run_child
 
 DATA = WORK / "jpegs"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -240,11 +240,19 @@ def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
     return _section(results, where, small, large, workers, batch, quick), results
 
 
+def _commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return (out.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
 def _section(results, where, small, large, workers, batch, quick) -> str:
     lines = [
         "## Streaming image folders (loader)",
         "",
-        f"`python bench/loader.py` via `bench/run.py --only loader`. Data: {small:,} and {large:,} JPEGs "
+        f"`python bench/run.py --only loader` at commit {_commit()}. Data: {small:,} and {large:,} JPEGs "
         f"(quality 90, about 300 x 255 px, 10 class folders) written from {where}. CPU only: the GPU part "
         "(whether the loader keeps a ResNet-50 at 224 px busy; decoding on the GPU with "
         "`torchvision.io.decode_jpeg(device='cuda')`) was not measured on this machine.",
