@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,47 @@ def test_csv_crop_columns_cut_the_region_of_interest(tmp_path):
     )
     cropped, whole = ImageSource(data, "train").take([1, 0])
     assert int(cropped.min()) == 200 and int(whole.min()) == 0
+
+
+# -- the recipe and the CLI, as users run them ----------------------------------------------------
+
+
+def test_a_corrupt_image_stops_the_recipe_before_training_with_exit_2(tmp_path):
+    from conftest import run_recipe
+
+    root = write_tree(tmp_path / "photos", n_classes=4, per_class=3)
+    (root / "c03" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "run"
+    result = run_recipe(
+        "image_folder.py", "--dataset", "image-folder", "--data-dir", str(root), "--output-dir", str(out)
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "bad.jpg" in result.stderr and "skip_unreadable=true" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_recipe_trains_evaluates_and_visualizes_a_csv_with_queries_and_gallery(tree, tmp_path):
+    from conftest import read_json, run_recipe
+    from typer.testing import CliRunner
+
+    from metriclab.cli import app
+
+    csv_path = write_csv(tree.parent, oml_rows(tree), "recipe.csv")
+    out = tmp_path / "run"
+    args = ["--dataset", "csv", "--data-dir", str(csv_path), "--image-size", "16", "--epochs", "1"]
+    args += ["--encoder-args", "channels=[8,16]", "--batch-size", "16", "--num-workers", "1", "--cpu"]
+    result = run_recipe("image_folder.py", *args, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = read_json(out / "config.json")
+    assert config["dataset"]["input_shape"] == [3, 16, 16] and config["dataset"]["protocol"] == "query/gallery"
+    assert config["dataset"]["transforms"]["test"]["name"] == "resize-center-crop"
+    evaluated = CliRunner().invoke(app, ["evaluate", str(out), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    scores = json.loads(evaluated.stdout)[0]
+    assert scores["query_gallery"]["queries"] == 12 and set(scores["by_category"]) == {"round", "straight"}
+    drawn = CliRunner().invoke(
+        app, ["visualize", str(out), "--only", "thumbnails", "--only", "gallery", "--method", "pca"]
+    )
+    assert drawn.exit_code == 0, drawn.output
+    assert (out / "figures" / "thumbnails.png").is_file() and (out / "figures" / "gallery.png").is_file()
