@@ -224,8 +224,12 @@ def evaluation_table(results: list[dict[str, Any]]) -> Table:
     sections = [
         ("test_loo", "test set, leave-one-out"),
         ("test_vs_train", "test queries vs train gallery"),
+        ("query_gallery", "the dataset's queries vs its gallery"),
         ("verification", "pair verification (held-out pairs)"),
     ]
+    # Per-category scores of the dataset's protocol: one "category metric" row each.
+    results = [{**r, "by_category": _category_rows(r.get("by_category"))} for r in results]
+    sections.append(("by_category", "the dataset's queries, per category"))
     for section, title in sections:
         keys = list(dict.fromkeys(key for r in results for key in r.get(section) or {}))
         if not keys:
@@ -235,6 +239,11 @@ def evaluation_table(results: list[dict[str, Any]]) -> Table:
             table.add_row(f"  {_header(key)}", *_marked([(r.get(section) or {}).get(key) for r in results], key))
         table.add_section()
     return table
+
+
+def _category_rows(by_category: dict | None) -> dict[str, Any]:
+    shown = ("precision@1", "map@r")
+    return {f"{name} {key}": m[key] for name, m in (by_category or {}).items() for key in shown if key in m}
 
 
 @app.command()

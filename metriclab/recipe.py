@@ -24,7 +24,17 @@ from typing import Any, get_type_hints
 from metriclab.errors import MetricLabError, did_you_mean
 
 # Component fields whose ``<name>_args`` dict belongs to them.
-COMPONENTS = ("dataset", "encoder", "second_encoder", "loss", "miner", "optimizer")
+COMPONENTS = (
+    "dataset",
+    "encoder",
+    "second_encoder",
+    "loss",
+    "miner",
+    "optimizer",
+    "sampler",
+    "train_transform",
+    "test_transform",
+)
 
 
 @dataclass
@@ -36,6 +46,15 @@ class Recipe:
     dataset: str = "mnist"
     dataset_args: dict = field(default_factory=dict)
     data_dir: str | None = None
+    # streaming image datasets: square side the transforms produce (None: 224), transforms by name
+    # (None: random-resized-crop for training, resize-center-crop for testing), DataLoader workers
+    image_size: int | None = None
+    train_transform: str | None = None
+    train_transform_args: dict = field(default_factory=dict)
+    test_transform: str | None = None
+    test_transform_args: dict = field(default_factory=dict)
+    num_workers: int = 2
+    prefetch_factor: int = 2
     # model: a Siamese network; share_weights=False gives a second (pseudo-siamese) tower
     encoder: str = "mlp"
     encoder_args: dict = field(default_factory=dict)
@@ -50,6 +69,7 @@ class Recipe:
     miner_args: dict = field(default_factory=dict)
     global_mining: bool = True
     sampler: str = "random"
+    sampler_args: dict = field(default_factory=dict)
     m_per_class: int = 4
     # optimisation
     optimizer: str = "adam"
@@ -82,11 +102,25 @@ class Recipe:
     def validate(self) -> None:
         """Raise MetricLabError for values no run could use."""
         _check_types(self)
-        positive = ("embedding_dim", "batch_size", "epochs", "gradient_accumulation_steps", "m_per_class", "log_every")
+        positive = (
+            "embedding_dim",
+            "batch_size",
+            "epochs",
+            "gradient_accumulation_steps",
+            "m_per_class",
+            "log_every",
+            "prefetch_factor",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MetricLabError(f"recipe field '{name}' must be a positive integer, got {value!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise MetricLabError(f"image_size must be a positive integer or None, got {self.image_size!r}")
+        if self.num_workers < 0:
+            raise MetricLabError(
+                f"num_workers must be >= 0 (0: decode images in the training process), got {self.num_workers}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise MetricLabError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -97,7 +131,6 @@ class Recipe:
         if not self.lr > 0:
             raise MetricLabError(f"lr must be > 0, got {self.lr!r}")
         choices = {
-            "sampler": ("random", "m-per-class"),
             "mixed_precision": ("no", "fp16", "bf16"),
             "on_nonfinite": ("stop", "skip"),
             "metric": ("euclidean", "cosine"),

@@ -1,4 +1,4 @@
-"""Registries of components (encoders, losses, miners, datasets, optimizers).
+"""Registries of components (encoders, losses, miners, datasets, optimizers, samplers, transforms).
 
 Modelled on timm's ``register_model``/``create_model``/``list_models``: a component is
 registered where it is defined, built from keyword arguments by name, and listed with
@@ -245,12 +245,16 @@ losses = Registry("loss")
 miners = Registry("miner")
 datasets = Registry("dataset")
 optimizers = Registry("optimizer")
+samplers = Registry("sampler")
+transforms = Registry("transform")
 REGISTRIES: dict[str, Registry] = {
     "encoder": encoders,
     "loss": losses,
     "miner": miners,
     "dataset": datasets,
     "optimizer": optimizers,
+    "sampler": samplers,
+    "transform": transforms,
 }
 
 register_encoder = encoders.register
@@ -258,6 +262,8 @@ register_loss = losses.register
 register_miner = miners.register
 register_dataset = datasets.register
 register_optimizer = optimizers.register
+register_sampler = samplers.register
+register_transform = transforms.register
 
 
 def registry(kind: str) -> Registry:

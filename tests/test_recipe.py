@@ -42,7 +42,6 @@ def test_config_file_is_the_starting_point(tmp_path):
         {"batch_size": -1},
         {"lr": 0.0},
         {"mixed_precision": "fp8"},
-        {"sampler": "nope"},
         {"sampler": "m-per-class", "batch_size": 10, "m_per_class": 4},
     ],
 )

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from metriclab.errors import MetricLabError
-from metriclab.inference import run_embeddings, run_recipe
+from metriclab.evaluation.protocol import query_gallery_metrics
+from metriclab.inference import run_dataset, run_embeddings, run_recipe
 from metriclab.metrics.retrieval import METRICS, evaluate_embeddings
 from metriclab.runs import Run, strict_json
 
@@ -34,6 +35,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
 
+    A dataset that marks query and gallery images (``is_query``/``is_gallery`` of a CSV) is also scored
+    on its own protocol: ``query_gallery`` and, with categories, ``by_category`` (see :mod:`.protocol`).
+
     ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
     with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
     """
@@ -49,6 +53,15 @@ def evaluate_run(
     log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
     options = {"ks": ks, "metric": metric, "knn_k": knn_k, "num_pairs": num_pairs, "seed": seed}
     scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options)
+    if run.config.get("dataset", {}).get("protocol") == "query/gallery" and dataset is None:
+        # The dataset's own protocol (In-Shop): its query images searched in its gallery, per category too.
+        files = run_dataset(run, data_dir=data_dir).files("test")
+        log.info("searching the dataset's queries in its gallery")
+        search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed}
+        categories = files.categories
+        scores |= query_gallery_metrics(
+            test_emb, test_labels, files.is_query.numpy(), files.is_gallery.numpy(), categories, **search
+        )
     recipe = run_recipe(run)
     own = dataset is None and data_dir is None
     key = metric if own else f"{dataset or recipe.dataset}/{metric}"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from metriclab import registry
-from metriclab.data import Dataset, load_dataset
+from metriclab.data import Dataset, ImageSource, StreamingDataset, is_streaming, load_dataset
 from metriclab.errors import MetricLabError
 from metriclab.models import SiameseNetwork, build_model, embed, load_weights
 from metriclab.recipe import Recipe
@@ -80,7 +80,7 @@ def _input_shape(run: Run) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def run_dataset(run: Run, name: str | None = None, data_dir: str | None = None) -> Dataset:
+def run_dataset(run: Run, name: str | None = None, data_dir: str | None = None) -> Dataset | StreamingDataset:
     """The run's dataset (or dataset ``name``, read from ``data_dir`` if given), loaded as the recipe describes."""
     recipe = run_recipe(run)
     if name is not None and name != recipe.dataset:
@@ -105,7 +105,10 @@ def run_dataset(run: Run, name: str | None = None, data_dir: str | None = None) 
 
 
 def embed_run(
-    run: Run, split: str = "test", dataset: Dataset | None = None, model: SiameseNetwork | None = None
+    run: Run,
+    split: str = "test",
+    dataset: Dataset | StreamingDataset | None = None,
+    model: SiameseNetwork | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(embeddings float32 (N, D), labels int64 (N,))`` of a split, computed from the run's saved weights.
 
@@ -116,15 +119,29 @@ def embed_run(
         raise MetricLabError(f"unknown split '{split}'; use 'train' or 'test'")
     model = model if model is not None else load_run_model(run)
     dataset = dataset if dataset is not None else run_dataset(run)
-    images, labels = dataset.split(split)
+    labels = split_labels(dataset, split)
     log.info("embedding the %s split of %s (%d images)", split, dataset.name, len(labels))
-    embeddings = embed(model, images).cpu().numpy().astype(np.float32)
+    if is_streaming(dataset):  # decoded with the run's test-time transform, batch by batch
+        device = next(model.parameters()).device
+        source = ImageSource(dataset, split, device=device, num_workers=run_recipe(run).num_workers)
+        parts = [embed(model, images) for images in source(list(torch.arange(len(labels)).split(STREAM_BATCH)))]
+        embeddings = torch.cat(parts).cpu().numpy().astype(np.float32)
+    else:
+        embeddings = embed(model, dataset.split(split)[0]).cpu().numpy().astype(np.float32)
     if not np.isfinite(embeddings).all():
         raise MetricLabError(
             f"the weights in {run.weights_path} produce NaN or inf embeddings (training diverged); "
             "retrain with a lower --lr"
         )
     return embeddings, labels.cpu().numpy().astype(np.int64)
+
+
+STREAM_BATCH = 256  # images of a streaming dataset embedded per batch
+
+
+def split_labels(dataset: Dataset | StreamingDataset, split: str) -> torch.Tensor:
+    """The labels of a split, on either data path."""
+    return dataset.files(split).labels if is_streaming(dataset) else dataset.split(split)[1]
 
 
 def _check_dimension(run: Run, embeddings: np.ndarray, what: str) -> None:

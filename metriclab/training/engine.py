@@ -26,7 +26,8 @@ from accelerate.utils import DistributedType, set_seed
 
 from metriclab import registry
 from metriclab.data import load_dataset
-from metriclab.data.sampling import epoch_order, shard
+from metriclab.data.loader import ImageSource, is_streaming, statistics_sample
+from metriclab.data.sampling import build_sampler, epoch_order, local_batches, shard
 from metriclab.errors import MetricLabError
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
 from metriclab.models import build_model, embed
@@ -40,6 +41,7 @@ from metriclab.training.progress import Reporter
 
 # Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+STREAM_EMBED_BATCH = 256  # streamed images embedded per batch: the workers decode ahead while the model runs
 
 
 def train(recipe: Recipe) -> Path:
@@ -92,7 +94,7 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     if dataset.notice:
         reporter.notice(dataset.notice)
     model = build_model(recipe, dataset.input_shape)
-    model.fit_input_statistics(dataset.train_images)
+    model.fit_input_statistics(statistics_sample(dataset, recipe.num_workers))
     loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes))
     optimizer = registry.optimizers.create(
         recipe.optimizer,
@@ -169,14 +171,25 @@ class _Trainer:
             compiled=recipe.compile,
             skip_nonfinite=recipe.on_nonfinite == "skip",
         )
+        self.streaming = is_streaming(dataset)
+        if self.streaming and self.graph_blocker is None:
+            self.graph_blocker = "images stream from files through DataLoader workers"
         self.graph = None
         if self.graph_blocker is None:
             self.graph = StepGraph(self._step, self.stepper, self.objective, self.global_batch)
         self.graph_step: int | None = None  # the step at which this process captured its graph
         self.dataset = dataset
         device = accelerator.device
-        self.train_images, self.train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
-        self.test_images, self.test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
+        self.train_labels, self.test_labels = dataset.train_labels.to(device), dataset.test_labels.to(device)
+        # Images come from sources: a resident tensor on the device, or files streamed by DataLoader workers.
+        feed = {"device": device, "num_workers": recipe.num_workers, "prefetch_factor": recipe.prefetch_factor}
+        self.sources = {"train": ImageSource(dataset, "train", augment=True, **feed)}
+        self.sources["test"] = ImageSource(dataset, "test", **feed)
+        # The train split as evaluated: the test-time transform for files, the same tensor when resident.
+        self.sources["train-eval"] = ImageSource(dataset, "train", **feed) if self.streaming else self.sources["train"]
+        self.train_images = self.sources["train"].images  # what resident steps index (None when streaming)
+        self.sampler = build_sampler(recipe.sampler, recipe.m_per_class, recipe.sampler_args)
+        self.epoch_length = self._order(0).numel()
         self.pseudo_siamese = not accelerator.unwrap_model(model).shares_weights
         self.interrupted, self.interrupted_at = False, 0.0  # set by the signal handler in this process
         self.signum = int(signal.SIGINT)  # what stopped the run; another process may have received it
@@ -186,7 +199,7 @@ class _Trainer:
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> None:
         recipe, state = self.recipe, self.state
-        n = self.train_labels.numel()
+        n = self.epoch_length
         steps_per_epoch = math.ceil(n / self.global_batch)
         total = steps_per_epoch * recipe.epochs
         if recipe.max_steps is not None:
@@ -213,18 +226,22 @@ class _Trainer:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        return epoch_order(self.train_labels, self.recipe.seed, epoch, self.sampler)
+
     def _train_epoch(self, n: int, total: int) -> bool:
-        recipe, state = self.recipe, self.state
-        order = epoch_order(self.train_labels, recipe.seed, state.epoch, recipe.sampler, recipe.m_per_class)
+        recipe, state, acc = self.recipe, self.state, self.accelerator
+        order = self._order(state.epoch)
+        # From the resume position on; no further than the run's last step, so workers decode nothing unused.
+        steps = local_batches(order, state.position, self.global_batch, acc.process_index, acc.num_processes)
+        steps = steps[: max(total - state.step, 0)]
+        streamed = self.sources["train"]([local for _, local in steps]) if self.streaming else None
         self.model.train()
         window: list[torch.Tensor] = []
         # Training seconds are summed in laps that skip checkpoint writing; every checkpoint records the total so far.
         clock, window_seconds, samples = time.perf_counter(), 0.0, 0
-        while state.position < n:
-            if state.step >= total:
-                return False
-            batch = order[state.position : state.position + self.global_batch]
-            loss = self._train_step(batch)
+        for batch, _ in steps:
+            loss = self._train_step(batch, next(streamed) if streamed is not None else None)
             state.step += 1
             state.position += batch.numel()
             samples += batch.numel()
@@ -257,11 +274,11 @@ class _Trainer:
                 self.stop_requested = self.interrupted  # no other process to agree with: stop now
             if self.stop_requested:
                 return last_of_epoch
-        return True
+        return state.position >= n
 
-    def _train_step(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            return self._step(batch)
+    def _train_step(self, batch: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        if self.graph is None or images is not None:
+            return self._step(batch, images)
         loss = self.graph(batch)
         if self.graph.captured_at_call == self.graph.calls:
             self.graph_step = self.state.step + 1
@@ -275,10 +292,11 @@ class _Trainer:
         refused = self.graph.refused if self.graph is not None else self.graph_blocker
         return {"used": False, "reason": refused or "too few steps of one batch size to warm up and capture"}
 
-    def _step(self, batch: torch.Tensor) -> torch.Tensor:
+    def _step(self, batch: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """One training step on the global ``batch``; ``pixels`` are this process's streamed images (else indexed)."""
         acc = self.accelerator
         local = shard(batch, acc.process_index, acc.num_processes)
-        images = self.train_images[local].float().div_(255)
+        images = (self.train_images[local] if pixels is None else pixels).float().div_(255)
         with acc.accumulate(self.model):
             with acc.autocast():
                 embeddings = self.model(images).float()
@@ -332,7 +350,7 @@ class _Trainer:
         self.reporter.update(state.step, state.epoch + 1, loss, samples_per_s)
         self.accelerator.log({"loss": loss, "lr": lr, "samples_per_s": samples_per_s}, step=state.step)
         if self.accelerator.is_main_process:
-            epoch = state.epoch + state.position / self.train_labels.numel()
+            epoch = state.epoch + state.position / self.epoch_length
             row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": samples_per_s}
             append_history(self.run_dir, row)
 
@@ -344,12 +362,15 @@ class _Trainer:
     # -- epochs, checkpoints, the end ---------------------------------------------------------
     def embed_split(self, split: str) -> torch.Tensor:
         """All processes embed their shard of ``split``; every process gets the whole, in order."""
-        images = self.test_images if split == "test" else self.train_images
-        n = images.shape[0]
+        n = (self.test_labels if split == "test" else self.train_labels).numel()
         acc = self.accelerator
-        local = shard(torch.arange(n, device=images.device), acc.process_index, acc.num_processes)
+        local = shard(torch.arange(n), acc.process_index, acc.num_processes)
+        source = self.sources["test" if split == "test" else "train-eval"]
+        model = acc.unwrap_model(self.model)
+        size = STREAM_EMBED_BATCH if self.streaming else local.numel() or 1
         with acc.autocast():
-            part = embed(acc.unwrap_model(self.model), images[local])
+            parts = [embed(model, images) for images in source(list(local.split(size)))]
+            part = torch.cat(parts) if parts else embed(model, source.take([]))
         return gather_shards(part, n, acc)
 
     def _end_of_epoch(self, last: bool = False) -> None:

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from metriclab.data import Dataset
+from metriclab.data import Dataset, ImageSource, StreamingDataset, is_streaming
 from metriclab.errors import MetricLabError
 from metriclab.inference import embed_run, load_run_model, run_dataset, run_embeddings, run_recipe
+from metriclab.inference.rebuild import split_labels
 from metriclab.runs import Run, strict_json
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,26 @@ def _class_names(run: Run) -> list[str] | None:
     return run.config.get("dataset", {}).get("classes")
 
 
-def _split_images(run: Run, data: dict[str, tuple[np.ndarray, np.ndarray] | None]) -> tuple[Dataset | None, dict]:
+def _loader(dataset: Dataset | StreamingDataset, split: str):
+    """``load(index) -> uint8 array (*index.shape, C, H, W)``: a split's images at any array of indices.
+
+    Files are decoded (test-time transform, in colour) only for the indices asked for.
+    """
+    if not is_streaming(dataset):
+        images = dataset.split(split)[0].numpy()
+        return lambda index: images[np.asarray(index, dtype=np.int64)]
+    source = ImageSource(dataset, split)
+
+    def load(index: Any) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        return source.take(index.reshape(-1)).numpy().reshape(*index.shape, *dataset.input_shape)
+
+    return load
+
+
+def _split_images(
+    run: Run, data: dict[str, tuple[np.ndarray, np.ndarray] | None]
+) -> tuple[Dataset | StreamingDataset | None, dict]:
     """The run's dataset, with ``data`` re-embedded from the weights if the saved embeddings do not fit it.
 
     Returns ``(None, data)`` with a warning when the images cannot be loaded.
@@ -49,7 +69,7 @@ def _split_images(run: Run, data: dict[str, tuple[np.ndarray, np.ndarray] | None
         log.warning("images unavailable, skipping thumbnails and gallery: %s", err)
         return None, data
     fits = all(
-        data[split] is None or np.array_equal(dataset.split(split)[1].numpy(), data[split][1])
+        data[split] is None or np.array_equal(split_labels(dataset, split).numpy(), data[split][1])
         for split in ("test", "train")
     )
     if fits:
@@ -204,7 +224,7 @@ def visualize_run(
             plots.thumbnail_scatter,
             "thumbnails",
             points,
-            dataset.test_images.numpy(),
+            dataset.test_images.numpy() if not is_streaming(dataset) else _loader(dataset, "test"),
             test_labels,
             names,
             max_images=max_thumbnails,
@@ -237,12 +257,13 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
     from metriclab.viz import plots
 
     test_emb, test_labels = data["test"]
-    if data.get("train") is not None:
+    # The train set is a gallery only where it holds the test classes (not in class-disjoint protocols).
+    if data.get("train") is not None and np.isin(test_labels, data["train"][1]).mean() >= 0.5:
         gallery_emb, gallery_labels = data["train"]
-        gallery_images, exclude_self, where = dataset.train_images.numpy(), False, "train set"
-    else:  # without train embeddings, search the test set itself, leaving each query out
+        gallery_images, exclude_self, where = _loader(dataset, "train"), False, "train set"
+    else:  # search the test set itself, leaving each query out
         gallery_emb, gallery_labels = test_emb, test_labels
-        gallery_images, exclude_self, where = dataset.test_images.numpy(), True, "test set (leave-one-out)"
+        gallery_images, exclude_self, where = _loader(dataset, "test"), True, "test set (leave-one-out)"
     log.info("retrieving the top %d of %d test queries in the %s", k, len(test_labels), where)
     _, index = knn(test_emb, gallery_emb, k, metric=metric, exclude_self=exclude_self)
     index = index.cpu().numpy()
@@ -255,9 +276,9 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
     )
     return [
         plots.retrieval_gallery(
-            dataset.test_images.numpy()[chosen],
+            _loader(dataset, "test")(chosen),
             test_labels[chosen],
-            gallery_images[index],
+            gallery_images(index),
             gallery_labels[index],
             out / f"gallery.{fmt}",
             class_names=names,
@@ -268,6 +289,19 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
 
 
 # -- compare ----------------------------------------------------------------------------------------
+
+BASELINE_SIDE = 16  # photos are compared at 16x16 pixels: 768 values for UMAP instead of 150,528 at 224 px
+
+
+def _pixels(dataset: Dataset | StreamingDataset, index: np.ndarray) -> tuple[np.ndarray, str]:
+    """``(float32 (n, D) pixels of the test images at index, what they are)`` for the unsupervised baseline."""
+    if not is_streaming(dataset):
+        return dataset.test_images.numpy()[index].reshape(len(index), -1).astype(np.float32), "raw pixels"
+    import torch
+
+    images = torch.from_numpy(_loader(dataset, "test")(index)).float()
+    small = torch.nn.functional.interpolate(images, size=(BASELINE_SIDE, BASELINE_SIDE), mode="area")
+    return small.reshape(len(index), -1).numpy(), f"{BASELINE_SIDE}x{BASELINE_SIDE} pixels"
 
 
 def compare_runs(
@@ -296,7 +330,7 @@ def compare_runs(
                 "labels); compare runs trained on the same dataset, or compare them one at a time"
             )
     dataset = run_dataset(first_run)
-    if not np.array_equal(dataset.test_labels.numpy(), labels):
+    if not np.array_equal(split_labels(dataset, "test").numpy(), labels):
         raise MetricLabError(
             f"the test embeddings of {first_run.path} do not match dataset '{dataset.name}' as it loads now; "
             f"re-embed them with `metriclab evaluate {first_run.path} --reembed`"
@@ -313,9 +347,9 @@ def compare_runs(
         return name, view, Panel(title, points, time.perf_counter() - start, high_dim=x)
 
     _load_umap()  # before the clock starts: the seconds are the projections' own
-    pixels = pick(dataset.test_images.numpy()).reshape(len(labels), -1).astype(np.float32)
+    pixels, what = _pixels(dataset, subset if subset is not None else np.arange(len(labels)))
     dims = pixels.shape[1]
-    shown = [timed("raw pixels", f"UMAP of {dims}-D", f"UMAP of raw pixels ({dims}-D)", pixels, "umap")]
+    shown = [timed(what, f"UMAP of {dims}-D", f"UMAP of {what} ({dims}-D)", pixels, "umap")]
     for run, (emb, _) in loaded:
         emb, how = _for_metric(pick(emb), run_recipe(run).metric)
         dims = emb.shape[1]

@@ -7,7 +7,7 @@ path's suffix: ``.png`` (the default when there is none), ``.svg`` or ``.pdf``; 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +166,7 @@ def _spread_out(positions: np.ndarray, min_gap: float, limit: int, seed: int = 0
 
 def thumbnail_scatter(
     points: np.ndarray,
-    images: np.ndarray,
+    images: np.ndarray | Callable[[list[int]], np.ndarray],
     labels: np.ndarray,
     class_names: Sequence[str] | None,
     path: str | Path,
@@ -175,12 +175,14 @@ def thumbnail_scatter(
 ) -> Path:
     """Write a scatter with image thumbnails at their points, spaced not to overlap; returns the path.
 
-    All points are drawn faintly; thumbnails of a fixed-seed random subset are added, skipping any that
+    ``images`` is an array of every point's image, or a function loading the images at given indices
+    (for images streamed from files: only the thumbnails drawn are decoded). All points are drawn faintly;
+    thumbnails of a fixed-seed random subset are added, skipping any that
     would overlap one already drawn, each tinted and framed in its class colour.
     """
     points = _points(points)
     labels, class_names = _labels_and_names(labels, class_names, len(points))
-    if len(images) != len(points):
+    if not callable(images) and len(images) != len(points):
         raise MetricLabError(f"got {len(images)} images for {len(points)} points; pass the images that were embedded")
     path = _output(path)
     colors = class_colors(len(class_names))
@@ -196,7 +198,7 @@ def thumbnail_scatter(
     thumb_px = THUMB_INCHES * DPI
     # OffsetImage draws one image pixel as zoom points (1/72 inch) at any dpi.
     chosen = _spread_out(pixels, thumb_px * 1.08, max_images)
-    thumbnails = _to_rgb01(images, chosen)
+    thumbnails = _to_rgb01(images(chosen)) if callable(images) else _to_rgb01(images, chosen)
     zoom = THUMB_INCHES * 72 / max(thumbnails.shape[1:3])
     for i, image in zip(chosen, thumbnails, strict=True):
         color = colors[labels[i]]

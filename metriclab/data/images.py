@@ -1,0 +1,208 @@
+"""Datasets of image files, streamed instead of held in memory: the contract and its checks.
+
+A :class:`StreamingDataset` is what a dataset plugin returns for data that does not fit in
+memory (folders of photos): per split, file paths and integer labels (plus, optionally, which
+test images are queries and which are gallery, and a category per image). Labels live in
+memory (they are small); images are decoded and transformed by DataLoader workers
+(:mod:`metriclab.data.loader`) as the epoch order asks for them. The resident
+:class:`metriclab.data.Dataset` stays for MNIST-sized data; the engine picks the path by type.
+
+Bad data is found before training: :func:`check_files` reads each file's header and
+:func:`report_problems` raises one MetricLabError with one line per problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from metriclab.errors import MetricLabError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_REPORTED = 20  # problems listed one per line; more are counted
+
+
+@dataclass
+class ImageFiles:
+    """One split as files: ``paths[i]`` has label ``labels[i]``; optional query/gallery marks and categories."""
+
+    paths: list[str]
+    labels: torch.Tensor
+    is_query: torch.Tensor | None = None  # bool (N,): the image is searched for (In-Shop protocol)
+    is_gallery: torch.Tensor | None = None  # bool (N,): the image is searched in
+    categories: list[str] | None = None
+    boxes: torch.Tensor | None = None  # int64 (N, 4): x1, y1, x2, y2 of the region to crop; -1 where none
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class StreamingDataset:
+    """A train/test split of image files, decoded and transformed on the fly.
+
+    ``image_size`` and the transforms are set by :func:`metriclab.data.load_dataset` from the
+    recipe: a transform takes a ``uint8 (C, H, W)`` tensor and returns ``uint8 (C, S, S)``
+    with ``S = image_size``. ``channels`` is 3 (colour; grey images are repeated) or 1.
+    """
+
+    streaming: ClassVar[bool] = True
+
+    name: str
+    train: ImageFiles
+    test: ImageFiles
+    classes: list[str]
+    source: str
+    channels: int = 3
+    image_size: int = 224
+    notice: str | None = None
+    extra: dict = field(default_factory=dict)
+    train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    test_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    transforms: dict = field(default_factory=dict)  # {"train": {"name", "args"}, "test": ...} as recorded
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.train.labels
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        return self.test.labels
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one transformed image, ``(C, S, S)``."""
+        return (self.channels, self.image_size, self.image_size)
+
+    def files(self, name: str) -> ImageFiles:
+        """The files of the ``'train'`` or ``'test'`` split."""
+        if name not in ("train", "test"):
+            raise ValueError(f"unknown split {name!r}; use 'train' or 'test'")
+        return self.train if name == "train" else self.test
+
+    def describe(self) -> dict:
+        """JSON-ready summary recorded in a run's config.json (the test-time transform included)."""
+        test = self.test
+        protocol = "query/gallery" if test.is_query is not None and test.is_gallery is not None else "leave-one-out"
+        return {
+            "name": self.name,
+            "source": self.source,
+            "notice": self.notice,
+            "streaming": True,
+            "train_size": len(self.train),
+            "test_size": len(self.test),
+            "input_shape": list(self.input_shape),
+            "classes": self.classes,
+            "transforms": self.transforms,
+            "protocol": protocol,
+            "skipped": self.extra.get("skipped", {"count": 0, "files": []}),
+        }
+
+
+def decode(path: str, channels: int = 3) -> torch.Tensor:
+    """The image at ``path`` as ``uint8 (channels, H, W)``; libjpeg-turbo/libpng through torchvision, else Pillow."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    try:
+        return decode_image(read_file(path), mode=mode)
+    except RuntimeError:  # formats torchvision does not decode (BMP) and damaged files: Pillow decides
+        import numpy as np
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+        except OSError as err:
+            raise MetricLabError(
+                f"image {path} cannot be decoded ({err}); replace or delete it, or pass "
+                "--dataset-args skip_unreadable=true"
+            ) from err
+        tensor = torch.from_numpy(array.copy())
+        return tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor.unsqueeze(0)
+
+
+def unreadable(path: str) -> str | None:
+    """Why the image file at ``path`` cannot be used (missing, unreadable, not an image), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()  # reads the header (and for PNG the chunks' checksums) without decoding
+    except FileNotFoundError:
+        return "file not found"
+    except PermissionError:
+        return "permission denied"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+def check_files(paths: Sequence[str], where: Sequence[str]) -> list[tuple[int, str]]:
+    """``(index, "where: path: why")`` of every file that cannot be read; ``where[i]`` names its row or folder."""
+    problems = []
+    for i, path in enumerate(paths):
+        why = unreadable(path)
+        if why is not None:
+            problems.append((i, f"{where[i]}: {path}: {why}"))
+    return problems
+
+
+def report_problems(source: str, problems: Sequence[str], fix: str) -> None:
+    """Raise one MetricLabError listing ``problems`` one per line (the first ``MAX_REPORTED``), then the fix."""
+    if not problems:
+        return
+    shown = [f"  {p}" for p in problems[:MAX_REPORTED]]
+    if len(problems) > MAX_REPORTED:
+        shown.append(f"  ... and {len(problems) - MAX_REPORTED} more")
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    raise MetricLabError(f"{source}: {count} in the data; {fix}:\n" + "\n".join(shown))
+
+
+def drop(files: ImageFiles, bad: set[int]) -> ImageFiles:
+    """``files`` without the entries at the indices in ``bad``."""
+    keep = [i for i in range(len(files)) if i not in bad]
+    index = torch.tensor(keep, dtype=torch.long)
+
+    def pick(mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None if mask is None else mask[index]
+
+    return ImageFiles(
+        paths=[files.paths[i] for i in keep],
+        labels=files.labels[index],
+        is_query=pick(files.is_query),
+        is_gallery=pick(files.is_gallery),
+        categories=None if files.categories is None else [files.categories[i] for i in keep],
+        boxes=pick(files.boxes),
+    )
+
+
+def checked(
+    name: str,
+    splits: dict[str, ImageFiles],
+    where: dict[str, list[str]],
+    skip_unreadable: bool,
+    other_problems: list[str],
+) -> tuple[dict[str, ImageFiles], dict[str, Any]]:
+    """Splits with unreadable files dropped (``skip_unreadable``) or a MetricLabError listing every problem.
+
+    Returns the splits and the ``skipped`` record (count and files) that config.json keeps.
+    """
+    problems = list(other_problems)
+    bad: dict[str, list[tuple[int, str]]] = {s: check_files(f.paths, where[s]) for s, f in splits.items()}
+    unreadable_lines = [line for found in bad.values() for _, line in found]
+    if not skip_unreadable:
+        problems += unreadable_lines
+    fix = "fix or remove them"
+    if unreadable_lines and not skip_unreadable:
+        fix += " (or pass --dataset-args skip_unreadable=true to train without the unreadable images)"
+    report_problems(name, problems, fix)
+    skipped = [line for line in unreadable_lines]
+    out = {s: drop(f, {i for i, _ in bad[s]}) if bad[s] else f for s, f in splits.items()}
+    for split, files in out.items():
+        if len(files) == 0:
+            raise MetricLabError(f"{name}: the {split} split has no readable images; add images to it")
+    return out, {"count": len(skipped), "files": skipped}

@@ -1,0 +1,395 @@
+"""Datasets of image files: folders and CSV files of JPEG, PNG, BMP and WebP digits written at test time."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from metriclab_plugins.images import csv_dataset, image_folder
+from PIL import Image
+
+from metriclab.data import Dataset, ImageSource, StreamingDataset, load_dataset
+from metriclab.data.sampling import epoch_order, local_batches
+from metriclab.errors import MetricLabError
+from metriclab.recipe import Recipe
+from metriclab.registry import datasets, register_dataset
+from metriclab.runs import Run
+
+FORMATS = ("png", "jpg", "bmp", "webp")
+
+
+def digits_rgb(n_classes: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """``uint8 (N, 8, 8, 3)`` tinted digits and their labels, class-major."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for c in range(n_classes):
+        for i in np.flatnonzero(bunch.target == c)[:per_class]:
+            grey = bunch.images[i] * (255 / 16)
+            images.append(np.rint(grey[..., None] * rng.uniform(0.3, 1.0, 3)).astype(np.uint8))
+            labels.append(c)
+    return np.stack(images), np.array(labels)
+
+
+def write_tree(root: Path, n_classes: int = 6, per_class: int = 8, varied: bool = True) -> Path:
+    """``root/cNN/NNN.ext``: digits as images of several formats, sizes, colours and greys (or all 8x8 PNG)."""
+    images, labels = digits_rgb(n_classes, per_class)
+    rng = np.random.default_rng(1)
+    for j, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / f"c{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(image)
+        if not varied:
+            picture.save(folder / f"{j:03d}.png")
+            continue
+        size = (int(rng.integers(12, 40)), int(rng.integers(12, 40)))
+        picture = picture.resize(size, Image.BILINEAR)
+        if j % 3 == 0:
+            picture = picture.convert("L")  # grey images are read as colour (channels repeated)
+        fmt = FORMATS[j % len(FORMATS)]
+        picture.save(folder / f"{j:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return write_tree(tmp_path_factory.mktemp("images") / "digits")
+
+
+def test_image_folder_split_by_classes_is_class_disjoint(tree):
+    data = image_folder(str(tree), split="classes", train_fraction=0.5)
+    assert isinstance(data, StreamingDataset) and data.classes == [f"c{c:02d}" for c in range(6)]
+    assert set(data.train.labels.tolist()) == {0, 1, 2} and set(data.test.labels.tolist()) == {3, 4, 5}
+    assert len(data.train) == len(data.test) == 24
+    assert all(
+        Path(p).parent.name == data.classes[int(y)] for p, y in zip(data.train.paths, data.train.labels, strict=True)
+    )
+    assert image_folder(str(tree), split="classes", train_fraction=0.34).train.labels.unique().tolist() == [0, 1]
+
+
+def test_image_folder_split_by_images_is_stratified_and_seeded(tree):
+    a = image_folder(str(tree), split="images", train_fraction=0.75, seed=3)
+    assert torch.bincount(a.train.labels).tolist() == [6] * 6 and torch.bincount(a.test.labels).tolist() == [2] * 6
+    assert not set(a.train.paths) & set(a.test.paths)
+    assert a.test.paths == image_folder(str(tree), split="images", train_fraction=0.75, seed=3).test.paths
+    assert a.test.paths != image_folder(str(tree), split="images", train_fraction=0.75, seed=4).test.paths
+
+
+def test_train_and_test_folders_are_used_as_they_are(tmp_path):
+    write_tree(tmp_path / "train", n_classes=3, per_class=4)
+    write_tree(tmp_path / "test", n_classes=4, per_class=2)
+    data = image_folder(str(tmp_path))
+    assert (len(data.train), len(data.test), len(data.classes)) == (12, 8, 4)
+
+
+def test_every_image_decodes_to_colour_at_the_recipe_size(tree):
+    recipe = Recipe(dataset="image-folder", data_dir=str(tree), image_size=20)
+    data = load_dataset(recipe)
+    assert data.input_shape == (3, 20, 20) and data.transforms["test"]["name"] == "resize-center-crop"
+    source = ImageSource(data, "train", augment=True, num_workers=0)
+    (images,) = source([torch.arange(len(data.train))])  # every format, size and grey image, augmented
+    assert images.shape == (24, 3, 20, 20) and images.dtype == torch.uint8
+    assert ImageSource(data, "test").take([0, 5]).shape == (2, 3, 20, 20)
+
+
+def test_corrupt_file_and_empty_class_are_reported_in_one_error_each_on_a_line(tmp_path):
+    root = write_tree(tmp_path / "bad", n_classes=4, per_class=3)
+    (root / "c01" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "c99").mkdir()
+    with pytest.raises(MetricLabError) as err:
+        image_folder(str(root))
+    lines = str(err.value).splitlines()
+    assert "2 problems" in lines[0] and "skip_unreadable=true" in lines[0]
+    assert any("broken.jpg" in line and "not a readable image" in line for line in lines[1:])
+    assert any("c99" in line and "empty class" in line for line in lines[1:])
+
+
+def test_skip_flag_trains_without_unreadable_images_and_records_them(tmp_path):
+    root = write_tree(tmp_path / "bad", n_classes=4, per_class=3)
+    (root / "c02" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    data = image_folder(str(root), split="images", skip_unreadable=True)
+    assert len(data.train) + len(data.test) == 12
+    skipped = data.describe()["skipped"]
+    assert skipped["count"] == 1 and "broken.png" in skipped["files"][0]
+
+
+def write_csv(tmp_path: Path, rows: list[dict], name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def oml_rows(tree: Path) -> list[dict]:
+    """open-metric-learning rows for ``tree``: classes c00-c02 train, c03-c05 validation (half queries)."""
+    rows = []
+    for i, path in enumerate(sorted(tree.rglob("*.*"))):
+        label = int(path.parent.name[1:])
+        relative = path.relative_to(tree.parent)
+        rows.append(
+            {
+                "label": label,
+                "path": str(relative) if i % 2 else str(path),  # relative to the CSV's folder, or absolute
+                "split": "train" if label < 3 else "validation",
+                "is_query": label >= 3 and i % 2 == 0,
+                "is_gallery": label >= 3 and i % 2 == 1,
+                "category": "round" if label in (0, 3, 5) else "straight",
+            }
+        )
+    return rows
+
+
+def test_csv_in_open_metric_learning_format(tree):
+    path = write_csv(tree.parent, oml_rows(tree))
+    data = csv_dataset(str(path))
+    assert (len(data.train), len(data.test)) == (24, 24) and data.classes == [str(c) for c in range(6)]
+    assert data.test.is_query.sum() == 12 and not (data.test.is_query & data.test.is_gallery).any()
+    assert set(data.test.categories) == {"round", "straight"}
+    assert data.describe()["protocol"] == "query/gallery"
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda rows: [{k: v for k, v in r.items() if k != "split"} for r in rows], ["no column 'split'"]),
+        (
+            lambda rows: [{**r, "label": "2.5"} if i == 4 else r for i, r in enumerate(rows)],
+            ["row 6", "not an integer"],
+        ),
+        (lambda rows: [{**r, "path": "gone.jpg"} if i == 2 else r for i, r in enumerate(rows)], ["row 4", "gone.jpg"]),
+        (lambda rows: [{**r, "split": "val"} if i == 0 else r for i, r in enumerate(rows)], ["row 2", "'val'"]),
+    ],
+)
+def test_bad_csv_rows_are_named(tree, change, words):
+    path = write_csv(tree.parent, change(oml_rows(tree)), "bad.csv")
+    with pytest.raises(MetricLabError) as err:
+        csv_dataset(str(path))
+    assert all(word in str(err.value) for word in words), str(err.value)
+
+
+def test_processes_read_disjoint_images_whose_union_is_the_epoch(tree):
+    data = load_dataset(Recipe(dataset="image-folder", data_dir=str(tree), image_size=8, test_transform="resize"))
+    order = epoch_order(data.train_labels, 0, 0, "m-per-class", 4)
+    whole = torch.cat(list(ImageSource(data, "train", num_workers=0)([order])))
+    parts = []
+    for rank in range(2):
+        steps = local_batches(order, 0, 8, rank, 2)
+        parts.append([torch.cat(list(ImageSource(data, "train", num_workers=1)([local for _, local in steps])))])
+    # Rank 0 holds the first half of every global batch of 8, rank 1 the second half.
+    mixed = torch.cat([torch.cat(pair) for pair in zip(parts[0][0].split(4), parts[1][0].split(4), strict=True)])
+    assert torch.equal(mixed, whole)
+
+
+# -- training on both data paths -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    """The same 8x8 digits as PNG files (streamed) and as a resident Dataset, in the same order."""
+    root = tmp_path_factory.mktemp("twin")
+    images, labels = digits_rgb(4, 16)
+    tensors = {}
+    for split, rows in (("train", slice(0, None, 2)), ("test", slice(1, None, 2))):
+        for j, (image, label) in enumerate(zip(images[rows], labels[rows], strict=True)):
+            folder = root / split / f"c{label:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{j:03d}.png")
+        tensors[split] = (
+            torch.from_numpy(images[rows]).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(labels[rows]),
+        )
+
+    def resident() -> Dataset:
+        (xa, ya), (xb, yb) = tensors["train"], tensors["test"]
+        return Dataset("twin", xa, ya, xb, yb, [f"c{c:02d}" for c in range(4)], source="test arrays")
+
+    if "test-twin" not in datasets:
+        register_dataset("test-twin", resident)
+    return root
+
+
+def spy_batches(monkeypatch) -> list:
+    """Record (global batch, images) of every training step the engine takes."""
+    from metriclab.training import engine
+
+    seen, original = [], engine._Trainer._step
+
+    def step(self, batch, pixels=None):
+        images = self.train_images[batch] if pixels is None else pixels
+        seen.append((batch.cpu().clone(), images.cpu().clone()))
+        return original(self, batch, pixels)
+
+    monkeypatch.setattr(engine._Trainer, "_step", step)
+    return seen
+
+
+def twin_recipe(out: Path, **fields) -> Recipe:
+    """A tiny ConvNet run on the twin data, deterministic transforms, one DataLoader worker."""
+    common = {
+        "encoder": "convnet",
+        "encoder_args": {"channels": [8, 8]},
+        "embedding_dim": 8,
+        "loss": "triplet",
+        "miner": "semi-hard",
+        "sampler": "m-per-class",
+        "batch_size": 8,
+        "epochs": 2,
+        "image_size": 8,
+        "train_transform": "resize",
+        "test_transform": "resize",
+        "num_workers": 1,
+        "cpu": True,
+        "log_every": 1,
+    }
+    return Recipe(**{**common, "output_dir": str(out), **fields})
+
+
+def test_resident_and_streaming_paths_give_identical_batches_and_weights(twin, tmp_path, monkeypatch):
+    from metriclab.training.engine import train
+
+    runs, seen = {}, {}
+    for name, fields in (("resident", {"dataset": "test-twin"}), ("files", {"dataset": "image-folder"})):
+        record = spy_batches(monkeypatch)
+        extra = {"data_dir": str(twin)} if name == "files" else {}
+        runs[name] = Run(train(twin_recipe(tmp_path / name, **fields, **extra)))
+        seen[name] = record
+        monkeypatch.undo()
+    assert len(seen["files"]) == len(seen["resident"]) == 2 * 4
+    for (batch_a, images_a), (batch_b, images_b) in zip(seen["resident"], seen["files"], strict=True):
+        assert torch.equal(batch_a, batch_b) and torch.equal(images_a, images_b)
+    emb_a, emb_b = runs["resident"].embeddings("test")[0], runs["files"].embeddings("test")[0]
+    np.testing.assert_array_equal(emb_a, emb_b)
+    assert runs["files"].config["dataset"]["transforms"]["test"] == {"name": "resize", "args": {"size": 8}}
+
+
+def test_resume_mid_epoch_on_files_continues_with_the_same_batches(twin, tmp_path, monkeypatch):
+    from metriclab.training.engine import train
+
+    whole = spy_batches(monkeypatch)
+    straight = Run(train(twin_recipe(tmp_path / "straight", dataset="image-folder", data_dir=str(twin), num_workers=0)))
+    monkeypatch.undo()
+    first = spy_batches(monkeypatch)
+    stopped = twin_recipe(tmp_path / "resumed", dataset="image-folder", data_dir=str(twin), max_steps=6, num_workers=0)
+    run_dir = train(stopped)  # stops after 2 of the 4 steps of the second epoch
+    monkeypatch.undo()
+    rest = spy_batches(monkeypatch)
+    train(
+        twin_recipe(tmp_path / "unused", dataset="image-folder", data_dir=str(twin), resume=str(run_dir), num_workers=0)
+    )
+    assert len(first) == 6 and len(rest) == 2
+    for (batch_a, images_a), (batch_b, images_b) in zip(whole, first + rest, strict=True):
+        assert torch.equal(batch_a, batch_b) and torch.equal(images_a, images_b)
+    np.testing.assert_array_equal(straight.embeddings("test")[0], Run(run_dir).embeddings("test")[0])
+
+
+# -- the dataset's own evaluation protocol -----------------------------------------------------------
+
+
+def pml_scores(query, query_labels, reference, reference_labels) -> dict:
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+    )
+    tensors = [torch.as_tensor(x) for x in (query, query_labels, reference, reference_labels)]
+    return calculator.get_accuracy(*tensors, ref_includes_query=False)
+
+
+def test_query_gallery_metrics_match_pytorch_metric_learning():
+    from metriclab.evaluation.protocol import query_gallery_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 15, 400)
+    embeddings = (rng.normal(size=(400, 6)) + rng.normal(size=(15, 6))[labels] * 1.5).astype(np.float32)
+    is_query = rng.random(400) < 0.3
+    categories = np.where(labels < 6, "tops", "shoes")
+    out = query_gallery_metrics(embeddings, labels, is_query, ~is_query, list(categories), ks=(1,), metric="euclidean")
+    q, g = np.flatnonzero(is_query), np.flatnonzero(~is_query)
+    expected = pml_scores(embeddings[q], labels[q], embeddings[g], labels[g])
+    assert out["query_gallery"]["queries"] == len(q) and out["query_gallery"]["gallery"] == len(g)
+    for ours, theirs in (("precision@1", "precision_at_1"), ("map@r", "mean_average_precision_at_r")):
+        assert out["query_gallery"][ours] == pytest.approx(expected[theirs], abs=1e-6)
+    assert out["query_gallery"]["r_precision"] == pytest.approx(expected["r_precision"], abs=1e-6)
+    for name in ("tops", "shoes"):  # a category's queries against the whole gallery
+        rows = q[categories[q] == name]
+        expected = pml_scores(embeddings[rows], labels[rows], embeddings[g], labels[g])
+        assert out["by_category"][name]["map@r"] == pytest.approx(expected["mean_average_precision_at_r"], abs=1e-6)
+    loo = query_gallery_metrics(embeddings, labels, np.ones(400, bool), np.ones(400, bool), ks=(1,))
+    assert loo["query_gallery"]["gallery"] == 400  # every image both: leave-one-out
+    with pytest.raises(MetricLabError, match="disjoint"):
+        query_gallery_metrics(embeddings, labels, is_query | (labels == 0), ~is_query, ks=(1,))
+
+
+def test_csv_crop_columns_cut_the_region_of_interest(tmp_path):
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[5:15, 10:30] = 200  # the object
+    rows = []
+    for i in range(8):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        split = "train" if i < 4 else "validation"
+        rows.append({"label": i % 2 + (0 if i < 4 else 2), "path": f"{i}.png", "split": split})
+        rows[-1] |= (
+            {"x_1": 10, "x_2": 30, "y_1": 5, "y_2": 15} if i % 2 else {"x_1": "", "x_2": "", "y_1": "", "y_2": ""}
+        )
+    data = load_dataset(
+        Recipe(dataset="csv", data_dir=str(write_csv(tmp_path, rows)), image_size=10, test_transform="resize")
+    )
+    cropped, whole = ImageSource(data, "train").take([1, 0])
+    assert int(cropped.min()) == 200 and int(whole.min()) == 0
+
+
+# -- the recipe and the CLI, as users run them ----------------------------------------------------
+
+
+def test_a_corrupt_image_stops_the_recipe_before_training_with_exit_2(tmp_path):
+    from conftest import run_recipe
+
+    root = write_tree(tmp_path / "photos", n_classes=4, per_class=3)
+    (root / "c03" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "run"
+    result = run_recipe(
+        "image_folder.py", "--dataset", "image-folder", "--data-dir", str(root), "--output-dir", str(out)
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "bad.jpg" in result.stderr and "skip_unreadable=true" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_recipe_trains_evaluates_and_visualizes_a_csv_with_queries_and_gallery(tree, tmp_path):
+    from conftest import read_json, run_recipe
+    from typer.testing import CliRunner
+
+    from metriclab.cli import app
+
+    csv_path = write_csv(tree.parent, oml_rows(tree), "recipe.csv")
+    out = tmp_path / "run"
+    args = ["--dataset", "csv", "--data-dir", str(csv_path), "--image-size", "16", "--epochs", "1"]
+    args += ["--encoder-args", "channels=[8,16]", "--batch-size", "16", "--num-workers", "1", "--cpu"]
+    result = run_recipe("image_folder.py", *args, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = read_json(out / "config.json")
+    assert config["dataset"]["input_shape"] == [3, 16, 16] and config["dataset"]["protocol"] == "query/gallery"
+    assert config["dataset"]["transforms"]["test"]["name"] == "resize-center-crop"
+    evaluated = CliRunner().invoke(app, ["evaluate", str(out), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    scores = json.loads(evaluated.stdout)[0]
+    assert scores["query_gallery"]["queries"] == 12 and set(scores["by_category"]) == {"round", "straight"}
+    drawn = CliRunner().invoke(
+        app, ["visualize", str(out), "--only", "thumbnails", "--only", "gallery", "--method", "pca"]
+    )
+    assert drawn.exit_code == 0, drawn.output
+    assert (out / "figures" / "thumbnails.png").is_file() and (out / "figures" / "gallery.png").is_file()
