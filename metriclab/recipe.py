@@ -24,7 +24,7 @@ from typing import Any, get_type_hints
 from metriclab.errors import MetricLabError, did_you_mean
 
 # Component fields whose ``<name>_args`` dict belongs to them.
-COMPONENTS = ("dataset", "encoder", "second_encoder", "loss", "miner", "optimizer")
+COMPONENTS = ("dataset", "encoder", "second_encoder", "loss", "miner", "optimizer", "scheduler")
 
 
 @dataclass
@@ -55,6 +55,11 @@ class Recipe:
     optimizer: str = "adam"
     optimizer_args: dict = field(default_factory=dict)
     lr: float = 1e-3
+    # learning-rate schedule (a registered scheduler), in optimizer steps, behind an optional linear warm-up
+    scheduler: str | None = None
+    scheduler_args: dict = field(default_factory=dict)
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
     batch_size: int = 128
     epochs: int = 5
     max_steps: int | None = None
@@ -93,6 +98,11 @@ class Recipe:
             raise MetricLabError(
                 f"checkpoint_every must be >= 0 (0: only at epoch ends) and keep_checkpoints >= 1, got "
                 f"{self.checkpoint_every} and {self.keep_checkpoints}"
+            )
+        if self.warmup_steps < 0 or not 0 < self.warmup_start_factor <= 1:
+            raise MetricLabError(
+                f"warmup_steps must be >= 0 and warmup_start_factor in (0, 1], got {self.warmup_steps} and "
+                f"{self.warmup_start_factor}; e.g. --warmup-steps 100 --warmup-start-factor 0.01"
             )
         if not self.lr > 0:
             raise MetricLabError(f"lr must be > 0, got {self.lr!r}")
@@ -168,7 +178,8 @@ class Recipe:
             if f"{name}_args" in given:
                 data[f"{name}_args"] = {**data[f"{name}_args"], **given.pop(f"{name}_args")}
         for key, value in given.items():
-            data[key] = None if value == "none" and key in ("miner", "second_encoder", "log_with") else value
+            nullable = ("miner", "second_encoder", "log_with", "scheduler")
+            data[key] = None if value == "none" and key in nullable else value
         return Recipe.from_dict(data)
 
 

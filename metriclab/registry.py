@@ -1,4 +1,4 @@
-"""Registries of components (encoders, losses, miners, datasets, optimizers).
+"""Registries of components (encoders, losses, miners, datasets, optimizers, schedulers).
 
 Modelled on timm's ``register_model``/``create_model``/``list_models``: a component is
 registered where it is defined, built from keyword arguments by name, and listed with
@@ -245,12 +245,14 @@ losses = Registry("loss")
 miners = Registry("miner")
 datasets = Registry("dataset")
 optimizers = Registry("optimizer")
+schedulers = Registry("scheduler")
 REGISTRIES: dict[str, Registry] = {
     "encoder": encoders,
     "loss": losses,
     "miner": miners,
     "dataset": datasets,
     "optimizer": optimizers,
+    "scheduler": schedulers,
 }
 
 register_encoder = encoders.register
@@ -258,6 +260,7 @@ register_loss = losses.register
 register_miner = miners.register
 register_dataset = datasets.register
 register_optimizer = optimizers.register
+register_scheduler = schedulers.register
 
 
 def registry(kind: str) -> Registry:

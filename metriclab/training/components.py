@@ -64,6 +64,7 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
         ("loss", recipe.loss, recipe.loss_args),
         ("miner", recipe.miner, recipe.miner_args),
         ("optimizer", recipe.optimizer, {"lr": recipe.lr, **recipe.optimizer_args}),
+        ("scheduler", recipe.scheduler, recipe.scheduler_args),
         ("dataset", recipe.dataset, recipe.dataset_args),
     ]:
         if name:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from metriclab.training.checkpoints import TrainerState, checkpoint_dir, resume,
 from metriclab.training.components import build_objective, describe_run, objective
 from metriclab.training.distributed import gather_shards, gather_with_grad
 from metriclab.training.graphs import StepGraph, why_not_captured
+from metriclab.training.optimization import build_scheduler, optimizer_steps, total_batches
 from metriclab.training.progress import Reporter
 
 # Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
@@ -100,6 +100,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
         lr=recipe.lr,
         **recipe.optimizer_args,
     )
+    global_batch = recipe.batch_size * accelerator.num_processes
+    scheduler = build_scheduler(recipe, optimizer, optimizer_steps(recipe, dataset.train_labels.numel(), global_batch))
 
     if accelerator.is_main_process and checkpoint is None:
         write_config(run_dir, describe_run(recipe, dataset, accelerator, model))
@@ -109,6 +111,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     if recipe.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if scheduler is not None:  # prepared: saved in every checkpoint, restored by load_state
+        scheduler = accelerator.prepare(scheduler)
     loss_fn.to(accelerator.device)
     state = TrainerState()
     if checkpoint is not None:
@@ -116,6 +120,7 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
         reporter.notice(f"Resumed from {checkpoint} (epoch {state.epoch + 1}, step {state.step})", style="green")
 
     trainer = _Trainer(recipe, accelerator, reporter, run_dir, dataset, model, loss_fn, miner, optimizer, state)
+    trainer.scheduler = scheduler
     trainer.fit()
     accelerator.end_training()
     return run_dir
@@ -168,6 +173,7 @@ class _Trainer:
             enabled=recipe.cuda_graphs,
             compiled=recipe.compile,
             skip_nonfinite=recipe.on_nonfinite == "skip",
+            scheduled=recipe.scheduler is not None or recipe.warmup_steps > 0,
         )
         self.graph = None
         if self.graph_blocker is None:
@@ -182,15 +188,13 @@ class _Trainer:
         self.signum = int(signal.SIGINT)  # what stopped the run; another process may have received it
         self.stop_requested = False  # agreed by all processes: stop after this step
         self.saved_step: int | None = None  # step of the last checkpoint this process wrote
+        self.scheduler = None  # the prepared learning-rate schedule, if the recipe has one
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> None:
         recipe, state = self.recipe, self.state
         n = self.train_labels.numel()
-        steps_per_epoch = math.ceil(n / self.global_batch)
-        total = steps_per_epoch * recipe.epochs
-        if recipe.max_steps is not None:
-            total = min(total, recipe.max_steps)
+        total = total_batches(recipe, n, self.global_batch)
         self._trim_history()
         self.reporter.start(total, completed=state.step)
         # Ctrl-C and SIGTERM (a scheduler's preemption notice) both stop cleanly after a checkpoint.
@@ -298,6 +302,10 @@ class _Trainer:
             acc.backward(loss)
             self.stepper.step()
             self.stepper.zero_grad(set_to_none=True)
+            if self.scheduler is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
+                # Once per optimizer step: the schedule counts global steps (each step here is the whole
+                # global batch), where accelerate's own step() would advance it once per process.
+                self.scheduler.scheduler.step()
         return loss.detach()  # the step's autograd graph is freed now, not when the next loss replaces this one
 
     def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:

@@ -41,6 +41,7 @@ def why_not_captured(
     enabled: bool = True,
     compiled: bool = False,
     skip_nonfinite: bool = False,
+    scheduled: bool = False,
 ) -> str | None:
     """Why training steps can't be CUDA graphs here, or None when :class:`StepGraph` may capture them."""
     if not enabled:
@@ -59,6 +60,8 @@ def why_not_captured(
         return "the network is compiled"
     if skip_nonfinite:
         return "on_nonfinite='skip' checks every loss on the host"
+    if scheduled:
+        return "a learning-rate schedule changes the lr every step (a captured step keeps the lr of its capture)"
     if not hasattr(objective, "graph_generators"):
         return "the objective does not declare fixed shapes (only the built-in fused miner + loss pairs do)"
     return None
