@@ -105,9 +105,9 @@ def siamese_conv(
 ) -> nn.Module:
     """The conv tower of the TensorFlow MNIST Siamese example: conv 7x7x32, 5x5x64, 3x3x128, 1x1x256, 1x1x2.
 
-    Each convolution ('same' padding, Xavier-uniform initialisation; ReLU except after the last) is followed by 2x2 max-pooling
-    (ceil mode, so 28 -> 14 -> 7 -> 4 -> 2 -> 1), and the 1x1 map is flattened: a 2-D output for
-    ``embedding_dim=2``, the last convolution's width.
+    Each convolution ('same' padding, Xavier-uniform initialisation; ReLU except after the last) is
+    followed by 2x2 max-pooling (ceil mode, so 28 -> 14 -> 7 -> 4 -> 2 -> 1), and the 1x1 map is
+    flattened: a 2-D output for ``embedding_dim=2``, the last convolution's width.
     """
     _check(embedding_dim, input_shape)
     sizes = [input_shape[0], *channels, embedding_dim]

@@ -40,8 +40,9 @@ def _check_margin(margin: float) -> None:
 class ContrastiveLoss(BaseMetricLossFunction):
     """Hadsell, Chopra & LeCun (2006): mean over pairs of y·d² + (1−y)·max(0, margin − d)².
 
-    ``squared=False`` gives the variant of the TensorFlow MNIST Siamese example, y·d + (1−y)·max(0, margin − d)
-    (margin 5 there: ``recipes/mnist_siamese_conv.py``). ``d`` is the Euclidean distance between raw (unnormalised) embeddings unless another
+    ``squared=False`` gives the variant of the TensorFlow MNIST Siamese example,
+    y·d + (1−y)·max(0, margin − d) (margin 5 there: ``recipes/mnist_siamese_conv.py``).
+    ``d`` is the Euclidean distance between raw (unnormalised) embeddings unless another
     ``distance`` is injected; ``y = 1`` for a same-class pair. The mean runs over the mined
     pairs, or over all pairs in the batch when no ``indices_tuple`` is given; triplets are
     split into their positive and negative pairs.
