@@ -4,9 +4,9 @@
     python bench/run.py --only eval              # one benchmark; its section of BENCHMARKS.md is replaced
     python bench/run.py --quick --output /tmp/b.md   # tiny sizes, a few seconds each: proves it still runs
 
-Benchmarks: train_vs_pml, eval, compare_cold_warm, distributed, gpu (needs a CUDA GPU). Each writes one section between
-``<!-- bench:NAME -->`` markers, so re-running one keeps the others' numbers. Nothing here is a timed
-test: the numbers depend on the machine and on whatever else runs on it (the load is recorded).
+Benchmarks: train_vs_pml, eval, compare_cold_warm, distributed, gpu (needs a CUDA GPU), backbones. Each writes
+one section between ``<!-- bench:NAME -->`` markers, so re-running one keeps the others' numbers. Nothing here
+is a timed test: the numbers depend on the machine and on whatever else runs on it (the load is recorded).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "compare_cold_warm": "bench.compare_cold_warm",
     "distributed": "bench.distributed",
     "gpu": "bench.gpu",
+    "backbones": "bench.backbones",
 }
 HEADER = "# Benchmarks"
 # Every measurement's raw numbers, for a closer look (not committed).
