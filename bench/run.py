@@ -4,9 +4,10 @@
     python bench/run.py --only eval              # one benchmark; its section of BENCHMARKS.md is replaced
     python bench/run.py --quick --output /tmp/b.md   # tiny sizes, a few seconds each: proves it still runs
 
-Benchmarks: train_vs_pml, eval, compare_cold_warm, distributed, gpu (needs a CUDA GPU), loader. Each writes one
-section between ``<!-- bench:NAME -->`` markers, so re-running one keeps the others' numbers. Nothing here is a timed
-test: the numbers depend on the machine and on whatever else runs on it (the load is recorded).
+Benchmarks: train_vs_pml, eval, compare_cold_warm, distributed, gpu (needs a CUDA GPU), loader, backbones.
+Each writes one section between ``<!-- bench:NAME -->`` markers, so re-running one keeps the others' numbers.
+Nothing here is a timed test: the numbers depend on the machine and on whatever else runs on it (the load is
+recorded).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "distributed": "bench.distributed",
     "gpu": "bench.gpu",
     "loader": "bench.loader",
+    "backbones": "bench.backbones",
 }
 HEADER = "# Benchmarks"
 # Every measurement's raw numbers, for a closer look (not committed).

@@ -1,8 +1,18 @@
-"""metriclab built-in plugins: encoders, losses, miners, datasets, optimizers, samplers and transforms.
+"""metriclab built-in plugins: encoders, losses, miners, datasets, optimizers, samplers, transforms and schedulers.
 
 Installed as the package ``metriclab_plugins`` and loaded through the same entry point a
 third-party plugin uses (``[project.entry-points."metriclab.plugins"]`` in pyproject.toml):
 importing the submodules runs their ``@register_*`` decorators.
 """
 
-from metriclab_plugins import datasets, encoders, images, losses, miners, optimizers, samplers, transforms  # noqa: F401
+from metriclab_plugins import (  # noqa: F401
+    datasets,
+    encoders,
+    images,
+    losses,
+    miners,
+    optimizers,
+    samplers,
+    schedulers,
+    transforms,
+)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
 from metriclab import registry
 from metriclab.data import load_dataset
@@ -37,6 +36,14 @@ from metriclab.training.checkpoints import TrainerState, checkpoint_dir, resume,
 from metriclab.training.components import build_objective, describe_run, objective
 from metriclab.training.distributed import gather_shards, gather_with_grad
 from metriclab.training.graphs import StepGraph, why_not_captured
+from metriclab.training.optimization import (
+    BackboneFreezer,
+    build_scheduler,
+    group_lr,
+    optimizer_steps,
+    parameter_groups,
+    total_batches,
+)
 from metriclab.training.progress import Reporter
 
 # Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
@@ -82,6 +89,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
             gradient_accumulation_steps=recipe.gradient_accumulation_steps,
             log_with=recipe.log_with,
             project_dir=str(run_dir),
+            # A frozen backbone has no gradients until it is unfrozen: DDP must not wait for them.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if _freezes(recipe) else None,
         )
     except (ValueError, ImportError) as err:
         raise MetricLabError(f"cannot set up training ({err}); check --log-with and --mixed-precision") from err
@@ -95,13 +104,15 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
         reporter.notice(dataset.notice)
     model = build_model(recipe, dataset.input_shape)
     model.fit_input_statistics(statistics_sample(dataset, recipe.num_workers))
-    loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes))
+    loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes), embedding_dim=model.embedding_dim)
+    freezer = BackboneFreezer(model, recipe.freeze_backbone_epochs, recipe.freeze_backbone_steps)
     optimizer = registry.optimizers.create(
-        recipe.optimizer,
-        params=list(model.parameters()) + list(loss_fn.parameters()),
-        lr=recipe.lr,
-        **recipe.optimizer_args,
+        recipe.optimizer, params=parameter_groups(recipe, model, loss_fn), lr=recipe.lr, **recipe.optimizer_args
     )
+    global_batch = recipe.batch_size * accelerator.num_processes
+    # The schedule spans the run's batches; an epoch is as long as the sampler's order (m-per-class fills groups).
+    epoch_length = epoch_order(dataset.train_labels, recipe.seed, 0, build_sampler_of(recipe)).numel()
+    scheduler = build_scheduler(recipe, optimizer, optimizer_steps(recipe, epoch_length, global_batch))
 
     if accelerator.is_main_process and checkpoint is None:
         write_config(run_dir, describe_run(recipe, dataset, accelerator, model))
@@ -111,6 +122,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     if recipe.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if scheduler is not None:  # prepared: saved in every checkpoint, restored by load_state
+        scheduler = accelerator.prepare(scheduler)
     loss_fn.to(accelerator.device)
     state = TrainerState()
     if checkpoint is not None:
@@ -118,9 +131,19 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
         reporter.notice(f"Resumed from {checkpoint} (epoch {state.epoch + 1}, step {state.step})", style="green")
 
     trainer = _Trainer(recipe, accelerator, reporter, run_dir, dataset, model, loss_fn, miner, optimizer, state)
+    trainer.scheduler, trainer.freezer = scheduler, freezer
     trainer.fit()
     accelerator.end_training()
     return run_dir
+
+
+def _freezes(recipe: Recipe) -> bool:
+    return recipe.freeze_backbone_epochs > 0 or recipe.freeze_backbone_steps > 0
+
+
+def build_sampler_of(recipe: Recipe) -> Any:
+    """The recipe's sampler (its epoch orders, see :mod:`metriclab.data.sampling`)."""
+    return build_sampler(recipe.sampler, recipe.m_per_class, recipe.sampler_args)
 
 
 def _check_global_batch(recipe: Recipe, global_batch: int) -> None:
@@ -170,6 +193,8 @@ class _Trainer:
             enabled=recipe.cuda_graphs,
             compiled=recipe.compile,
             skip_nonfinite=recipe.on_nonfinite == "skip",
+            scheduled=recipe.scheduler is not None or recipe.warmup_steps > 0,
+            unfreezes=_freezes(recipe),
         )
         self.streaming = is_streaming(dataset)
         if self.streaming and self.graph_blocker is None:
@@ -188,22 +213,21 @@ class _Trainer:
         # The train split as evaluated: the test-time transform for files, the same tensor when resident.
         self.sources["train-eval"] = ImageSource(dataset, "train", **feed) if self.streaming else self.sources["train"]
         self.train_images = self.sources["train"].images  # what resident steps index (None when streaming)
-        self.sampler = build_sampler(recipe.sampler, recipe.m_per_class, recipe.sampler_args)
+        self.sampler = build_sampler_of(recipe)
         self.epoch_length = self._order(0).numel()
         self.pseudo_siamese = not accelerator.unwrap_model(model).shares_weights
         self.interrupted, self.interrupted_at = False, 0.0  # set by the signal handler in this process
         self.signum = int(signal.SIGINT)  # what stopped the run; another process may have received it
         self.stop_requested = False  # agreed by all processes: stop after this step
         self.saved_step: int | None = None  # step of the last checkpoint this process wrote
+        self.scheduler = None  # the prepared learning-rate schedule, if the recipe has one
+        self.freezer: BackboneFreezer | None = None  # freezes a backbone encoder for the first epochs/steps
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> None:
         recipe, state = self.recipe, self.state
         n = self.epoch_length
-        steps_per_epoch = math.ceil(n / self.global_batch)
-        total = steps_per_epoch * recipe.epochs
-        if recipe.max_steps is not None:
-            total = min(total, recipe.max_steps)
+        total = total_batches(recipe, n, self.global_batch)
         self._trim_history()
         self.reporter.start(total, completed=state.step)
         # Ctrl-C and SIGTERM (a scheduler's preemption notice) both stop cleanly after a checkpoint.
@@ -237,10 +261,15 @@ class _Trainer:
         steps = steps[: max(total - state.step, 0)]
         streamed = self.sources["train"]([local for _, local in steps]) if self.streaming else None
         self.model.train()
+        freezing = self.freezer is not None and self.freezer.active
+        if freezing:
+            self.freezer.update(state.epoch, state.step, force=True)  # model.train() woke a frozen backbone
         window: list[torch.Tensor] = []
         # Training seconds are summed in laps that skip checkpoint writing; every checkpoint records the total so far.
         clock, window_seconds, samples = time.perf_counter(), 0.0, 0
         for batch, _ in steps:
+            if freezing:
+                self.freezer.update(state.epoch, state.step)
             loss = self._train_step(batch, next(streamed) if streamed is not None else None)
             state.step += 1
             state.position += batch.numel()
@@ -314,8 +343,14 @@ class _Trainer:
                 self.stepper.zero_grad(set_to_none=True)
                 return loss.detach()
             acc.backward(loss)
+            if self.recipe.grad_clip_norm is not None and acc.sync_gradients:
+                acc.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip_norm)
             self.stepper.step()
             self.stepper.zero_grad(set_to_none=True)
+            if self.scheduler is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
+                # Once per optimizer step: the schedule counts global steps (each step here is the whole
+                # global batch), where accelerate's own step() would advance it once per process.
+                self.scheduler.scheduler.step()
         return loss.detach()  # the step's autograd graph is freed now, not when the next loss replaces this one
 
     def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
@@ -352,6 +387,7 @@ class _Trainer:
         if self.accelerator.is_main_process:
             epoch = state.epoch + state.position / self.epoch_length
             row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": samples_per_s}
+            row["backbone_lr"] = group_lr(self.optimizer, "backbone")
             append_history(self.run_dir, row)
 
     def _trim_history(self) -> None:
