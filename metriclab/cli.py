@@ -256,6 +256,14 @@ def evaluate(
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours voting in k-NN classification.")] = 5,
     pairs: Annotated[int, typer.Option("--pairs", help="Balanced pairs sampled for verification.")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Seed for pairs and k-means.")] = 0,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            help="Rank the queries on N local processes (same scores as one). Under `accelerate launch -m "
+            "metriclab evaluate` the launcher's processes are used instead.",
+        ),
+    ] = 1,
     as_json: JsonOption = False,
     plugins: PluginsOption = None,
 ) -> None:
@@ -272,9 +280,15 @@ def evaluate(
         ks_ = _parse_ks(k, ks)
         for run in _runs(runs, plugins):
             start = time.perf_counter()
-            result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, knn_k=knn_k, num_pairs=pairs, seed=seed)
+            options = {"knn_k": knn_k, "num_pairs": pairs, "seed": seed, "processes": processes}
+            result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, **options)
             results.append(result)
-            errors.print(f"evaluated {run.path} in {time.perf_counter() - start:.1f} s", style="dim", highlight=False)
+            if result["rank"] == 0:
+                seconds = time.perf_counter() - start
+                on = f" on {result['processes']} processes" if result["processes"] > 1 else ""
+                errors.print(f"evaluated {run.path}{on} in {seconds:.1f} s", style="dim", highlight=False)
+    if results and results[0]["rank"] != 0:
+        return  # under a launcher, rank 0 reports for everyone
     if as_json:
         print(json.dumps(results, indent=2))
         return
@@ -526,6 +540,24 @@ def _search_figure(model: Any, queries: Any, gallery: Any, result: Any, path: Pa
     return plots.retrieval_gallery(q_images, q_ids, r_images, r_ids, path, class_names=names, title=title)
 
 
+def _search_scores(queries: Any, gallery: Any, k: int, metric: str) -> dict[str, float]:
+    """Retrieval metrics of labelled queries against a labelled gallery (exact, chunked)."""
+    from metriclab.metrics.retrieval import retrieval_metrics
+
+    for name, data in (("queries", queries), ("gallery", gallery)):
+        if data.labels is None:
+            raise MetricLabError(
+                f"--evaluate needs labels, but the {name} have none; embed a dataset CSV (label column), "
+                "a folder of class sub-folders or DATASET:SPLIT"
+            )
+    ks = sorted({1, k})
+    scores = retrieval_metrics(
+        queries.embeddings, queries.labels, gallery.embeddings, gallery.labels, ks=ks, metric=metric, clustering=False
+    )
+    keep = [f"precision@{v}" for v in ks] + ["map@r", "r_precision"]
+    return {key: scores[key] for key in keep}
+
+
 def _images_of(model: Any, paths: Sequence[str]) -> Any:
     """uint8 images of gallery/query paths: image files, or ``DATASET:SPLIT:INDEX`` items of a dataset."""
     import numpy as np
@@ -573,6 +605,10 @@ def search(
     figure: Annotated[
         Path | None, typer.Option("--figure", help="Write a gallery figure (first 8 queries) to this .png/.svg/.pdf.")
     ] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option("--evaluate", help="Also score the labelled queries against the labelled gallery (MAP@R, P@k)."),
+    ] = False,
     batch_size: BatchOption = 256,
     device: DeviceOption = None,
     as_json: JsonOption = False,
@@ -593,6 +629,7 @@ def search(
         result = nearest(
             query_set.embeddings, data, k, metric or model.metric, approximate="faiss-ivf" if approximate else None
         )
+        scores = _search_scores(query_set, data, k, result.metric) if evaluate else None
         written = _search_figure(model, query_set, data, result, figure) if figure is not None else None
     if as_json:
         rows = [
@@ -614,9 +651,14 @@ def search(
         out = {"metric": result.metric, "k": int(result.indices.shape[1]), "exact": result.exact, "queries": rows}
         if not result.exact:
             out["recall_vs_exact"] = result.recall
+        if scores is not None:
+            out["scores"] = scores
         print(json.dumps(out, indent=2))
     else:
         console.print(_search_table(query_set, data, result))
+        if scores is not None:
+            shown = ", ".join(f"{_header(key)} {value:.4f}" for key, value in scores.items())
+            console.print(f"{len(query_set):,} labelled queries vs the gallery: {shown}", highlight=False)
     if not result.exact:
         errors.print(
             f"approximate search (faiss IVF): recall@{result.indices.shape[1]} {result.recall:.4f} against exact "

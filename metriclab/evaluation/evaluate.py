@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from metriclab.errors import MetricLabError
+from metriclab.evaluation.processes import evaluate_in_processes, launched_group, launched_world
 from metriclab.inference import run_embeddings, run_recipe
 from metriclab.metrics.retrieval import METRICS, evaluate_embeddings
 from metriclab.runs import Run, strict_json
@@ -31,11 +32,15 @@ def evaluate_run(
     num_pairs: int = 20000,
     seed: int = 0,
     save: bool = True,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
 
     ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
     with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
+    The queries are ranked on ``processes`` local processes, or on the processes of a launcher
+    (``accelerate launch -m metriclab evaluate``), where only rank 0 saves: see
+    :mod:`metriclab.evaluation.processes`. The scores equal one process's exactly.
     """
     metric = metric or run_recipe(run).metric
     if metric not in METRICS:
@@ -48,7 +53,12 @@ def evaluate_run(
     train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
     log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
     options = {"ks": ks, "metric": metric, "knn_k": knn_k, "num_pairs": num_pairs, "seed": seed}
-    scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options)
+    rank, world = launched_group() if launched_world() > 1 else (0, 1)
+    if world > 1:
+        scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options, distributed=True)
+    else:
+        scores = evaluate_in_processes(processes, train_emb, train_labels, test_emb, test_labels, **options)
+        world = processes
     recipe = run_recipe(run)
     own = dataset is None and data_dir is None
     key = metric if own else f"{dataset or recipe.dataset}/{metric}"
@@ -63,9 +73,10 @@ def evaluate_run(
         "train_size": None if train_labels is None else len(train_labels),
         **scores,
         "seconds": round(time.perf_counter() - start, 3),
+        "processes": world,
         "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     record = strict_json(record)
-    if save:
+    if save and rank == 0:
         run.update_metrics("evaluations", {**run.metrics.get("evaluations", {}), key: record})
-    return {"run": str(run.path), "name": run.name, "key": key, **record}
+    return {"run": str(run.path), "name": run.name, "key": key, "rank": rank, **record}
