@@ -211,6 +211,7 @@ def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray)
         sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
         expect = need * (SAMPLE / n)
         rank = np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
+    keys = np.ascontiguousarray(keys)  # the kernel reads rows 16 keys at a time
     return nearest(keys, sample, rank, need.astype(np.int64), values, int(need.max()))
 
 
