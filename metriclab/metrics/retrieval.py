@@ -34,6 +34,7 @@ queries x 60k gallery (MAP@R ranks R ~ 1,000 and ~6,000 items per query) against
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -104,9 +105,10 @@ def _chunk_rows(n_gallery: int, k: int, chunk_size: int | None) -> int:
         return int(chunk_size)
     # per query: a key row (8 bytes a column leaves room for the GPU path's copies of tied rows), plus
     # ~100 bytes per kept neighbour (top-k values, columns, codes, the ranked classes); one chunk per worker
-    # is alive at once. Sized for the most workers, not the current count, so the chunks (and the float32
-    # products, whose rounding may depend on a product's shape) are the same in every process.
-    return max(1, CHUNK_BYTES // MAX_WORKERS // (8 * n_gallery + 100 * k))
+    # is alive at once. Sized for the machine's cores, not this process's threads, so the chunks (and the
+    # float32 products, whose rounding may depend on a product's shape) are the same in every process.
+    workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    return max(1, CHUNK_BYTES // workers // (8 * n_gallery + 100 * k))
 
 
 def _chunks(n: int, rows: int, distributed: bool = False) -> list[tuple[int, int]]:
