@@ -264,6 +264,14 @@ def evaluate(
             "metriclab evaluate` the launcher's processes are used instead.",
         ),
     ] = 1,
+    clustering: Annotated[
+        bool | None,
+        typer.Option(
+            "--clustering/--no-clustering",
+            help="NMI/AMI by k-means [default: on unless test items x classes exceed 10 million].",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
     plugins: PluginsOption = None,
 ) -> None:
@@ -281,6 +289,7 @@ def evaluate(
         for run in _runs(runs, plugins):
             start = time.perf_counter()
             options = {"knn_k": knn_k, "num_pairs": pairs, "seed": seed, "processes": processes}
+            options["clustering"] = clustering
             result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, **options)
             results.append(result)
             if result["rank"] == 0:
