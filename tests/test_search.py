@@ -211,3 +211,33 @@ def test_each_process_ranks_a_contiguous_share_of_the_chunks(monkeypatch):
         shares.append(retrieval._chunks(1000, 64, distributed=True))
     assert [len(s) for s in shares] == [6, 6, 4]
     assert [b for s in shares for b in s] == retrieval._chunks(1000, 64)
+
+
+@pytest.mark.slow
+def test_quick_search_benchmark_agrees_across_libraries(tmp_path, monkeypatch):
+    pytest.importorskip("faiss", reason="the search benchmark compares with faiss-cpu (the faiss extra)")
+    monkeypatch.setenv("METRICLAB_BENCH_DIR", str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT))
+    for name in [m for m in sys.modules if m == "bench" or m.startswith("bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    import importlib
+
+    search_bench = importlib.import_module("bench.search")
+    text, results = search_bench.run(quick=True, log=lambda line: None)
+    for case in ("fmnist", "sop", "million"):
+        rows = results[case]
+        for impl in ("faiss", "pml"):  # same rankings; the sums differ in the last float digits
+            assert rows[impl]["map@r"] == pytest.approx(rows["metriclab"]["map@r"], abs=1e-6)
+            assert rows[impl]["precision@1"] == pytest.approx(rows["metriclab"]["precision@1"], abs=1e-9)
+        assert all(rows[i]["peak_rss_mib"] > 0 for i in rows)
+    assert text.count("| metriclab |") == 3 and "fastest" in text
+
+
+def test_evaluate_can_leave_clustering_out(small_run, tmp_path):  # noqa: F811
+    import shutil
+
+    run = shutil.copytree(small_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    (without,) = json.loads(cli("evaluate", run, "--json", "--pairs", "2000", "--no-clustering").stdout)
+    (with_,) = json.loads(cli("evaluate", run, "--json", "--pairs", "2000").stdout)  # 450 x 10: on by default
+    assert "nmi" not in without["test_loo"] and "nmi" in with_["test_loo"]
+    assert without["test_loo"]["map@r"] == with_["test_loo"]["map@r"]
