@@ -23,6 +23,9 @@ from bench.measure import emit, fmt, median, peak_memory, run_child
 from bench.train_vs_pml import TRAINED_RUN, WORK
 
 TOLERANCE = 1e-6  # both compute in float32; equal rankings give equal metrics up to summation order
+# Generated classes are dense (thousands of points at nearly equal distances): float32 rounding then swaps a few
+# near-equal neighbours between the two implementations.
+TOLERANCE_GENERATED = 1e-5
 
 
 def embeddings(quick: bool) -> tuple[Path, str]:
@@ -46,20 +49,20 @@ def embeddings(quick: bool) -> tuple[Path, str]:
         )
         return path, source
     n_query, n_ref, dim = (500, 3000, 64) if quick else (10_000, 60_000, 64)
+    from bench.search import _items
+
     rng = np.random.default_rng(0)
-    centers = rng.normal(size=(10, dim)).astype(np.float32)
-    q_labels, r_labels = rng.integers(0, 10, n_query), rng.integers(0, 10, n_ref)
-    noise = 1.2  # classes overlap, so the metrics are neither 0 nor 1
-    np.savez(
-        path,
-        query=centers[q_labels] + noise * rng.normal(size=(n_query, dim)).astype(np.float32),
-        query_labels=q_labels,
-        reference=centers[r_labels] + noise * rng.normal(size=(n_ref, dim)).astype(np.float32),
-        reference_labels=r_labels,
-    )
+    centers = rng.standard_normal((10, dim), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    spread = 0.45 / np.sqrt(dim)
+    query, query_labels = _items(rng, centers, n_query, spread)
+    reference, reference_labels = _items(rng, centers, n_ref, spread)
+    np.savez(path, query=query, query_labels=query_labels, reference=reference, reference_labels=reference_labels)
     return (
         path,
-        f"random-but-clustered 64-D set (10 Gaussian classes, seed 0): {n_query:,} queries, {n_ref:,} reference",
+        f"generated 64-D embeddings standing in for Fashion-MNIST's (no Fashion-MNIST run here): 10 classes "
+        f"(centres on a sphere, Gaussian noise, 12% of items at another class's centre, seed 0), "
+        f"{n_query:,} queries, {n_ref:,} reference",
     )
 
 
@@ -91,7 +94,7 @@ def _measure(impl: str, mode: str, path: Path, calls: int = 2) -> dict[str, Any]
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
         from pytorch_metric_learning.utils.inference import CustomKNN
 
-        # faiss is not installed here (pml's default FaissKNN needs it), so pml's torch CustomKNN does the search.
+        # pml's torch CustomKNN does the search here; its default FaissKNN is compared in bench/search.py.
         calculator = AccuracyCalculator(
             include=("precision_at_1", "mean_average_precision_at_r"),
             k=None if impl == "pml-default" else "max_bin_count",  # None: AccuracyCalculator's default
@@ -135,6 +138,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
     """Run the benchmark; return its Markdown section and the raw results."""
     WORK.mkdir(parents=True, exist_ok=True)
     path, source = embeddings(quick)
+    tolerance = TOLERANCE if source.startswith("real") else TOLERANCE_GENERATED
     # 10k x 60k takes about a minute per pml call on 2 loaded cores: 2 runs there, 3 for leave-one-out.
     repeats = {"loo": 1, "ref": 1} if quick else {"loo": 3, "ref": 2}
     data = np.load(path)
@@ -146,7 +150,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
         "",
         f"Embeddings: {source}. Metric: cosine. pml: `AccuracyCalculator(include=(precision_at_1, "
         "mean_average_precision_at_r), k='max_bin_count', knn_func=CustomKNN(CosineSimilarity()))` on CPU "
-        "(faiss, pml's default search, is not installed here); *pml-default* is the same with "
+        "(its default faiss search is compared in the `search` section); *pml-default* is the same with "
         "AccuracyCalculator's default `k=None` (every reference item ranked), leave-one-out only. "
         "metriclab: `retrieval_metrics(..., ks=(1,), "
         "metric='cosine', clustering=False)`, which also returns recall@1, R-precision and k-NN accuracy. "
@@ -157,7 +161,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
         "each later evaluation (every epoch end, the second search of `metriclab evaluate`) costs. Peak memory = "
         "the process's peak RSS during the first call (kernel high-water mark reset just before it) and what "
         "that call added to the RSS before it. The benchmark asserts equal precision@1 and MAP@R "
-        "(|difference| <= 1e-6).",
+        f"(|difference| <= {tolerance:g}).",
         "",
         "| size | implementation | 1st call s (median) | runs (s) | 2nd call s (median) | imports s "
         "| peak RSS MiB | added RSS MiB | precision@1 | MAP@R | load before |",
@@ -177,7 +181,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
         for impl in rows:
             for key in ("precision@1", "map@r"):
                 a, b = rows[impl][0][key], rows["metriclab"][0][key]
-                assert abs(a - b) <= TOLERANCE, f"{mode} {key}: AccuracyCalculator ({impl}) {a} != metriclab {b}"
+                assert abs(a - b) <= tolerance, f"{mode} {key}: AccuracyCalculator ({impl}) {a} != metriclab {b}"
         results[mode] = rows
         med, later = {}, {}
         for impl in rows:

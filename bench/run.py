@@ -4,7 +4,7 @@
     python bench/run.py --only eval              # one benchmark; its section of BENCHMARKS.md is replaced
     python bench/run.py --quick --output /tmp/b.md   # tiny sizes, a few seconds each: proves it still runs
 
-Benchmarks: train_vs_pml, eval, compare_cold_warm, distributed, gpu (needs a CUDA GPU), loader, backbones.
+Benchmarks: train_vs_pml, eval, search, compare_cold_warm, distributed, gpu (needs a CUDA GPU), loader, backbones.
 Each writes one section between ``<!-- bench:NAME -->`` markers, so re-running one keeps the others' numbers.
 Nothing here is a timed test: the numbers depend on the machine and on whatever else runs on it (the load is
 recorded).
@@ -28,6 +28,7 @@ from bench.measure import ROOT, WORK, load, machine
 BENCHMARKS = {
     "train_vs_pml": "bench.train_vs_pml",
     "eval": "bench.evaluation",
+    "search": "bench.search",
     "compare_cold_warm": "bench.compare_cold_warm",
     "distributed": "bench.distributed",
     "gpu": "bench.gpu",

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from metriclab.errors import MetricLabError  # noqa: E402
 from metriclab.recipe import Recipe  # noqa: E402
 
-__all__ = ["MetricLabError", "Recipe", "main", "__version__"]
+__all__ = ["MetricLabError", "Recipe", "load_model", "main", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from metriclab.training.launch import main
 
         return main
+    if name == "load_model":
+        from metriclab.inference.model import load_model
+
+        return load_model
     raise AttributeError(f"module 'metriclab' has no attribute {name!r}")

@@ -276,6 +276,22 @@ def evaluate(
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours voting in k-NN classification.")] = 5,
     pairs: Annotated[int, typer.Option("--pairs", help="Balanced pairs sampled for verification.")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Seed for pairs and k-means.")] = 0,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            help="Rank the queries on N local processes (same scores as one). Under `accelerate launch -m "
+            "metriclab evaluate` the launcher's processes are used instead.",
+        ),
+    ] = 1,
+    clustering: Annotated[
+        bool | None,
+        typer.Option(
+            "--clustering/--no-clustering",
+            help="NMI/AMI by k-means [default: on unless test items x classes exceed 10 million].",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
     plugins: PluginsOption = None,
 ) -> None:
@@ -292,9 +308,16 @@ def evaluate(
         ks_ = _parse_ks(k, ks)
         for run in _runs(runs, plugins):
             start = time.perf_counter()
-            result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, knn_k=knn_k, num_pairs=pairs, seed=seed)
+            options = {"knn_k": knn_k, "num_pairs": pairs, "seed": seed, "processes": processes}
+            options["clustering"] = clustering
+            result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, **options)
             results.append(result)
-            errors.print(f"evaluated {run.path} in {time.perf_counter() - start:.1f} s", style="dim", highlight=False)
+            if result["rank"] == 0:
+                seconds = time.perf_counter() - start
+                on = f" on {result['processes']} processes" if result["processes"] > 1 else ""
+                errors.print(f"evaluated {run.path}{on} in {seconds:.1f} s", style="dim", highlight=False)
+    if results and results[0]["rank"] != 0:
+        return  # under a launcher, rank 0 reports for everyone
     if as_json:
         print(json.dumps(results, indent=2))
         return
@@ -400,3 +423,315 @@ def compare(
         console.print(f"wrote {figure}", highlight=False, soft_wrap=True)
     if show:
         _show([figure])
+
+
+# -- embed / search / export: thin wrappers over metriclab.inference -------------------------------
+
+RunArg = Annotated[Path, typer.Argument(help="A run directory written by a recipe.", show_default=False)]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+]
+BatchOption = Annotated[int, typer.Option("--batch-size", help="Images embedded per batch.")]
+
+
+@contextlib.contextmanager
+def _progress(what: str) -> Iterator[Any]:
+    """A rich progress bar on stderr; yields a ``(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=errors, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _load_model(run: Path, plugins: Sequence[str] | None, device: str | None) -> Any:
+    from metriclab.inference import load_model
+
+    (loaded,) = _runs([run], plugins)
+    return load_model(loaded, device)
+
+
+def _embedding_set(model: Any, spec: Any, batch_size: int, what: str) -> Any:
+    """Embed what ``spec`` names (a folder, CSV, DATASET:SPLIT or image files), with a progress bar."""
+    from metriclab.inference.search import EmbeddingSet
+
+    items = model.inputs(spec)
+    with _progress(f"embedding {what}") as progress:
+        emb = model.embed(items, batch_size=batch_size, progress=progress)
+    meta = {"run": str(model.run.path), "embedding_dim": model.embedding_dim, "metric": model.metric}
+    return EmbeddingSet(emb, items.paths, items.labels, items.columns, {**meta, "source": items.source})
+
+
+@app.command()
+def embed(
+    ctx: typer.Context,
+    run: RunArg,
+    inputs: Annotated[
+        str,
+        typer.Argument(
+            help="A folder of images (class sub-folders become labels), a dataset CSV (columns label, path; "
+            "optionally split, is_query, is_gallery) or DATASET:SPLIT such as mnist:test.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Embedding file to write: .npz or .parquet.")],
+    batch_size: BatchOption = 256,
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+    plugins: PluginsOption = None,
+) -> None:
+    """Embed images with a trained run; writes embeddings, labels (when known) and image paths."""
+    from metriclab.inference.search import save_embedding_set
+
+    with _reporting(ctx.obj["debug"], "loading the model"):
+        model = _load_model(run, plugins, device)
+        start = time.perf_counter()
+        data = _embedding_set(model, inputs, batch_size, inputs)
+        seconds = time.perf_counter() - start
+        path = save_embedding_set(output, data)
+    summary = {
+        "output": str(path),
+        "count": len(data),
+        "dim": int(data.embeddings.shape[1]),
+        "labels": data.labels is not None,
+        "device": str(model.device),
+        "seconds": round(seconds, 3),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    labelled = "with labels" if data.labels is not None else "without labels"
+    console.print(
+        f"embedded {len(data):,} images ({data.meta['source']}, {labelled}) into {summary['dim']}-D on "
+        f"{model.device} in {seconds:.1f} s; wrote {path}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _gallery_set(model: Any, spec: str, batch_size: int) -> Any:
+    from metriclab.inference.search import check_compatible, load_embedding_set
+
+    suffix = Path(spec).suffix.lower()
+    data = load_embedding_set(spec) if suffix in (".npz", ".parquet") else _embedding_set(model, spec, batch_size, spec)
+    check_compatible(data.embeddings, data, model.embedding_dim, spec)
+    return data
+
+
+def _search_table(queries: Any, gallery: Any, result: Any) -> Table:
+    table = Table(
+        title=f"{result.indices.shape[1]} nearest of {len(gallery):,} gallery images ({result.metric} distance)",
+        title_justify="left",
+        header_style="bold",
+    )
+    for name, justify in (("query", "left"), ("#", "right"), ("path", "left"), ("distance", "right")):
+        table.add_column(name, justify=justify, overflow="fold")
+    if gallery.labels is not None:
+        table.add_column("label")
+    for q in range(len(queries)):
+        for rank, (j, d) in enumerate(zip(result.indices[q], result.distances[q], strict=True), start=1):
+            row = [str(queries.paths[q]) if rank == 1 else "", str(rank), str(gallery.paths[j]), f"{d:.4f}"]
+            if gallery.labels is not None:
+                same = queries.labels is not None and gallery.labels[j] == queries.labels[q]
+                row.append(f"[green]{gallery.labels[j]}[/]" if same else str(gallery.labels[j]))
+            table.add_row(*row, end_section=rank == len(result.indices[q]))
+    return table
+
+
+def _search_figure(model: Any, queries: Any, gallery: Any, result: Any, path: Path) -> Path:
+    import numpy as np
+
+    from metriclab.viz import plots
+
+    k = result.indices.shape[1]
+    shown = min(len(queries), 8)
+    q_images = _images_of(model, queries.paths[:shown])
+    r_images = _images_of(model, gallery.paths[result.indices[:shown].reshape(-1)])
+    r_images = r_images.reshape(shown, k, *r_images.shape[1:])
+    names: list[str] = ["(unlabelled)"]
+    q_ids = np.zeros(shown, dtype=np.int64)
+    r_ids = np.zeros((shown, k), dtype=np.int64)
+    title = f"{k} nearest gallery images, {result.metric} distance"
+    if gallery.labels is not None:
+        names = sorted(
+            {str(v) for v in gallery.labels} | {str(v) for v in (queries.labels if queries.labels is not None else [])}
+        )
+        lookup = {n: i for i, n in enumerate(names)}
+        r_ids = np.vectorize(lambda v: lookup[str(v)])(gallery.labels[result.indices[:shown]])
+        if queries.labels is not None:
+            q_ids = np.array([lookup[str(v)] for v in queries.labels[:shown]])
+        else:
+            names, title = names + ["?"], title + " (queries unlabelled: ignore the frames)"
+            q_ids[:] = len(names) - 1
+    else:
+        title += " (gallery unlabelled: ignore the frames)"
+    return plots.retrieval_gallery(q_images, q_ids, r_images, r_ids, path, class_names=names, title=title)
+
+
+def _search_scores(queries: Any, gallery: Any, k: int, metric: str) -> dict[str, float]:
+    """Retrieval metrics of labelled queries against a labelled gallery (exact, chunked)."""
+    from metriclab.metrics.retrieval import retrieval_metrics
+
+    for name, data in (("queries", queries), ("gallery", gallery)):
+        if data.labels is None:
+            raise MetricLabError(
+                f"--evaluate needs labels, but the {name} have none; embed a dataset CSV (label column), "
+                "a folder of class sub-folders or DATASET:SPLIT"
+            )
+    ks = sorted({1, k})
+    scores = retrieval_metrics(
+        queries.embeddings, queries.labels, gallery.embeddings, gallery.labels, ks=ks, metric=metric, clustering=False
+    )
+    keep = [f"precision@{v}" for v in ks] + ["map@r", "r_precision"]
+    return {key: scores[key] for key in keep}
+
+
+def _images_of(model: Any, paths: Sequence[str]) -> Any:
+    """uint8 images of gallery/query paths: image files, or ``DATASET:SPLIT:INDEX`` items of a dataset."""
+    import numpy as np
+
+    from metriclab.inference.inputs import is_dataset_split, load_images
+
+    out = []
+    splits: dict[str, Any] = {}
+    for p in paths:
+        spec, _, index = str(p).rpartition(":")
+        if index.isdigit() and is_dataset_split(spec):
+            if spec not in splits:
+                splits[spec] = model.inputs(spec).images
+            out.append(splits[spec][int(index)].numpy())
+        else:
+            out.append(load_images([p], model.input_shape)[0].numpy())
+    return np.stack(out)
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    run: RunArg,
+    queries: Annotated[
+        list[str],
+        typer.Argument(
+            help="Query image files, a folder, a dataset CSV, DATASET:SPLIT, or an embedding file.",
+            show_default=False,
+        ),
+    ],
+    gallery: Annotated[
+        str,
+        typer.Option(
+            "--gallery", help="An embedding file from `metriclab embed` (embedded once), or images to embed now."
+        ),
+    ],
+    k: Annotated[int, typer.Option("--k", "-k", help="Results per query.")] = 5,
+    metric: Annotated[
+        str | None, typer.Option("--metric", help="euclidean or cosine [default: the run's recipe metric].")
+    ] = None,
+    approximate: Annotated[
+        bool,
+        typer.Option("--approximate", help="faiss IVF index instead of exact search; prints its recall@k vs exact."),
+    ] = False,
+    figure: Annotated[
+        Path | None, typer.Option("--figure", help="Write a gallery figure (first 8 queries) to this .png/.svg/.pdf.")
+    ] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option("--evaluate", help="Also score the labelled queries against the labelled gallery (MAP@R, P@k)."),
+    ] = False,
+    batch_size: BatchOption = 256,
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+    plugins: PluginsOption = None,
+) -> None:
+    """The K nearest gallery images of each query, exact by default (chunked: no full distance matrix)."""
+    from metriclab.inference.search import check_compatible, load_embedding_set
+    from metriclab.inference.search import search as nearest
+
+    with _reporting(ctx.obj["debug"], "loading the model"):
+        model = _load_model(run, plugins, device)
+        data = _gallery_set(model, gallery, batch_size)
+        if len(queries) == 1 and Path(queries[0]).suffix.lower() in (".npz", ".parquet"):
+            query_set = load_embedding_set(queries[0])
+            check_compatible(query_set.embeddings, query_set, model.embedding_dim, queries[0])
+        else:
+            query_set = _embedding_set(model, queries if len(queries) > 1 else queries[0], batch_size, "queries")
+        result = nearest(
+            query_set.embeddings, data, k, metric or model.metric, approximate="faiss-ivf" if approximate else None
+        )
+        scores = _search_scores(query_set, data, k, result.metric) if evaluate else None
+        written = _search_figure(model, query_set, data, result, figure) if figure is not None else None
+    if as_json:
+        rows = [
+            {
+                "query": str(query_set.paths[q]),
+                **({"label": query_set.labels[q].item()} if query_set.labels is not None else {}),
+                "results": [
+                    {
+                        "path": str(data.paths[j]),
+                        "distance": float(d),
+                        "index": int(j),
+                        **({"label": data.labels[j].item()} if data.labels is not None else {}),
+                    }
+                    for j, d in zip(result.indices[q], result.distances[q], strict=True)
+                ],
+            }
+            for q in range(len(query_set))
+        ]
+        out = {"metric": result.metric, "k": int(result.indices.shape[1]), "exact": result.exact, "queries": rows}
+        if not result.exact:
+            out["recall_vs_exact"] = result.recall
+        if scores is not None:
+            out["scores"] = scores
+        print(json.dumps(out, indent=2))
+    else:
+        console.print(_search_table(query_set, data, result))
+        if scores is not None:
+            shown = ", ".join(f"{_header(key)} {value:.4f}" for key, value in scores.items())
+            console.print(f"{len(query_set):,} labelled queries vs the gallery: {shown}", highlight=False)
+    if not result.exact:
+        errors.print(
+            f"approximate search (faiss IVF): recall@{result.indices.shape[1]} {result.recall:.4f} against exact "
+            f"search on {result.recall_queries} queries",
+            highlight=False,
+        )
+    if written is not None:
+        errors.print(f"wrote {written}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    run: RunArg,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write [default: RUN/model.FORMAT].")
+    ] = None,
+    check_inputs: Annotated[
+        str | None,
+        typer.Option("--check-inputs", help="Images to check the export on [default: the run's test split]."),
+    ] = None,
+    as_json: JsonOption = False,
+    plugins: PluginsOption = None,
+) -> None:
+    """Export the run's network (dynamic batch; preprocessing in the metadata) and check it against PyTorch."""
+    from metriclab.inference.export import export_model
+
+    with _reporting(ctx.obj["debug"], "loading the model"):
+        model = _load_model(run, plugins, "cpu")
+        suffix = {"onnx": ".onnx", "torchscript": ".pt"}.get(fmt, f".{fmt}")
+        path = output if output is not None else Path(run) / f"model{suffix}"
+        spec = check_inputs or f"{model.run.config.get('recipe', {}).get('dataset')}:test"
+        items = model.inputs(spec)
+        count = min(len(items), 64)
+        images = items.batches(model.input_shape, count)(0, count)
+        result = export_model(model, path, fmt, images)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"wrote {result['path']} ({fmt}, dynamic batch, preprocessing in its metadata); ran it on {count} images "
+        f"of {items.source} at batch sizes {result['batch_sizes']}: largest difference vs PyTorch "
+        f"{result['max_abs_diff']:.2e}",
+        highlight=False,
+        soft_wrap=True,
+    )

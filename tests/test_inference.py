@@ -1,0 +1,181 @@
+"""Using a trained run: `metriclab.load_model(RUN).embed`, `metriclab embed` and `metriclab export`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_recipe
+from PIL import Image
+from typer.testing import CliRunner
+
+import metriclab
+from metriclab.cli import app
+from metriclab.errors import MetricLabError
+from metriclab.inference import embed_run
+from metriclab.inference.search import load_embedding_set
+from metriclab.runs import Run
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """One tiny 8-D digits run (1 epoch, an MLP), trained in-process once for the inference tests."""
+    from metriclab.training.engine import train
+
+    out = tmp_path_factory.mktemp("runs") / "small"
+    return train(tiny_recipe(out, name="small", embedding_dim=8, epochs=1, embed_train=False))
+
+
+@pytest.fixture(scope="session")
+def model(small_run):
+    return metriclab.load_model(small_run, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def image_folder(model, tmp_path_factory):
+    """30 test digits as PNG files in class sub-folders (file stem = index in the test split)."""
+    folder = tmp_path_factory.mktemp("images")
+    items = model.inputs("digits:test")
+    for i in range(30):
+        (folder / str(items.labels[i])).mkdir(exist_ok=True)
+        Image.fromarray(items.images[i, 0].numpy()).save(folder / str(items.labels[i]) / f"{i}.png")
+    return folder
+
+
+def test_load_model_embeds_a_split_as_evaluate_does(small_run, model):
+    expected, labels = embed_run(Run(small_run), "test", model=model.network)
+    items = model.inputs("digits:test")
+    got = model.embed(items.images, batch_size=100)
+    assert got.shape == (len(labels), 8) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(items.labels, labels)
+    assert model.preprocessing["input_shape"] == [1, 8, 8]
+    assert len(model.preprocessing["standardisation (inside the model)"]["mean"]) == 1
+
+
+def test_image_files_embed_like_the_pixels_and_are_resized_and_converted(model, image_folder, tmp_path):
+    pixels = model.inputs("digits:test").images
+    paths = sorted(image_folder.rglob("*.png"))
+    got = model.embed(paths)
+    index = [int(p.stem) for p in paths]
+    np.testing.assert_array_equal(got, model.embed(pixels[index]))
+    # an RGB image of another size becomes the grey 8x8 image the model takes (ITU-R 601 luma)
+    Image.new("RGB", (20, 12), (10, 200, 30)).save(tmp_path / "big.png")
+    from metriclab.inference.inputs import load_images
+
+    loaded = load_images([tmp_path / "big.png"], (1, 8, 8))
+    assert loaded.shape == (1, 1, 8, 8) and loaded.dtype == torch.uint8
+    assert set(loaded.flatten().tolist()) == {round(0.299 * 10 + 0.587 * 200 + 0.114 * 30)}
+    assert model.embed([tmp_path / "big.png"]).shape == (1, 8)
+
+
+def test_embed_arrays_of_the_wrong_shape_or_type_are_refused(model):
+    with pytest.raises(MetricLabError, match="takes"):
+        model.embed(np.zeros((2, 3, 8, 8), dtype=np.uint8))
+    with pytest.raises(MetricLabError, match="uint8"):
+        model.embed(np.zeros((2, 1, 8, 8), dtype=np.float32))
+    assert model.embed(np.zeros((2, 8, 8), dtype=np.uint8)).shape == (2, 8)  # (N, H, W) grey is accepted
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_cli_embed_writes_embeddings_labels_and_paths(small_run, model, image_folder, tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow", reason="Parquet output needs the parquet extra (pyarrow)")
+    out = tmp_path / f"folder{suffix}"
+    result = cli("embed", small_run, image_folder, "-o", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "30 images" in result.stdout and str(out) in result.stdout
+    data = load_embedding_set(out)
+    paths = sorted(str(p) for p in image_folder.rglob("*.png"))
+    assert list(data.paths) == paths
+    np.testing.assert_array_equal(data.embeddings, model.embed(paths))
+    np.testing.assert_array_equal(data.labels, [int(p.split("/")[-2]) for p in paths])
+    assert data.meta["embedding_dim"] == 8 and data.meta["run"] == str(small_run)
+
+
+def test_cli_embed_a_dataset_split_and_an_open_metric_learning_csv(small_run, model, image_folder, tmp_path):
+    result = cli("embed", small_run, "digits:test", "-o", tmp_path / "test.npz", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    data = load_embedding_set(tmp_path / "test.npz")
+    assert summary["count"] == len(data) == 450 and summary["labels"]
+    np.testing.assert_array_equal(data.embeddings, model.embed(model.inputs("digits:test").images))
+    assert data.paths[3] == "digits:test:3"
+
+    rows = [
+        {"label": p.parent.name, "path": str(p.relative_to(image_folder)), "split": "validation", "is_query": i % 2}
+        for i, p in enumerate(sorted(image_folder.rglob("*.png")))
+    ]
+    table = image_folder / "dataset.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["label", "path", "split", "is_query"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = cli("embed", small_run, table, "-o", tmp_path / "csv.npz")
+    assert result.exit_code == 0, result.output
+    data = load_embedding_set(tmp_path / "csv.npz")
+    assert list(data.labels) == [int(r["label"]) for r in rows]
+    assert list(data.columns["is_query"]) == [bool(r["is_query"]) for r in rows]
+    assert set(data.columns["split"]) == {"validation"}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_runs_outside_metriclab_like_pytorch(small_run, model, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra (onnx, onnxscript, onnxruntime)")
+        pytest.importorskip("onnxscript", reason="ONNX export needs the onnx extra (onnx, onnxscript, onnxruntime)")
+    out = tmp_path / f"model.{fmt}"
+    result = cli("export", small_run, "--format", fmt, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "largest difference vs PyTorch" in result.stdout
+    images = model.inputs("digits:test").images[100:117]
+    expected = model.embed(images)
+    x = images.float().numpy() / 255
+    for n in (3, 17):  # the batch dimension is dynamic
+        if fmt == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            got = session.run(None, {"images": x[:n]})[0]
+        else:
+            got = torch.jit.load(str(out)).eval()(torch.from_numpy(x[:n])).detach().numpy()
+        np.testing.assert_allclose(got, expected[:n], atol=1e-4, rtol=0)
+    from metriclab.inference.export import read_metadata
+
+    meta = read_metadata(out)
+    assert meta["embedding_dim"] == 8 and meta["preprocessing"]["input_shape"] == [1, 8, 8]
+    assert meta["preprocessing"]["standardisation (inside the model)"]["mean"] == pytest.approx(
+        model.network.input_mean.flatten().tolist()
+    )
+
+
+def test_bad_inputs_fail_in_one_line(small_run, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    line = one_line_error(cli("embed", small_run, tmp_path / "broken.png", "-o", tmp_path / "x.npz"))
+    assert "not a readable image" in line
+    line = one_line_error(cli("embed", small_run, tmp_path / "missing-folder", "-o", tmp_path / "x.npz"))
+    assert "not an image file, folder or dataset CSV" in line
+    (tmp_path / "empty").mkdir()
+    assert "no image files" in one_line_error(cli("embed", small_run, tmp_path / "empty", "-o", tmp_path / "x.npz"))
+    (tmp_path / "bad.csv").write_text("path\na.png\n")
+    assert "label" in one_line_error(cli("embed", small_run, tmp_path / "bad.csv", "-o", tmp_path / "x.npz"))
+    line = one_line_error(cli("embed", small_run, "digits:test", "-o", tmp_path / "x.txt"))
+    assert ".npz or .parquet" in line
+    assert "unknown export format" in one_line_error(cli("export", small_run, "--format", "tflite"))

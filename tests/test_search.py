@@ -1,0 +1,243 @@
+"""`metriclab search`, embedding files, approximate search and evaluation on several processes."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from test_inference import cli, image_folder, model, one_line_error, small_run  # noqa: F401  (fixtures)
+
+from metriclab.errors import MetricLabError
+from metriclab.evaluation.processes import evaluate_in_processes
+from metriclab.inference.search import EmbeddingSet, load_embedding_set, save_embedding_set, search
+from metriclab.metrics.retrieval import evaluate_embeddings, knn, retrieval_metrics
+
+
+@pytest.fixture(scope="module")
+def gallery_file(small_run, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("gallery") / "test.npz"
+    result = cli("embed", small_run, "digits:test", "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_search_results_equal_knn_on_the_same_embeddings(small_run, model, image_folder, gallery_file):  # noqa: F811
+    paths = sorted(str(p) for p in image_folder.rglob("*.png"))[:4]
+    result = cli("search", small_run, *paths, "--gallery", gallery_file, "-k", "5", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    gallery = load_embedding_set(gallery_file)
+    distances, indices = knn(model.embed(paths), gallery.embeddings, 5, metric=model.metric)
+    assert [q["query"] for q in out["queries"]] == paths
+    assert [[r["index"] for r in q["results"]] for q in out["queries"]] == indices.tolist()
+    got = np.array([[r["distance"] for r in q["results"]] for q in out["queries"]])
+    np.testing.assert_allclose(got, distances.numpy(), rtol=1e-6)
+    assert [[r["path"] for r in q["results"]] for q in out["queries"]] == gallery.paths[indices.numpy()].tolist()
+    assert [[r["label"] for r in q["results"]] for q in out["queries"]] == gallery.labels[indices.numpy()].tolist()
+    # each query image is in the gallery (it is a test digit): found first, at distance 0
+    assert [q["results"][0]["path"] for q in out["queries"]] == [f"digits:test:{p.split('/')[-1][:-4]}" for p in paths]
+
+
+def test_search_table_figure_and_scores(small_run, gallery_file, tmp_path):  # noqa: F811
+    figure = tmp_path / "gallery.png"
+    result = cli(
+        "search",
+        small_run,
+        "digits:train",
+        "--gallery",
+        gallery_file,
+        "-k",
+        "3",
+        "--figure",
+        figure,
+        "--evaluate",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(out["queries"]) == 1347 and str(figure) in result.stderr and figure.stat().st_size > 5000
+    queries, gallery = load_embedding_set(gallery_file), None  # the scores equal retrieval_metrics on the same sets
+    gallery = queries
+    train = json.loads(cli("embed", small_run, "digits:train", "-o", tmp_path / "train.npz", "--json").stdout)
+    assert train["count"] == 1347
+    train = load_embedding_set(tmp_path / "train.npz")
+    expected = retrieval_metrics(
+        train.embeddings,
+        train.labels,
+        gallery.embeddings,
+        gallery.labels,
+        ks=(1, 3),
+        metric=out["metric"],
+        clustering=False,
+    )
+    assert out["scores"]["map@r"] == expected["map@r"] and out["scores"]["precision@3"] == expected["precision@3"]
+    table = cli("search", small_run, tmp_path / "train.npz", "--gallery", gallery_file, "-k", "2")
+    assert table.exit_code == 0 and "digits:test:" in table.stdout and "distance" in table.stdout
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_embedding_files_round_trip(tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow", reason="Parquet needs the parquet extra (pyarrow)")
+    rng = np.random.default_rng(0)
+    data = EmbeddingSet(
+        rng.normal(size=(7, 3)).astype(np.float32),
+        np.array([f"img{i}.png" for i in range(7)]),
+        np.array(list("abcabca")),
+        {"split": np.array(["train"] * 7), "is_query": np.arange(7) % 2 == 0},
+        {"run": "r", "embedding_dim": 3},
+    )
+    back = load_embedding_set(save_embedding_set(tmp_path / f"e{suffix}", data))
+    np.testing.assert_array_equal(back.embeddings, data.embeddings)
+    assert list(back.paths) == list(data.paths) and list(back.labels) == list(data.labels)
+    assert list(back.columns["is_query"]) == list(data.columns["is_query"]) and back.meta["run"] == "r"
+
+
+def test_bad_galleries_fail_in_one_line(small_run, gallery_file, image_folder, tmp_path):  # noqa: F811
+    query = str(next(image_folder.rglob("*.png")))
+    other = EmbeddingSet(np.zeros((4, 5), np.float32), np.array(list("abcd")), meta={"run": "runs/other"})
+    save_embedding_set(tmp_path / "other.npz", other)
+    line = one_line_error(cli("search", small_run, query, "--gallery", tmp_path / "other.npz"))
+    assert "5-D" in line and "8-D" in line and "re-embed" in line
+    save_embedding_set(tmp_path / "empty.npz", EmbeddingSet(np.zeros((0, 8), np.float32), np.array([], dtype=str)))
+    assert "is empty" in one_line_error(cli("search", small_run, query, "--gallery", tmp_path / "empty.npz"))
+    unlabelled = load_embedding_set(gallery_file)
+    unlabelled.labels = None
+    save_embedding_set(tmp_path / "unlabelled.npz", unlabelled)
+    line = one_line_error(
+        cli("search", small_run, "digits:train", "--gallery", tmp_path / "unlabelled.npz", "--evaluate")
+    )
+    assert "needs labels" in line and "gallery" in line
+    (tmp_path / "wrong.npz").write_bytes(b"junk")
+    assert "not an embedding file" in one_line_error(
+        cli("search", small_run, query, "--gallery", tmp_path / "wrong.npz")
+    )
+    assert "does not exist" in one_line_error(cli("search", small_run, query, "--gallery", tmp_path / "none.npz"))
+    (tmp_path / "q.png").write_bytes(b"\x89PNG broken")
+    line = one_line_error(cli("search", small_run, tmp_path / "q.png", "--gallery", gallery_file))
+    assert "not a readable image" in line
+
+
+def test_approximate_search_reports_its_recall_against_exact():
+    pytest.importorskip("faiss", reason="approximate search needs the faiss extra (faiss-cpu)")
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(4000, 16)).astype(np.float32)
+    queries = rng.normal(size=(300, 16)).astype(np.float32)
+    exact = search(queries, gallery, 10, "euclidean")
+    approx = search(queries, gallery, 10, "euclidean", approximate="faiss-ivf")
+    assert exact.exact and not approx.exact and approx.recall_queries == 300
+    found = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(approx.indices, exact.indices, strict=True)])
+    assert approx.recall == pytest.approx(found)
+    assert 0.5 < approx.recall <= 1.0
+    with pytest.raises(MetricLabError, match="faiss-ivf"):
+        search(queries, gallery, 10, approximate="hnsw")
+
+
+def _clustered(n, classes, dim, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centers = rng.normal(size=(classes, dim)).astype(np.float32)
+    emb = centers[labels] + 1.5 * rng.normal(size=(n, dim)).astype(np.float32)
+    emb[5] = emb[6]  # an exact duplicate: ties are broken by index in every process
+    return emb, labels
+
+
+@pytest.mark.slow  # two spawned processes import torch: ~15 s idle, 40 s on a loaded machine
+def test_two_processes_equal_one_exactly():
+    test, test_labels = _clustered(700, 12, 8, 0)
+    train, train_labels = _clustered(1500, 12, 8, 1)
+    options = {"ks": (1, 5), "metric": "cosine", "num_pairs": 2000, "chunk_size": 64}
+    one = evaluate_embeddings(train, train_labels, test, test_labels, **options)
+    two = evaluate_in_processes(2, train, train_labels, test, test_labels, **options)
+    assert two == one  # every float equal, not close
+
+
+def _launcher(processes: int) -> list[str]:
+    port = str(random.randint(20000, 40000))
+    flags = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", port]
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_evaluate_equals_one_process(small_run, tmp_path):  # noqa: F811
+    import shutil
+
+    run = shutil.copytree(small_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    single = cli("evaluate", run, "--json", "--pairs", "2000")
+    assert single.exit_code == 0, single.output
+    command = [*_launcher(2), "-m", "metriclab", "evaluate", str(run), "--json", "--pairs", "2000"]
+    launched = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    (one,), (two,) = json.loads(single.stdout), json.loads(launched.stdout)  # rank 0 alone prints
+    assert two["processes"] == 2 and one["processes"] == 1
+    for section in ("test_loo", "test_vs_train", "verification"):
+        assert two[section] == one[section]
+    local = cli("evaluate", run, "--json", "--pairs", "2000", "--processes", "2")
+    assert local.exit_code == 0, local.output
+    assert {k: v for k, v in json.loads(local.stdout)[0].items() if k in ("test_loo", "verification")} == {
+        k: one[k] for k in ("test_loo", "verification")
+    }
+
+
+def test_sharded_knn_equals_one_process_and_bounded_chunks():
+    from metriclab.metrics import retrieval
+
+    threads = torch.get_num_threads()
+    emb, _ = _clustered(500, 5, 4, 2)
+    d1, i1 = knn(emb, emb, 7, exclude_self=True, chunk_size=40)
+    d2, i2 = knn(emb, emb, 7, exclude_self=True, chunk_size=40, distributed=True)  # no group: one process
+    assert torch.equal(i1, i2) and torch.equal(d1, d2)
+    # the chunk grid does not depend on the thread count, so every process cuts the queries alike
+    rows = retrieval._chunk_rows(1_000_000, 10, None)
+    torch.set_num_threads(1)
+    try:
+        assert retrieval._chunk_rows(1_000_000, 10, None) == rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_each_process_ranks_a_contiguous_share_of_the_chunks(monkeypatch):
+    from metriclab.metrics import retrieval
+
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(retrieval, "_process_group", lambda rank=rank: (rank, 3))
+        shares.append(retrieval._chunks(1000, 64, distributed=True))
+    assert [len(s) for s in shares] == [6, 6, 4]
+    assert [b for s in shares for b in s] == retrieval._chunks(1000, 64)
+
+
+@pytest.mark.slow
+def test_quick_search_benchmark_agrees_across_libraries(tmp_path, monkeypatch):
+    pytest.importorskip("faiss", reason="the search benchmark compares with faiss-cpu (the faiss extra)")
+    monkeypatch.setenv("METRICLAB_BENCH_DIR", str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT))
+    for name in [m for m in sys.modules if m == "bench" or m.startswith("bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    import importlib
+
+    search_bench = importlib.import_module("bench.search")
+    text, results = search_bench.run(quick=True, log=lambda line: None)
+    for case in ("fmnist", "sop", "million"):
+        rows = results[case]
+        for impl in ("faiss", "pml"):  # same rankings; the sums differ in the last float digits
+            assert rows[impl]["map@r"] == pytest.approx(rows["metriclab"]["map@r"], abs=1e-6)
+            assert rows[impl]["precision@1"] == pytest.approx(rows["metriclab"]["precision@1"], abs=1e-9)
+        assert all(rows[i]["peak_rss_mib"] > 0 for i in rows)
+    assert text.count("| metriclab |") == 3 and "fastest" in text
+
+
+def test_evaluate_can_leave_clustering_out(small_run, tmp_path):  # noqa: F811
+    import shutil
+
+    run = shutil.copytree(small_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    (without,) = json.loads(cli("evaluate", run, "--json", "--pairs", "2000", "--no-clustering").stdout)
+    (with_,) = json.loads(cli("evaluate", run, "--json", "--pairs", "2000").stdout)  # 450 x 10: on by default
+    assert "nmi" not in without["test_loo"] and "nmi" in with_["test_loo"]
+    assert without["test_loo"]["map@r"] == with_["test_loo"]["map@r"]
