@@ -29,9 +29,10 @@ from metriclab.data import load_dataset
 from metriclab.data.sampling import epoch_order, shard
 from metriclab.errors import MetricLabError
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
-from metriclab.models import build_model, embed
+from metriclab.models import embed
 from metriclab.recipe import Recipe
 from metriclab.runs import Run, append_history, save_embeddings, trim_history, write_config
+from metriclab.training import contracts
 from metriclab.training.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
 from metriclab.training.components import build_objective, describe_run, objective
 from metriclab.training.distributed import gather_shards, gather_with_grad
@@ -89,11 +90,14 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
 
     with accelerator.main_process_first():
         dataset = load_dataset(recipe)
+    contracts.check_dataset(recipe, dataset)
     if dataset.notice:
         reporter.notice(dataset.notice)
-    model = build_model(recipe, dataset.input_shape)
+    model = contracts.build_checked_model(recipe, dataset.input_shape)
     model.fit_input_statistics(dataset.train_images)
     loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes))
+    # One forward and one loss before anything counts or optimises parameters (lazy modules initialise here).
+    contracts.check_components(recipe, dataset, model, loss_fn, miner)
     optimizer = registry.optimizers.create(
         recipe.optimizer,
         params=list(model.parameters()) + list(loss_fn.parameters()),
