@@ -51,16 +51,31 @@ def main(
 @app.command()
 def plugins(
     ctx: typer.Context,
-    pattern: Annotated[str, typer.Argument(help="Kind ('losses') or wildcard name pattern ('pml.*Loss').")] = "*",
+    pattern: Annotated[
+        str, typer.Argument(help="Kind ('loss' or 'losses') or wildcard name pattern ('pml.*Loss').")
+    ] = "*",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    load: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugins", help="Also load this plugin module or .py file and list its components (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """List registered encoders, losses, miners, datasets and optimizers with the package each came from."""
     from metriclab import registry
 
     with exit_on_user_error(ctx.obj["debug"]):
+        for spec in load or []:
+            registry.load_plugin(spec)
         kinds, title = list(registry.REGISTRIES.values()), f"metriclab components matching '{pattern}'"
-        if pattern.rstrip("s") in registry.REGISTRIES or pattern == "losses":
-            kinds, title, pattern = [registry.registry(pattern)], f"metriclab {pattern}", "*"
+        kind = registry.kind_of(pattern)
+        if kind is not None:
+            kinds, title, pattern = (
+                [registry.registry(kind)],
+                f"metriclab {registry.registry(kind).kind} components",
+                "*",
+            )
         rows = [(r.kind, e.name, e.source) for r in kinds for e in r.entries(pattern)]
         if not rows:
             raise MetricLabError(f"no component matches '{pattern}'; run `metriclab plugins` to list all")

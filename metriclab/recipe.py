@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -94,8 +95,8 @@ class Recipe:
                 f"checkpoint_every must be >= 0 (0: only at epoch ends) and keep_checkpoints >= 1, got "
                 f"{self.checkpoint_every} and {self.keep_checkpoints}"
             )
-        if not self.lr > 0:
-            raise MetricLabError(f"lr must be > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise MetricLabError(f"lr must be a finite number > 0, got {self.lr!r}; pass e.g. --lr 0.001")
         choices = {
             "sampler": ("random", "m-per-class"),
             "mixed_precision": ("no", "fp16", "bf16"),
@@ -113,6 +114,17 @@ class Recipe:
         for name in COMPONENTS:
             if not isinstance(getattr(self, f"{name}_args"), dict):
                 raise MetricLabError(f"{name}_args must be a dict of keyword arguments")
+            _check_finite(f"{name}_args", getattr(self, f"{name}_args"))
+        if "data_dir" in self.dataset_args:
+            # One place for the folder, so what is read and what config.json records agree.
+            given = self.dataset_args["data_dir"]
+            self.dataset_args = {k: v for k, v in self.dataset_args.items() if k != "data_dir"}
+            if self.data_dir is not None and given is not None and str(given) != self.data_dir:
+                raise MetricLabError(
+                    f"the dataset folder is given twice: data_dir {self.data_dir!r} and dataset_args data_dir "
+                    f"{given!r}; set it once, with --data-dir"
+                )
+            self.data_dir = None if given is None else str(given)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the recipe."""
@@ -161,14 +173,16 @@ class Recipe:
         args = vars(parser.parse_args(argv))
         config = args.pop("config")
         data = Recipe.from_json(config).to_dict() if config else self.to_dict()
-        given = {k: v for k, v in args.items() if v is not None}
+        given = {k: (None if v is _NULL else v) for k, v in args.items() if v is not None}
         for name in COMPONENTS:
             if name in given and given[name] != data[name]:
                 data[f"{name}_args"] = {}
             if f"{name}_args" in given:
                 data[f"{name}_args"] = {**data[f"{name}_args"], **given.pop(f"{name}_args")}
+        if "data_dir" in data["dataset_args"]:  # the command line's folder wins over the recipe's (or --config's)
+            data["data_dir"] = given.pop("data_dir", None) or data["dataset_args"].pop("data_dir")
         for key, value in given.items():
-            data[key] = None if value == "none" and key in ("miner", "second_encoder", "log_with") else value
+            data[key] = value
         return Recipe.from_dict(data)
 
 
@@ -193,6 +207,18 @@ def _check_types(recipe: Recipe) -> None:
         raise MetricLabError(f"recipe field 'plugins' must be a list of module names or paths, got {recipe.plugins!r}")
 
 
+def _check_finite(where: str, value: Any) -> None:
+    """Raise MetricLabError if ``value`` holds a NaN or infinite number (JSON's NaN/Infinity parse to those)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{where} {key}", item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(where, item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise MetricLabError(f"{where} must be a finite number, got {value!r}")
+
+
 def _key_values(text: str) -> dict[str, Any]:
     """Parse ``key=value`` (value as JSON when it parses, else a string)."""
     if "=" not in text:
@@ -203,6 +229,20 @@ def _key_values(text: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         value = raw
     return {key.replace("-", "_"): value}
+
+
+# What ``--FIELD none`` parses to for a field that may be null, so it can clear a value from --config.
+_NULL = object()
+
+
+def _nullable(base: type) -> Any:
+    """An argparse type: ``none``/``null`` as _NULL, anything else as ``base``."""
+
+    def parse(text: str) -> Any:
+        return _NULL if text.lower() in ("none", "null") else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 class _MergeDict(argparse.Action):
@@ -225,13 +265,16 @@ def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(recipe, f.name)
         hint = hints[f.name]
+        nullable = type(None) in getattr(hint, "__args__", ())
         if f.name == "resume":
             parser.add_argument(
                 flag,
                 nargs="?",
                 const="latest",
                 default=None,
-                help="continue from the latest checkpoint of the newest run of this recipe, or from RUN_DIR/CHECKPOINT",
+                type=_nullable(str),
+                help="continue from the latest checkpoint of the newest run of this recipe, or from RUN_DIR/CHECKPOINT "
+                "(none: start a new run)",
             )
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(recipe: {default})")
@@ -249,5 +292,8 @@ def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", default=None, help=f"(recipe: {default})")
         else:
             base = next((t for t in (int, float, str) if t in getattr(hint, "__args__", (hint,))), str)
-            parser.add_argument(flag, type=base, default=None, help=f"(recipe: {default})")
+            more = "; none clears it" if nullable else ""
+            parser.add_argument(
+                flag, type=_nullable(base) if nullable else base, default=None, help=f"(recipe: {default}{more})"
+            )
     return parser

@@ -380,19 +380,25 @@ def _source(ep: importlib.metadata.EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else _module(ep)
 
 
-def load_plugin(spec: str) -> None:
-    """Import a plugin the user names explicitly: a module name or a path to a ``.py`` file."""
+def load_plugin(spec: str) -> str:
+    """Import a plugin the user names explicitly: a module name or a path to a ``.py`` file.
+
+    Returns the spec as a run records it: a file as its absolute path (so the run can be evaluated or
+    resumed from another folder), a module name as given.
+    """
     load_plugins()
-    token = _current_source.set(spec)
+    is_file = spec.endswith(".py") or Path(spec).is_file()
+    resolved = str(Path(spec).expanduser().resolve()) if is_file else spec
+    token = _current_source.set(resolved)
     try:
-        if spec.endswith(".py") or Path(spec).is_file():
-            path = Path(spec).expanduser().resolve()
+        if is_file:
+            path = Path(resolved)
             if not path.is_file():
                 raise MetricLabError(f"plugin file {spec} does not exist; pass the path to a .py file")
             module_name = f"metriclab_user_plugin_{path.stem}"
             loaded = sys.modules.get(module_name)
             if loaded is not None and getattr(loaded, "__file__", None) == str(path):
-                return  # already imported (a second train() in one process): registering again would clash
+                return resolved  # already imported (a second train() in one process): registering again would clash
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module
@@ -406,3 +412,4 @@ def load_plugin(spec: str) -> None:
                 ) from err
     finally:
         _current_source.reset(token)
+    return resolved

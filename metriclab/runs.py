@@ -55,6 +55,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -86,10 +91,15 @@ def append_history(run_dir: Path, row: dict[str, float]) -> None:
     path = Path(run_dir) / "history.csv"
     new = not path.exists()
     line = f"{row['step']},{row['epoch']:.4f},{row['loss']:.6g},{row['lr']:.6g},{row['samples_per_s']:.1f}\n"
-    with path.open("a") as handle:
-        if new:
-            handle.write(",".join(HISTORY_COLUMNS) + "\n")
-        handle.write(line)
+    try:
+        with path.open("a") as handle:
+            if new:
+                handle.write(",".join(HISTORY_COLUMNS) + "\n")
+            handle.write(line)
+    except OSError as err:
+        if err.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def trim_history(run_dir: Path, step: int) -> None:

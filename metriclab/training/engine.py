@@ -17,6 +17,7 @@ import json
 import math
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,14 @@ from metriclab.models import embed
 from metriclab.recipe import Recipe
 from metriclab.runs import Run, append_history, save_embeddings, trim_history, write_config
 from metriclab.training import contracts
-from metriclab.training.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
+from metriclab.training.checkpoints import (
+    TrainerState,
+    checkpoint_dir,
+    require_finite_model,
+    resume,
+    run_directory,
+    save_checkpoint,
+)
 from metriclab.training.components import build_objective, describe_run, objective
 from metriclab.training.distributed import gather_shards, gather_with_grad
 from metriclab.training.graphs import StepGraph, why_not_captured
@@ -50,8 +58,8 @@ def train(recipe: Recipe) -> Path:
     a failure to write (full disk, read-only mount) is a MetricLabError naming the last
     good checkpoint, which stays intact.
     """
-    for spec in recipe.plugins:
-        registry.load_plugin(spec)
+    # Plugin files are recorded by absolute path, so the run can be evaluated or resumed from anywhere.
+    recipe = replace(recipe, plugins=[registry.load_plugin(spec) for spec in recipe.plugins])
     cpu = recipe.cpu or not torch.cuda.is_available()
     # The process group first: the run directory is chosen on the main process and shared,
     # and trackers need it when the Accelerator is created.
@@ -61,13 +69,16 @@ def train(recipe: Recipe) -> Path:
         return _train(recipe, cpu, run_dir, checkpoint)
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
-            raise
+            raise  # not a problem of space or permissions: the real cause, with its traceback
         last = Run.latest_checkpoint_in(run_dir)
         then = f"continue with --resume {run_dir} (last good checkpoint: {last})" if last else "start the run again"
-        raise MetricLabError(
-            f"{err.strerror}: {err.filename or run_dir}; free disk space or fix the permissions of the output "
-            f"location, then {then}"
-        ) from err
+        if err.filename is None:
+            where = f"{err.strerror} while training; free disk space where the run ({run_dir}) or its data is written"
+        elif _inside(err.filename, run_dir):
+            where = f"{err.strerror}: {err.filename}; free disk space or fix the permissions of the output location"
+        else:  # not the run directory's file (e.g. a dataset cache): the output location is not to blame
+            where = f"{err.strerror}: {err.filename}; free disk space or fix the permissions of that location"
+        raise MetricLabError(f"{where}, then {then}") from err
     finally:
         if checkpoint is None and process.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder
@@ -123,6 +134,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     trainer.fit()
     accelerator.end_training()
     return run_dir
+
+
+def _inside(filename: Any, folder: Path) -> bool:
+    """Whether ``filename`` (of an OSError) lies in ``folder``."""
+    return Path(str(filename)).resolve().is_relative_to(folder.resolve())
 
 
 def _check_global_batch(recipe: Recipe, global_batch: int) -> None:
@@ -360,6 +376,7 @@ class _Trainer:
         # Completed epochs; a run stopped mid-epoch (max_steps) labels its snapshot with the epoch in progress.
         epoch = self.state.epoch + (1 if self.state.position else 0)
         test = self.embed_split("test")
+        self._require_finite(test)
         # The train split is large: embedded once, at the end, not every epoch.
         train = self.embed_split("train") if self.recipe.embed_train and last else None
         if self.accelerator.is_main_process:
@@ -395,9 +412,16 @@ class _Trainer:
 
     def _checkpoint(self) -> Path:
         """Write the checkpoint of the current step (see :func:`metriclab.training.checkpoints.save_checkpoint`)."""
+        self._require_finite()
         path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.miner, self.recipe.keep_checkpoints)
         self.saved_step = self.state.step
         return path
+
+    def _require_finite(self, embeddings: torch.Tensor | None = None) -> None:
+        """MetricLabError naming the step if the weights (or ``embeddings``) hold NaN/inf: never checkpoint those."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        model = self.accelerator.unwrap_model(self.model)
+        require_finite_model(model, self.run_dir, self.state.step, lr, embeddings)
 
     def _request_stop(self, signum, frame) -> None:
         # `accelerate launch` forwards the terminal's Ctrl-C, so a worker often gets it twice within
