@@ -147,7 +147,11 @@ class Recipe:
     def from_json(cls, path: str | Path) -> Recipe:
         """Read a recipe written by :meth:`to_json` (or a run's config.json)."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise MetricLabError(
+                f"recipe file {path} is not UTF-8 text (byte {err.start}); pass a recipe JSON, e.g. a run's config.json"
+            ) from err
         except FileNotFoundError as err:
             raise MetricLabError(
                 f"recipe file {path} does not exist; pass the path of a recipe JSON, e.g. a run's config.json"

@@ -164,8 +164,13 @@ def resolve_resume(recipe: Recipe) -> Path:
     if (target / "trainer_state.json").is_file():
         return target
     checkpoint = Run.latest_checkpoint_in(target)
+    if checkpoint is None and not target.exists():
+        raise MetricLabError(f"{target} does not exist; pass --resume the run directory to continue")
     if checkpoint is None:
-        raise MetricLabError(f"{target} holds no complete checkpoint to resume from; start a new run instead")
+        raise MetricLabError(
+            f"{target} holds no complete checkpoint to resume from; start a new run instead: drop --resume and "
+            f"choose a new --output-dir, or delete {target} (rm -r {target}) and run again with --output-dir {target}"
+        )
     return checkpoint
 
 

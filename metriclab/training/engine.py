@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -54,7 +55,7 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 def train(recipe: Recipe) -> Path:
     """Train ``recipe`` and return its run directory (written by the main process only).
 
-    A new run that fails before writing anything leaves no empty run directory behind;
+    A new run that fails before its first checkpoint leaves no run directory behind (nothing to resume);
     a failure to write (full disk, read-only mount) is a MetricLabError naming the last
     good checkpoint, which stays intact.
     """
@@ -65,8 +66,11 @@ def train(recipe: Recipe) -> Path:
     # and trackers need it when the Accelerator is created.
     process = PartialState(cpu=cpu)
     run_dir, checkpoint = run_directory(recipe, process)
+    trained = False
     try:
-        return _train(recipe, cpu, run_dir, checkpoint)
+        result = _train(recipe, cpu, run_dir, checkpoint)
+        trained = True
+        return result
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
             raise  # not a problem of space or permissions: the real cause, with its traceback
@@ -80,8 +84,11 @@ def train(recipe: Recipe) -> Path:
             where = f"{err.strerror}: {err.filename}; free disk space or fix the permissions of that location"
         raise MetricLabError(f"{where}, then {then}") from err
     finally:
-        if checkpoint is None and process.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder
+        if not trained and checkpoint is None and process.is_main_process and run_dir.is_dir():
+            # A new run that failed before its first checkpoint has nothing to resume: leaving its config.json
+            # would make the folder look like a run to continue, so it goes.
+            if Run.latest_checkpoint_in(run_dir) is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) -> Path:
