@@ -77,3 +77,10 @@ class PairOnlyMiner(torch.nn.Module):
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         n = torch.arange(len(labels))
         return n, n
+
+
+@register_encoder("buggy-encoder")
+def buggy_encoder(*, embedding_dim, input_shape, hidden: tuple = (16,)):
+    """A bug in the factory's own code: a list plus a number."""
+    sizes = list(hidden) + embedding_dim
+    return torch.nn.Linear(sizes[0], sizes[-1])
