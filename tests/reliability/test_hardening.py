@@ -149,7 +149,7 @@ def test_dataset_args_data_dir_is_the_folder_read_and_recorded(tmp_path, capsys,
     config.write_text(json.dumps({"dataset": "mnist", "data_dir": str(tmp_path / "elsewhere")}))
     out = tmp_path / "run"
     code, err = train_in_process(capsys, "--config", str(config), *MNIST_FROM[2:], "--dataset-args",
-                                 f"data_dir={idx_dir}", "--output-dir", str(out))  # fmt: skip
+                                 f"data_dir={idx_dir}", "download=false", "--output-dir", str(out))  # fmt: skip
     assert code == 0, err[-3000:]
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["recipe"]["data_dir"] == str(idx_dir)
