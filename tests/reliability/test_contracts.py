@@ -156,3 +156,23 @@ def test_two_packages_with_one_name_refuse_it_whatever_their_order(tmp_path):
     assert "refused: encoder 'shared-name' is registered by both aaa-clashing-plugin and zzz-clashing-plugin" in (
         result.stdout
     )
+
+
+def test_the_contract_check_changes_nothing_in_training(tmp_path, capsys, monkeypatch):
+    """Eval-mode forward without gradients, loss and miner on copies: the same weights as without the check."""
+    from safetensors.torch import load_file
+
+    from metriclab.training import contracts
+
+    args = [*DIGITS, "--max-steps", "3", "--loss", "contrastive", "--miner", "random-pairs"]
+    code, err = train_in_process(capsys, *args, "--output-dir", str(tmp_path / "checked"))
+    assert code == 0, err[-3000:]
+    monkeypatch.setattr(contracts, "check_components", lambda *a, **k: None)
+    code, err = train_in_process(capsys, *args, "--output-dir", str(tmp_path / "unchecked"))
+    assert code == 0, err[-3000:]
+    checked, unchecked = (
+        load_file(tmp_path / "checked" / "model.safetensors"),
+        load_file(tmp_path / "unchecked" / "model.safetensors"),
+    )
+    assert checked.keys() == unchecked.keys()
+    assert all((checked[k] == unchecked[k]).all() for k in checked)

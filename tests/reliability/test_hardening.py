@@ -372,3 +372,18 @@ def test_a_full_disk_while_writing_figures_leaves_no_partial_figure(run_copy, mo
     assert_cli_error(cli(command, str(run_copy), *args), "could not write figure", "No space left on device",
                      "free disk space")  # fmt: skip
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_full_disk_while_evaluate_writes_metrics(run_copy, monkeypatch):
+    import metriclab.runs
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    before = (run_copy / "metrics.json").read_bytes()
+    monkeypatch.setattr(metriclab.runs, "write_atomic", full)
+    result = cli("evaluate", str(run_copy))
+    assert_cli_error(
+        result, f"could not write {run_copy / 'metrics.json'} (No space left on device)", "free disk space"
+    )
+    assert (run_copy / "metrics.json").read_bytes() == before
