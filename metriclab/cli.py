@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -134,7 +133,9 @@ def _reporting(debug: bool, what: str) -> Iterator[None]:
         except OSError as err:
             # A full disk or a read-only folder while writing metrics.json, embeddings or figures (written atomically,
             # so nothing is left half-written): the file and the cause, not a traceback.
-            if err.errno not in _DISK_ERRNOS or err.filename is None:
+            from metriclab.runs import DISK_ERRNOS
+
+            if err.errno not in DISK_ERRNOS or err.filename is None:
                 raise
             raise MetricLabError(
                 f"could not write {err.filename} ({err.strerror}); free disk space or fix the permissions there, "
@@ -144,10 +145,6 @@ def _reporting(debug: bool, what: str) -> Iterator[None]:
             logger.removeHandler(handler)
             logger.setLevel(previous)
             logger.propagate = True
-
-
-# Errors of a location a user can fix: space, quota, permissions, read-only mount, a file where a folder should be.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
 
 
 def _runs(paths: Sequence[Path], plugins: Sequence[str] | None) -> list:

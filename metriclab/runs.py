@@ -26,6 +26,7 @@ safetensors, JSON is JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -42,6 +43,10 @@ from metriclab.errors import MetricLabError
 FORMAT_VERSION = 1
 _CHECKPOINT = re.compile(r"^step_(\d{8})$")
 HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "samples_per_s")
+# OSErrors of a location a user can fix: space, quota, permissions, read-only mount, a file where a folder should be.
+DISK_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

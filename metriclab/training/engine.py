@@ -12,7 +12,6 @@ CUDA graph (:mod:`metriclab.training.graphs`).
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shutil
@@ -33,7 +32,7 @@ from metriclab.errors import MetricLabError
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
 from metriclab.models import embed
 from metriclab.recipe import Recipe
-from metriclab.runs import Run, append_history, save_embeddings, trim_history, write_config
+from metriclab.runs import DISK_ERRNOS, Run, append_history, save_embeddings, trim_history, write_config
 from metriclab.training import contracts
 from metriclab.training.checkpoints import (
     TrainerState,
@@ -47,9 +46,6 @@ from metriclab.training.components import build_objective, describe_run, objecti
 from metriclab.training.distributed import gather_shards, gather_with_grad
 from metriclab.training.graphs import StepGraph, why_not_captured
 from metriclab.training.progress import Reporter
-
-# Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 def train(recipe: Recipe) -> Path:
@@ -72,7 +68,7 @@ def train(recipe: Recipe) -> Path:
         trained = True
         return result
     except OSError as err:
-        if err.errno not in _DISK_ERRNOS:
+        if err.errno not in DISK_ERRNOS:
             raise  # not a problem of space or permissions: the real cause, with its traceback
         last = Run.latest_checkpoint_in(run_dir)
         then = f"continue with --resume {run_dir} (last good checkpoint: {last})" if last else "start the run again"
