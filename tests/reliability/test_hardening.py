@@ -82,6 +82,17 @@ def test_an_error_in_a_factorys_own_code_keeps_its_cause(tmp_path, capsys):
     assert "check each value's type" not in err
 
 
+def test_debug_shows_the_factorys_own_error_as_the_cause(tmp_path, capsys):
+    from metriclab.errors import MetricLabError
+
+    base = [a for a in DIGITS if a not in ("--encoder-args", "hidden=[16]")]
+    with pytest.raises(MetricLabError) as raised:
+        train_in_process(capsys, *base, "--encoder", "buggy-encoder", "--plugins", str(BROKEN), "--debug",
+                         "--output-dir", str(tmp_path / "run"))  # fmt: skip
+    assert isinstance(raised.value.__cause__, TypeError)
+    assert raised.value.__cause__.__traceback__ is not None
+
+
 def test_an_error_of_a_value_handed_on_is_still_the_users(tmp_path, capsys):
     code, err = train_in_process(capsys, *DIGITS, "--optimizer-args", "weight_decay=abc")
     assert_user_error(code, err, "optimizer 'adam' rejected its arguments", "check each value's type")
