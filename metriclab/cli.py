@@ -52,8 +52,16 @@ def main(
 @app.command()
 def plugins(
     ctx: typer.Context,
-    pattern: Annotated[str, typer.Argument(help="Kind ('losses') or wildcard name pattern ('pml.*Loss').")] = "*",
+    pattern: Annotated[
+        str, typer.Argument(help="Kind ('loss' or 'losses') or wildcard name pattern ('pml.*Loss').")
+    ] = "*",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    load: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugins", help="Also load this plugin module or .py file and list its components (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """List registered encoders, losses, miners, datasets, optimizers and schedulers with the package each came from.
 
@@ -63,9 +71,16 @@ def plugins(
     from metriclab import registry
 
     with exit_on_user_error(ctx.obj["debug"]):
+        for spec in load or []:
+            registry.load_plugin(spec)
         kinds, title = list(registry.REGISTRIES.values()), f"metriclab components matching '{pattern}'"
-        if pattern.rstrip("s") in registry.REGISTRIES or pattern == "losses":
-            kinds, title, pattern = [registry.registry(pattern)], f"metriclab {pattern}", "*"
+        kind = registry.kind_of(pattern)
+        if kind is not None:
+            kinds, title, pattern = (
+                [registry.registry(kind)],
+                f"metriclab {registry.registry(kind).kind} components",
+                "*",
+            )
         rows = [(r.kind, e.name, e.source) for r in kinds for e in r.entries(pattern)]
         if ":" not in pattern:  # a family is one row saying how to list its members, not a thousand rows
             for r in kinds:
@@ -126,6 +141,17 @@ def _reporting(debug: bool, what: str) -> Iterator[None]:
         logger.setLevel(logging.INFO)
         try:
             yield
+        except OSError as err:
+            # A full disk or a read-only folder while writing metrics.json, embeddings or figures (written atomically,
+            # so nothing is left half-written): the file and the cause, not a traceback.
+            from metriclab.runs import DISK_ERRNOS
+
+            if err.errno not in DISK_ERRNOS or err.filename is None:
+                raise
+            raise MetricLabError(
+                f"could not write {err.filename} ({err.strerror}); free disk space or fix the permissions there, "
+                "then run the command again"
+            ) from err
         finally:
             logger.removeHandler(handler)
             logger.setLevel(previous)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -153,8 +154,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise MetricLabError(f"{name} must be > 0, got {value!r}; e.g. --{name.replace('_', '-')} 0.1")
-        if not self.lr > 0:
-            raise MetricLabError(f"lr must be > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise MetricLabError(f"lr must be a finite number > 0, got {self.lr!r}; pass e.g. --lr 0.001")
         choices = {
             "mixed_precision": ("no", "fp16", "bf16"),
             "on_nonfinite": ("stop", "skip"),
@@ -171,6 +172,17 @@ class Recipe:
         for name in COMPONENTS:
             if not isinstance(getattr(self, f"{name}_args"), dict):
                 raise MetricLabError(f"{name}_args must be a dict of keyword arguments")
+            _check_finite(f"{name}_args", getattr(self, f"{name}_args"))
+        if "data_dir" in self.dataset_args:
+            # One place for the folder, so what is read and what config.json records agree.
+            given = self.dataset_args["data_dir"]
+            self.dataset_args = {k: v for k, v in self.dataset_args.items() if k != "data_dir"}
+            if self.data_dir is not None and given is not None and str(given) != self.data_dir:
+                raise MetricLabError(
+                    f"the dataset folder is given twice: data_dir {self.data_dir!r} and dataset_args data_dir "
+                    f"{given!r}; set it once, with --data-dir"
+                )
+            self.data_dir = None if given is None else str(given)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the recipe."""
@@ -193,7 +205,11 @@ class Recipe:
     def from_json(cls, path: str | Path) -> Recipe:
         """Read a recipe written by :meth:`to_json` (or a run's config.json)."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise MetricLabError(
+                f"recipe file {path} is not UTF-8 text (byte {err.start}); pass a recipe JSON, e.g. a run's config.json"
+            ) from err
         except FileNotFoundError as err:
             raise MetricLabError(
                 f"recipe file {path} does not exist; pass the path of a recipe JSON, e.g. a run's config.json"
@@ -219,14 +235,16 @@ class Recipe:
         args = vars(parser.parse_args(argv))
         config = args.pop("config")
         data = Recipe.from_json(config).to_dict() if config else self.to_dict()
-        given = {k: v for k, v in args.items() if v is not None}
+        given = {k: (None if v is _NULL else v) for k, v in args.items() if v is not None}
         for name in COMPONENTS:
             if name in given and given[name] != data[name]:
                 data[f"{name}_args"] = {}
             if f"{name}_args" in given:
                 data[f"{name}_args"] = {**data[f"{name}_args"], **given.pop(f"{name}_args")}
+        if "data_dir" in data["dataset_args"]:  # the command line's folder wins over the recipe's (or --config's)
+            data["data_dir"] = given.pop("data_dir", None) or data["dataset_args"].pop("data_dir")
         for key, value in given.items():
-            data[key] = None if value == "none" and key in _nullable() else value
+            data[key] = value
         return Recipe.from_dict(data)
 
 
@@ -251,19 +269,16 @@ def _check_types(recipe: Recipe) -> None:
         raise MetricLabError(f"recipe field 'plugins' must be a list of module names or paths, got {recipe.plugins!r}")
 
 
-def _nullable() -> set[str]:
-    """Recipe fields that may be None (``--miner none``, ``--embedding-dim none``)."""
-    return {name for name, hint in get_type_hints(Recipe).items() if type(None) in getattr(hint, "__args__", ())}
-
-
-def _or_none(base: type) -> Any:
-    """An argparse type: ``base(text)``, or the text ``'none'`` (which :meth:`Recipe.with_overrides` maps to None)."""
-
-    def parse(text: str) -> Any:
-        return text if text == "none" else base(text)
-
-    parse.__name__ = base.__name__  # argparse names the type in its error message
-    return parse
+def _check_finite(where: str, value: Any) -> None:
+    """Raise MetricLabError if ``value`` holds a NaN or infinite number (JSON's NaN/Infinity parse to those)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{where} {key}", item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(where, item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise MetricLabError(f"{where} must be a finite number, got {value!r}")
 
 
 def _key_values(text: str) -> dict[str, Any]:
@@ -276,6 +291,20 @@ def _key_values(text: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         value = raw
     return {key.replace("-", "_"): value}
+
+
+# What ``--FIELD none`` parses to for a field that may be null, so it can clear a value from --config.
+_NULL = object()
+
+
+def _nullable(base: type) -> Any:
+    """An argparse type: ``none``/``null`` as _NULL, anything else as ``base``."""
+
+    def parse(text: str) -> Any:
+        return _NULL if text.lower() in ("none", "null") else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 class _MergeDict(argparse.Action):
@@ -298,13 +327,16 @@ def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(recipe, f.name)
         hint = hints[f.name]
+        nullable = type(None) in getattr(hint, "__args__", ())
         if f.name == "resume":
             parser.add_argument(
                 flag,
                 nargs="?",
                 const="latest",
                 default=None,
-                help="continue from the latest checkpoint of the newest run of this recipe, or from RUN_DIR/CHECKPOINT",
+                type=_nullable(str),
+                help="continue from the latest checkpoint of the newest run of this recipe, or from RUN_DIR/CHECKPOINT "
+                "(none: start a new run)",
             )
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(recipe: {default})")
@@ -322,6 +354,8 @@ def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", default=None, help=f"(recipe: {default})")
         else:
             base = next((t for t in (int, float, str) if t in getattr(hint, "__args__", (hint,))), str)
-            kind = _or_none(base) if base is not str and f.name in _nullable() else base
-            parser.add_argument(flag, type=kind, default=None, help=f"(recipe: {default})")
+            more = "; none clears it" if nullable else ""
+            parser.add_argument(
+                flag, type=_nullable(base) if nullable else base, default=None, help=f"(recipe: {default}{more})"
+            )
     return parser

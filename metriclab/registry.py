@@ -40,10 +40,13 @@ from typing import Any
 from metriclab.errors import MetricLabError, did_you_mean
 
 ENTRY_POINT_GROUP = "metriclab.plugins"
+BUILTIN_MODULE = "metriclab_plugins"  # metriclab's own components, loaded first whatever the entry-point order
 
 # The package whose plugin module is being imported, so registrations know their origin.
 _current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("source", default=None)
 _plugins_loaded = False
+# True while installed entry points are imported: a name clash between packages is then recorded, not raised.
+_loading_entry_points: contextvars.ContextVar[bool] = contextvars.ContextVar("loading", default=False)
 
 
 @dataclass(frozen=True)
@@ -111,18 +114,24 @@ class Registry:
                 "matching names."
             )
         return family.entry(member)
+        # name -> the packages that registered it; the name is kept by the built-in or refused (see get).
+        self._clashes: dict[str, list[str]] = {}
 
     def register(self, name: str | None = None, factory: Callable | None = None, *, overwrite: bool = False):
         """Register ``factory`` under ``name``; usable as ``@registry.register("name")``."""
 
         def add(obj: Callable) -> Callable:
             key = name or obj.__name__
+            source = _current_source.get() or _top_package(obj)
             if key in self._entries and not overwrite and self._entries[key].factory is not obj:
+                if _loading_entry_points.get() and self._entries[key].source != source:
+                    # Two installed packages: record it and go on, so every other component of both still loads.
+                    self._clashes.setdefault(key, [self._entries[key].source]).append(source)
+                    return obj
                 raise MetricLabError(
                     f"{self.kind} '{key}' is already registered by {self._entries[key].source}; "
                     "choose another name or pass overwrite=True"
                 )
-            source = _current_source.get() or _top_package(obj)
             self._entries[key] = Entry(key, self.kind, obj, source)
             return obj
 
@@ -133,6 +142,8 @@ class Registry:
         load_plugins()
         if name in self._entries:
             return self._entries[name].factory
+        if name in self._clashes:
+            raise MetricLabError(self.clash_message(name))
         member = self._family_entry(name)
         if member is not None:
             return member.factory
@@ -157,10 +168,39 @@ class Registry:
                 )
             # Only the user's plain values: engine-supplied objects (parameters, tensors) are noise here.
             shown = {k: v for k, v in kwargs.items() if _plain(v)}
+            if shown and not _raised_in(err, factory):
+                # Raised by the code the factory handed the values to (torch checking weight_decay, ...).
+                raise MetricLabError(
+                    f"{self.kind} '{name}' rejected its arguments {shown}: {err}; check each value's type "
+                    "(numbers unquoted, lists as [1,2], true/false)"
+                ) from err
+            # Raised by the factory's own code: its real cause, not a guess about the user's values.
             raise MetricLabError(
-                f"{self.kind} '{name}' rejected its arguments {shown}: {err}; check each value's type "
-                "(numbers unquoted, lists as [1,2], true/false)"
+                f"{self.kind} '{name}' from {self._entries[name].source} failed while being built: "
+                f"{type(err).__name__}: {err}. If its arguments {shown} are right, this is an error in that "
+                "package's code; --debug shows where"
             ) from err
+
+    def source(self, name: str) -> str:
+        """The package that registered ``name`` (MetricLabError if none did)."""
+        self.get(name)
+        return self._entries[name].source
+
+    def clash_message(self, name: str) -> str:
+        """What a user reads about ``name`` being registered by more than one installed package."""
+        sources = self._clashes[name]
+        both = " and ".join(dict.fromkeys(sources))
+        if name in self._entries:
+            kept = self._entries[name].source
+            others = ", ".join(s for s in dict.fromkeys(sources) if s != kept)
+            return (
+                f"{self.kind} '{name}' is registered by both {both}; the built-in one from {kept} is used and "
+                f"{others}'s is ignored (its other components work); rename it in {others} to use it"
+            )
+        return (
+            f"{self.kind} '{name}' is registered by both {both}, so the name is ambiguous and neither is used "
+            f"(their other components work); uninstall one of them (pip uninstall ...) or rename it in one"
+        )
 
     def list(self, pattern: str = "*") -> list[str]:
         """Sorted names matching a shell-style wildcard pattern (``'pml.*Loss'``)."""
@@ -187,6 +227,19 @@ class Registry:
             return name in self._entries or self._family_entry(name) is not None
         except MetricLabError:
             return False
+
+
+def _raised_in(err: BaseException, factory: Callable) -> bool:
+    """Whether ``err`` was raised by code in the file that defines ``factory`` (not in a library it called)."""
+    target = getattr(factory, "__init__", factory) if inspect.isclass(factory) else factory
+    try:
+        home = inspect.getsourcefile(inspect.unwrap(target)) or inspect.getsourcefile(factory)
+    except TypeError:  # a builtin or C extension
+        return False
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and home is not None and Path(frame.tb_frame.f_code.co_filename) == Path(home)
 
 
 def _plural(kind: str) -> str:
@@ -336,9 +389,15 @@ register_transform = transforms.register
 register_scheduler = schedulers.register
 
 
+def kind_of(word: str) -> str | None:
+    """The component kind ``word`` names, singular or plural ('loss', 'losses', 'Encoders'), else None."""
+    word = word.lower()
+    return next((k for k in REGISTRIES if word in (k, _plural(k))), None)
+
+
 def registry(kind: str) -> Registry:
     """The registry for ``kind`` (singular or plural: 'loss' or 'losses')."""
-    key = {_plural(k): k for k in REGISTRIES}.get(kind, kind)
+    key = kind_of(kind) or kind
     if key not in REGISTRIES:
         raise MetricLabError(f"unknown component kind '{kind}'; choose one of {', '.join(REGISTRIES)}")
     return REGISTRIES[key]
@@ -355,39 +414,67 @@ def list_components(kind: str, pattern: str = "*") -> list[str]:
 
 
 def load_plugins() -> None:
-    """Import every installed ``metriclab.plugins`` entry point once.
+    """Import every installed ``metriclab.plugins`` entry point once, metriclab's built-ins first.
 
     A plugin that fails to import is reported as a warning naming it, so one broken
-    third-party package does not take the others down.
+    third-party package does not take the others down. A name registered by two packages
+    is one warning naming both: the built-in keeps its name; between two other packages
+    the name is refused (see :meth:`Registry.get`), so the order of the entry points never decides.
     """
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        source = ep.dist.name if ep.dist is not None else ep.value.split(":")[0]
-        token = _current_source.set(source)
-        try:
-            ep.load()
-        except Exception as err:  # noqa: BLE001 - a third-party plugin may fail in any way
-            warnings.warn(f"metriclab plugin '{ep.name}' from {source} failed to load: {err!r}", stacklevel=2)
-        finally:
-            _current_source.reset(token)
-
-
-def load_plugin(spec: str) -> None:
-    """Import a plugin the user names explicitly: a module name or a path to a ``.py`` file."""
-    load_plugins()
-    token = _current_source.set(spec)
+    points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    # Built-ins first, then by package and entry-point name: the same result whatever order the paths give.
+    ordered = sorted(points, key=lambda ep: (_module(ep) != BUILTIN_MODULE, _source(ep), ep.name))
+    loading = _loading_entry_points.set(True)
     try:
-        if spec.endswith(".py") or Path(spec).is_file():
-            path = Path(spec).expanduser().resolve()
+        for ep in ordered:
+            token = _current_source.set(_source(ep))
+            try:
+                ep.load()
+            except Exception as err:  # noqa: BLE001 - a third-party plugin may fail in any way
+                warnings.warn(f"metriclab plugin '{ep.name}' from {_source(ep)} failed to load: {err!r}", stacklevel=2)
+            finally:
+                _current_source.reset(token)
+    finally:
+        _loading_entry_points.reset(loading)
+    builtin = {_source(ep) for ep in ordered if _module(ep) == BUILTIN_MODULE}
+    for reg in REGISTRIES.values():
+        for name in list(reg._clashes):
+            if name in reg._entries and reg._entries[name].source not in builtin:
+                del reg._entries[name]  # two third-party packages: neither wins by load order
+            warnings.warn(reg.clash_message(name), stacklevel=2)
+
+
+def _module(ep: importlib.metadata.EntryPoint) -> str:
+    return ep.value.split(":")[0].strip()
+
+
+def _source(ep: importlib.metadata.EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else _module(ep)
+
+
+def load_plugin(spec: str) -> str:
+    """Import a plugin the user names explicitly: a module name or a path to a ``.py`` file.
+
+    Returns the spec as a run records it: a file as its absolute path (so the run can be evaluated or
+    resumed from another folder), a module name as given.
+    """
+    load_plugins()
+    is_file = spec.endswith(".py") or Path(spec).is_file()
+    resolved = str(Path(spec).expanduser().resolve()) if is_file else spec
+    token = _current_source.set(resolved)
+    try:
+        if is_file:
+            path = Path(resolved)
             if not path.is_file():
                 raise MetricLabError(f"plugin file {spec} does not exist; pass the path to a .py file")
             module_name = f"metriclab_user_plugin_{path.stem}"
             loaded = sys.modules.get(module_name)
             if loaded is not None and getattr(loaded, "__file__", None) == str(path):
-                return  # already imported (a second train() in one process): registering again would clash
+                return resolved  # already imported (a second train() in one process): registering again would clash
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module
@@ -401,3 +488,4 @@ def load_plugin(spec: str) -> None:
                 ) from err
     finally:
         _current_source.reset(token)
+    return resolved

@@ -27,6 +27,7 @@ safetensors, JSON is JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -43,6 +44,10 @@ from metriclab.errors import MetricLabError
 FORMAT_VERSION = 1
 _CHECKPOINT = re.compile(r"^step_(\d{8})$")
 HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "samples_per_s", "backbone_lr")
+# OSErrors of a location a user can fix: space, quota, permissions, read-only mount, a file where a folder should be.
+DISK_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -56,6 +61,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -92,6 +102,15 @@ def append_history(run_dir: Path, row: dict[str, float]) -> None:
         if new:
             handle.write(",".join(HISTORY_COLUMNS) + "\n")
         handle.write(line)
+    try:
+        with path.open("a") as handle:
+            if new:
+                handle.write(",".join(HISTORY_COLUMNS) + "\n")
+            handle.write(line)
+    except OSError as err:
+        if err.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def trim_history(run_dir: Path, step: int) -> None:
@@ -135,6 +154,23 @@ def read_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], Any]:
         raise MetricLabError(f"{path} is damaged ({err}); resume from an earlier checkpoint") from err
 
 
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; MetricLabError naming the file and ``fix`` if it is not one (or not UTF-8)."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise MetricLabError(
+            f"{path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); {fix}"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise MetricLabError(f"{path} is not valid JSON ({err}); {fix}") from err
+    except OSError as err:
+        raise MetricLabError(f"cannot read {path} ({err.strerror}); {fix}") from err
+    if not isinstance(data, dict):
+        raise MetricLabError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
 def new_run_dir(name: str, output_dir: str | None) -> Path:
     """Create a fresh run directory: ``output_dir`` if given (must not hold a run), else ``runs/NAME/TIMESTAMP``."""
     if output_dir is not None:
@@ -142,9 +178,14 @@ def new_run_dir(name: str, output_dir: str | None) -> Path:
         if path.exists() and not path.is_dir():
             raise MetricLabError(f"output directory {path} is a file; choose a new --output-dir")
         if path.exists() and any(path.iterdir()):
+            if Run.latest_checkpoint_in(path) is not None:
+                then = f"or continue that run with --resume {path}"
+            elif (path / "config.json").is_file():  # a run killed before its first checkpoint: nothing to resume
+                then = f"or, to start that run over, delete it (rm -r {path}); it has no checkpoint to resume from"
+            else:
+                then = "or empty it first"
             raise MetricLabError(
-                f"output directory {path} already exists and is not empty; choose a new --output-dir, "
-                f"or continue that run with --resume {path}"
+                f"output directory {path} already exists and is not empty; choose a new --output-dir, {then}"
             )
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -197,16 +238,19 @@ class Run:
     @property
     def config(self) -> dict[str, Any]:
         """The parsed config.json."""
-        try:
-            return json.loads((self.path / "config.json").read_text())
-        except json.JSONDecodeError as err:
-            raise MetricLabError(f"{self.path / 'config.json'} is not valid JSON ({err}); the run is damaged") from err
+        return read_json_object(
+            self.path / "config.json", "the run is damaged: restore config.json, or retrain (it cannot be rebuilt)"
+        )
 
     @property
     def metrics(self) -> dict[str, Any]:
         """The parsed metrics.json (empty if training has not finished an epoch)."""
         path = self.path / "metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        return read_json_object(
+            path, "restore it, or delete it (its per-epoch scores are lost; `metriclab evaluate` writes a new one)"
+        )
 
     def update_metrics(self, key: str, value: Any) -> None:
         """Set ``metrics[key] = value`` in metrics.json atomically."""
@@ -248,9 +292,25 @@ class Run:
         path = self.path / "history.csv"
         if not path.is_file():
             return []
-        lines = path.read_text().strip().splitlines()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise MetricLabError(f"cannot read {path} ({err}); restore it or delete it (no loss curve then)") from err
+        lines = text.splitlines()
+        if not lines:
+            return []
         header = lines[0].split(",")
-        return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
+        rows = []
+        for number, line in enumerate(lines[1:], start=2):
+            last = number == len(lines) and not text.endswith("\n")  # cut short by a kill: resuming trims it too
+            if _whole_row(line) and len(header) == len(HISTORY_COLUMNS):
+                rows.append(dict(zip(header, map(float, line.split(",")), strict=True)))
+            elif not last:
+                raise MetricLabError(
+                    f"{path} line {number} is not a row of {','.join(HISTORY_COLUMNS)} numbers ({line[:60]!r}); "
+                    "correct or delete that line"
+                )
+        return rows
 
     @staticmethod
     def checkpoints_in(path: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 
@@ -68,15 +69,75 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
             shutil.rmtree(old, ignore_errors=True)
             for stale in Run.checkpoints_in(run_dir)[:-keep]:
                 shutil.rmtree(stale, ignore_errors=True)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint, whatever stopped it
+        if not isinstance(err, OSError) and not any(sign in str(err) for sign in _WRITE_FAILURES):
+            raise
+        if isinstance(err, OSError):
+            cause = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        else:
+            cause = str(err).strip().splitlines()[0]
         last = Run.latest_checkpoint_in(run_dir)
         raise MetricLabError(
-            f"could not write checkpoint {final} ({err.strerror or err}); free disk space or choose a writable "
+            f"could not write checkpoint {final} ({cause}); free disk space or choose a writable "
             f"--output-dir, then continue with --resume {run_dir}. Last good checkpoint (intact): {last or 'none'}"
         ) from err
     accelerator.wait_for_everyone()
     return final
+
+
+# safetensors (SafetensorError) and torch (RuntimeError) report a failed write in their own exception types,
+# not as OSError: "Error while serializing: IoError(Os { code: 28, kind: StorageFull, ... })", "PytorchStreamWriter
+# failed writing file data/0: file write failed".
+_WRITE_FAILURES = ("IoError", "os error", "No space", "StorageFull", "QuotaExceeded", "ReadOnlyFilesystem",
+                   "PytorchStreamWriter failed", "file write failed", "unexpected pos")  # fmt: skip
+
+
+# Messages of a checkpoint that does not fit what the options build (torch's load_state_dict, optimizers).
+_MISMATCH = ("Error(s) in loading state_dict", "size mismatch", "Missing key(s)", "Unexpected key(s)",
+             "parameter group", "number of parameter groups")  # fmt: skip
+# Messages of a damaged file (safetensors' header checks, torch's zip reader, a truncated pickle).
+_DAMAGED = ("SafetensorError", "deserializing", "PytorchStreamReader", "truncated", "invalid load key",
+            "central directory")  # fmt: skip
+
+
+def _trainer_state(checkpoint: Path, saved: dict[str, Any]) -> TrainerState:
+    """``saved`` (trainer_state.json's state) as a TrainerState; MetricLabError naming a field of the wrong type."""
+    path = checkpoint / "trainer_state.json"
+    try:
+        state = TrainerState(**saved)
+    except TypeError as err:
+        raise MetricLabError(f"{path} is damaged ({err}); resume from an earlier checkpoint") from err
+    for name, kind in (("epoch", int), ("position", int), ("step", int), ("seconds", (int, float))):
+        value = getattr(state, name)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise MetricLabError(
+                f"{path} is damaged: '{name}' is {value!r}, not a non-negative number; resume from an earlier "
+                f"checkpoint in {checkpoint.parent} (pass its folder to --resume)"
+            )
+    return state
+
+
+def require_finite_model(
+    model: torch.nn.Module, run_dir: Path, step: int, lr: float, embeddings: torch.Tensor | None = None
+) -> None:
+    """Raise MetricLabError if ``model``'s weights (or the ``embeddings`` they gave) hold NaN or inf.
+
+    Checked before every checkpoint, so a checkpoint called good never holds such weights: a finite loss
+    can still give a non-finite update (too high a learning rate), which no loss check sees.
+    """
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    what = "weights"
+    if bool(finite) and embeddings is not None:
+        finite, what = torch.isfinite(embeddings).all(), "test embeddings"
+    if bool(finite):
+        return
+    last = Run.latest_checkpoint_in(run_dir)
+    raise MetricLabError(
+        f"the model's {what} hold NaN or inf at step {step} (lr {lr:g}): a training update diverged, so no "
+        "checkpoint was written for that step; lower --lr (or use --mixed-precision no) and start the run again. "
+        f"Last good checkpoint: {last or 'none'}"
+    )
 
 
 def _remove_unfinished(folder: Path) -> None:
@@ -103,8 +164,13 @@ def resolve_resume(recipe: Recipe) -> Path:
     if (target / "trainer_state.json").is_file():
         return target
     checkpoint = Run.latest_checkpoint_in(target)
+    if checkpoint is None and not target.exists():
+        raise MetricLabError(f"{target} does not exist; pass --resume the run directory to continue")
     if checkpoint is None:
-        raise MetricLabError(f"{target} holds no complete checkpoint to resume from; start a new run instead")
+        raise MetricLabError(
+            f"{target} holds no complete checkpoint to resume from; start a new run instead: drop --resume and "
+            f"choose a new --output-dir, or delete {target} (rm -r {target}) and run again with --output-dir {target}"
+        )
     return checkpoint
 
 
@@ -152,20 +218,24 @@ def resume(accelerator: Accelerator, checkpoint: Path, miner: Any) -> TrainerSta
             "run code when unpickled), so it was not loaded; it may have been tampered with. Resume only from "
             "checkpoints you trust, e.g. an earlier one in checkpoints/, or start a new run"
         ) from err
-    except Exception as err:  # noqa: BLE001 - safetensors, torch and accelerate raise many types for one cause
+    except Exception as err:
+        # safetensors, torch and accelerate raise many types; only the causes below are explained, the rest kept.
+        text = f"{type(err).__name__}: {err}"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MetricLabError(
-            f"cannot load checkpoint {checkpoint} ({first}); resume with the options the run was started with "
-            f"(e.g. --config {checkpoint.parent.parent / 'config.json'} --resume {checkpoint.parent.parent}) "
-            "or from an intact checkpoint"
-        ) from err
+        if any(sign in text for sign in _MISMATCH):
+            raise MetricLabError(
+                f"checkpoint {checkpoint} does not fit the model and optimizer these options build ({first}); resume "
+                f"with the options the run was started with (e.g. --config {checkpoint.parent.parent / 'config.json'}"
+                f" --resume {checkpoint.parent.parent})"
+            ) from err
+        if isinstance(err, (OSError, EOFError)) or any(sign in text for sign in _DAMAGED):
+            raise MetricLabError(
+                f"cannot read checkpoint {checkpoint} ({first}): a file in it is damaged or missing; resume from an "
+                f"earlier checkpoint in {checkpoint.parent} (pass its folder to --resume) or start a new run"
+            ) from err
+        raise
     saved_state, miner_state = read_trainer_state(checkpoint)
-    try:
-        state = TrainerState(**saved_state)
-    except TypeError as err:
-        raise MetricLabError(
-            f"{checkpoint / 'trainer_state.json'} is damaged ({err}); resume from an earlier checkpoint"
-        ) from err
+    state = _trainer_state(checkpoint, saved_state)
     if miner is not None and hasattr(miner, "load_state") and miner_state is not None:
         miner.load_state(miner_state)
     if accelerator.is_main_process:

@@ -12,10 +12,11 @@ CUDA graph (:mod:`metriclab.training.graphs`).
 
 from __future__ import annotations
 
-import errno
 import json
+import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,18 @@ from metriclab.data.loader import ImageSource, is_streaming, statistics_sample
 from metriclab.data.sampling import build_sampler, epoch_order, local_batches, shard
 from metriclab.errors import MetricLabError
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
-from metriclab.models import build_model, embed
+from metriclab.models import embed
 from metriclab.recipe import Recipe
-from metriclab.runs import Run, append_history, save_embeddings, trim_history, write_config
-from metriclab.training.checkpoints import TrainerState, checkpoint_dir, resume, run_directory, save_checkpoint
+from metriclab.runs import DISK_ERRNOS, Run, append_history, save_embeddings, trim_history, write_config
+from metriclab.training import contracts
+from metriclab.training.checkpoints import (
+    TrainerState,
+    checkpoint_dir,
+    require_finite_model,
+    resume,
+    run_directory,
+    save_checkpoint,
+)
 from metriclab.training.components import build_objective, describe_run, objective
 from metriclab.training.distributed import gather_shards, gather_with_grad
 from metriclab.training.graphs import StepGraph, why_not_captured
@@ -46,39 +55,46 @@ from metriclab.training.optimization import (
 )
 from metriclab.training.progress import Reporter
 
-# Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 STREAM_EMBED_BATCH = 256  # streamed images embedded per batch: the workers decode ahead while the model runs
 
 
 def train(recipe: Recipe) -> Path:
     """Train ``recipe`` and return its run directory (written by the main process only).
 
-    A new run that fails before writing anything leaves no empty run directory behind;
+    A new run that fails before its first checkpoint leaves no run directory behind (nothing to resume);
     a failure to write (full disk, read-only mount) is a MetricLabError naming the last
     good checkpoint, which stays intact.
     """
-    for spec in recipe.plugins:
-        registry.load_plugin(spec)
+    # Plugin files are recorded by absolute path, so the run can be evaluated or resumed from anywhere.
+    recipe = replace(recipe, plugins=[registry.load_plugin(spec) for spec in recipe.plugins])
     cpu = recipe.cpu or not torch.cuda.is_available()
     # The process group first: the run directory is chosen on the main process and shared,
     # and trackers need it when the Accelerator is created.
     process = PartialState(cpu=cpu)
     run_dir, checkpoint = run_directory(recipe, process)
+    trained = False
     try:
-        return _train(recipe, cpu, run_dir, checkpoint)
+        result = _train(recipe, cpu, run_dir, checkpoint)
+        trained = True
+        return result
     except OSError as err:
-        if err.errno not in _DISK_ERRNOS:
-            raise
+        if err.errno not in DISK_ERRNOS:
+            raise  # not a problem of space or permissions: the real cause, with its traceback
         last = Run.latest_checkpoint_in(run_dir)
         then = f"continue with --resume {run_dir} (last good checkpoint: {last})" if last else "start the run again"
-        raise MetricLabError(
-            f"{err.strerror}: {err.filename or run_dir}; free disk space or fix the permissions of the output "
-            f"location, then {then}"
-        ) from err
+        if err.filename is None:
+            where = f"{err.strerror} while training; free disk space where the run ({run_dir}) or its data is written"
+        elif _inside(err.filename, run_dir):
+            where = f"{err.strerror}: {err.filename}; free disk space or fix the permissions of the output location"
+        else:  # not the run directory's file (e.g. a dataset cache): the output location is not to blame
+            where = f"{err.strerror}: {err.filename}; free disk space or fix the permissions of that location"
+        raise MetricLabError(f"{where}, then {then}") from err
     finally:
-        if checkpoint is None and process.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder
+        if not trained and checkpoint is None and process.is_main_process and run_dir.is_dir():
+            # A new run that failed before its first checkpoint has nothing to resume: leaving its config.json
+            # would make the folder look like a run to continue, so it goes.
+            if Run.latest_checkpoint_in(run_dir) is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) -> Path:
@@ -100,11 +116,14 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
 
     with accelerator.main_process_first():
         dataset = load_dataset(recipe)
+    contracts.check_dataset(recipe, dataset)
     if dataset.notice:
         reporter.notice(dataset.notice)
-    model = build_model(recipe, dataset.input_shape)
+    model = contracts.build_checked_model(recipe, dataset.input_shape)
     model.fit_input_statistics(statistics_sample(dataset, recipe.num_workers))
     loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes), embedding_dim=model.embedding_dim)
+    # One forward and one loss before anything counts or optimises parameters (lazy modules initialise here).
+    contracts.check_components(recipe, dataset, model, loss_fn, miner)
     freezer = BackboneFreezer(model, recipe.freeze_backbone_epochs, recipe.freeze_backbone_steps)
     optimizer = registry.optimizers.create(
         recipe.optimizer, params=parameter_groups(recipe, model, loss_fn), lr=recipe.lr, **recipe.optimizer_args
@@ -144,6 +163,11 @@ def _freezes(recipe: Recipe) -> bool:
 def build_sampler_of(recipe: Recipe) -> Any:
     """The recipe's sampler (its epoch orders, see :mod:`metriclab.data.sampling`)."""
     return build_sampler(recipe.sampler, recipe.m_per_class, recipe.sampler_args)
+
+
+def _inside(filename: Any, folder: Path) -> bool:
+    """Whether ``filename`` (of an OSError) lies in ``folder``."""
+    return Path(str(filename)).resolve().is_relative_to(folder.resolve())
 
 
 def _check_global_batch(recipe: Recipe, global_batch: int) -> None:
@@ -413,6 +437,7 @@ class _Trainer:
         # Completed epochs; a run stopped mid-epoch (max_steps) labels its snapshot with the epoch in progress.
         epoch = self.state.epoch + (1 if self.state.position else 0)
         test = self.embed_split("test")
+        self._require_finite(test)
         # The train split is large: embedded once, at the end, not every epoch.
         train = self.embed_split("train") if self.recipe.embed_train and last else None
         if self.accelerator.is_main_process:
@@ -448,9 +473,16 @@ class _Trainer:
 
     def _checkpoint(self) -> Path:
         """Write the checkpoint of the current step (see :func:`metriclab.training.checkpoints.save_checkpoint`)."""
+        self._require_finite()
         path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.miner, self.recipe.keep_checkpoints)
         self.saved_step = self.state.step
         return path
+
+    def _require_finite(self, embeddings: torch.Tensor | None = None) -> None:
+        """MetricLabError naming the step if the weights (or ``embeddings``) hold NaN/inf: never checkpoint those."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        model = self.accelerator.unwrap_model(self.model)
+        require_finite_model(model, self.run_dir, self.state.step, lr, embeddings)
 
     def _request_stop(self, signum, frame) -> None:
         # `accelerate launch` forwards the terminal's Ctrl-C, so a worker often gets it twice within

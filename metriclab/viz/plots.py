@@ -7,7 +7,10 @@ path's suffix: ``.png`` (the default when there is none), ``.svg`` or ``.pdf``; 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +47,35 @@ def _output(path: str | Path, formats: Sequence[str] = FIGURE_FORMATS) -> Path:
         raise MetricLabError(
             f"cannot write a figure as '{path.suffix}' ({path}); use a path ending in {', '.join(formats)}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder should be, a read-only mount, ...
+        raise MetricLabError(
+            f"cannot create the folder {path.parent} for {path.name} ({err.strerror}: {err.filename}); "
+            "choose another output folder"
+        ) from err
     return path
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to, renamed to ``path`` when complete, removed on failure.
+
+    So a full disk or a crash never leaves a half-written or empty figure behind.
+    """
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise MetricLabError(
+            f"could not write figure {path} ({err.strerror or err}); free disk space or choose another output folder"
+        ) from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
@@ -55,7 +85,8 @@ def _figure(width: float, height: float, layout: str | None = "constrained") -> 
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, facecolor="white", format=path.suffix[1:].lower())
     return path
 
 
@@ -327,7 +358,7 @@ def animate_embeddings(
     # Opaque markers: translucent overlaps would create colours the GIF palette does not hold.
     style = {"alpha": 1.0, "s": max(_marker_style(max(len(p) for _, p, _ in frames))["s"], 3.0)}
     writer = _FixedPaletteWriter(colors, fps=fps)
-    with writer.saving(fig, str(path), dpi=100):
+    with _atomic(path) as tmp, writer.saving(fig, str(tmp), dpi=100):
         for name, points, labels in frames:
             labels, _ = _labels_and_names(labels, names, len(points))
             ax.clear()

@@ -212,7 +212,9 @@ def test_an_existing_run_directory_is_never_overwritten(tmp_path, capsys):
     out.mkdir()
     (out / "config.json").write_text('{"precious": true}')
     code, err = train_in_process(capsys, *DIGITS, "--output-dir", str(out))
-    assert_user_error(code, err, f"{out} already exists", "choose a new --output-dir", f"--resume {out}")
+    # A config.json without a checkpoint is a run killed before its first one: nothing to resume.
+    assert_user_error(code, err, f"{out} already exists", "choose a new --output-dir", f"delete it (rm -r {out})")
+    assert "--resume" not in err
     assert [p.name for p in out.iterdir()] == ["config.json"]
     assert (out / "config.json").read_text() == '{"precious": true}'
 
