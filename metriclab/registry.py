@@ -89,6 +89,8 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self.families: dict[str, Family] = {}
+        # name -> the packages that registered it; the name is kept by the built-in or refused (see get).
+        self._clashes: dict[str, list[str]] = {}
 
     def register_family(self, prefix: str, members: Callable[[], list[str]]):
         """Register a decorated ``factory(member, **kwargs)`` for every ``prefix:member`` name ``members()`` lists."""
@@ -114,8 +116,6 @@ class Registry:
                 "matching names."
             )
         return family.entry(member)
-        # name -> the packages that registered it; the name is kept by the built-in or refused (see get).
-        self._clashes: dict[str, list[str]] = {}
 
     def register(self, name: str | None = None, factory: Callable | None = None, *, overwrite: bool = False):
         """Register ``factory`` under ``name``; usable as ``@registry.register("name")``."""
