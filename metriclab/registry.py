@@ -184,7 +184,8 @@ class Registry:
     def source(self, name: str) -> str:
         """The package that registered ``name`` (MetricLabError if none did)."""
         self.get(name)
-        return self._entries[name].source
+        entry = self._entries.get(name) or self._family_entry(name)
+        return entry.source
 
     def clash_message(self, name: str) -> str:
         """What a user reads about ``name`` being registered by more than one installed package."""

@@ -72,9 +72,8 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
     ]:
         if name:
             entry = registry.registry(kind)
-            factory = entry.get(name)
-            source = next(e.source for e in entry.entries(name))
-            components[kind] = {"name": name, "source": source, "args": registry.resolved_arguments(factory, args)}
+            arguments = registry.resolved_arguments(entry.get(name), args)
+            components[kind] = {"name": name, "source": entry.source(name), "args": arguments}
     tower = model.towers[0]
     if hasattr(tower, "data_config"):  # a backbone: what it expects as input, and which weights it started from
         components["encoder"]["data_config"] = tower.data_config
