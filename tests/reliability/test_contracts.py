@@ -126,6 +126,7 @@ def test_a_package_that_clashes_with_a_builtin_name_loaded_first_leaves_the_buil
     assert text.count("registered by both") == 1
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_two_packages_with_one_name_refuse_it_whatever_their_order(tmp_path):
     _package(tmp_path, "aaa_clashing_plugin", CLASHING_PACKAGE.replace('"clash-only-loss"', '"first-loss"'))
     _package(

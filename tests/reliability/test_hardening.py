@@ -54,13 +54,13 @@ def assert_training_error(code: int, err: str, *words: str) -> None:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A finished tiny run (2 epochs, so it has epoch snapshots and history)."""
-    out = tmp_path_factory.mktemp("hardening") / "finished"
-    from .conftest import run_recipe
+    """A finished tiny run (2 epochs, so it has epoch snapshots and history), trained in this process."""
+    from metriclab.training.engine import train
 
-    result = run_recipe("mnist_siamese.py", *DIGITS[:-4], "--epochs", "2", "--max-steps", "4", "--log-every", "1",
-                        "--output-dir", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path_factory.mktemp("hardening") / "finished"
+    recipe = Recipe(dataset="digits", encoder_args={"hidden": [16]}, epochs=2, max_steps=4, log_every=1, cpu=True,
+                    output_dir=str(out))  # fmt: skip
+    assert train(recipe) == out
     return out
 
 
@@ -200,6 +200,7 @@ def test_the_plugins_command_takes_every_kind_singular_and_plural(word):
     assert kinds == ({"loss"} if word.lower() in ("loss", "losses") else {word.lower().removesuffix("s")})
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_python_dash_m_metriclab_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "metriclab", "plugins", "losses", "--json"], capture_output=True,
                             text=True, cwd=ROOT, timeout=120)  # fmt: skip
