@@ -98,10 +98,6 @@ def append_history(run_dir: Path, row: dict[str, float]) -> None:
     new = not path.exists()
     line = f"{row['step']},{row['epoch']:.4f},{row['loss']:.6g},{row['lr']:.6g},{row['samples_per_s']:.1f}"
     line += f",{row.get('backbone_lr', row['lr']):.6g}\n"
-    with path.open("a") as handle:
-        if new:
-            handle.write(",".join(HISTORY_COLUMNS) + "\n")
-        handle.write(line)
     try:
         with path.open("a") as handle:
             if new:
@@ -303,11 +299,11 @@ class Run:
         rows = []
         for number, line in enumerate(lines[1:], start=2):
             last = number == len(lines) and not text.endswith("\n")  # cut short by a kill: resuming trims it too
-            if _whole_row(line) and len(header) == len(HISTORY_COLUMNS):
+            if _whole_row(line, len(header)):  # a run written before a column was added has fewer
                 rows.append(dict(zip(header, map(float, line.split(",")), strict=True)))
             elif not last:
                 raise MetricLabError(
-                    f"{path} line {number} is not a row of {','.join(HISTORY_COLUMNS)} numbers ({line[:60]!r}); "
+                    f"{path} line {number} is not a row of {','.join(header)} numbers ({line[:60]!r}); "
                     "correct or delete that line"
                 )
         return rows

@@ -44,7 +44,7 @@ def assert_user_error(code: int, err: str, *words: str) -> None:
         (["--encoder-args", "hidden=64"], ["'hidden' must be a list", "hidden=[1024, 1024]"]),
         (["--optimizer-args", "weight_decay=abc"], ["optimizer 'adam' rejected", "'weight_decay': 'abc'", "type"]),
         (["--loss-args", "margin=-1"], ["margin must be non-negative, got -1", "margin=1.0"]),
-        (["--embedding-dim", "0"], ["'embedding_dim' must be a positive integer, got 0"]),
+        (["--embedding-dim", "0"], ["embedding_dim must be a positive integer or None, got 0"]),
         (["--batch-size", "1"], ["holds 1 sample(s), so no pair", "--batch-size to at least 2"]),
         (
             ["--sampler", "m-per-class", "--m-per-class", "8", "--batch-size", "8"],
