@@ -114,10 +114,14 @@ def trim_history(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / "history.csv"
     if path.exists():
         lines = path.read_text().splitlines()
-        header = lines[0] if lines else ",".join(HISTORY_COLUMNS)  # a run written before a column was added
+        # The file's own header (a run written before a column was added has fewer); none if a kill cut it.
+        has_header = bool(lines) and lines[0].split(",")[0] == HISTORY_COLUMNS[0]
+        header = lines[0] if has_header else ",".join(HISTORY_COLUMNS)
         width = len(header.split(","))
         kept = [header] + [
-            line for line in lines[1:] if _whole_row(line, width) and int(float(line.split(",")[0])) <= step
+            line
+            for line in (lines[1:] if has_header else lines)
+            if _whole_row(line, width) and int(float(line.split(",")[0])) <= step
         ]
         write_atomic(path, "\n".join(kept) + "\n")
 
