@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -54,7 +55,11 @@ def plugins(
     pattern: Annotated[str, typer.Argument(help="Kind ('losses') or wildcard name pattern ('pml.*Loss').")] = "*",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List registered encoders, losses, miners, datasets and optimizers with the package each came from."""
+    """List registered encoders, losses, miners, datasets, optimizers and schedulers with the package each came from.
+
+    Encoder families (``timm:<model>``, ``torchvision:<model>``) are one row each; a pattern naming the
+    family lists its members (``metriclab plugins 'timm:convnext*'``).
+    """
     from metriclab import registry
 
     with exit_on_user_error(ctx.obj["debug"]):
@@ -62,6 +67,12 @@ def plugins(
         if pattern.rstrip("s") in registry.REGISTRIES or pattern == "losses":
             kinds, title, pattern = [registry.registry(pattern)], f"metriclab {pattern}", "*"
         rows = [(r.kind, e.name, e.source) for r in kinds for e in r.entries(pattern)]
+        if ":" not in pattern:  # a family is one row saying how to list its members, not a thousand rows
+            for r in kinds:
+                for f in r.families.values():
+                    if fnmatch.fnmatchcase(f"{f.prefix}:<model>", pattern):
+                        listing = f"{len(f.members()):,} models; list: metriclab plugins '{f.prefix}:*resnet*'"
+                        rows.append((r.kind, f"{f.prefix}:<model>", f"{f.source} ({listing})"))
         if not rows:
             raise MetricLabError(f"no component matches '{pattern}'; run `metriclab plugins` to list all")
     if as_json:

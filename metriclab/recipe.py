@@ -24,7 +24,7 @@ from typing import Any, get_type_hints
 from metriclab.errors import MetricLabError, did_you_mean
 
 # Component fields whose ``<name>_args`` dict belongs to them.
-COMPONENTS = ("dataset", "encoder", "second_encoder", "loss", "miner", "optimizer")
+COMPONENTS = ("dataset", "encoder", "second_encoder", "loss", "miner", "optimizer", "scheduler")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Recipe:
     # model: a Siamese network; share_weights=False gives a second (pseudo-siamese) tower
     encoder: str = "mlp"
     encoder_args: dict = field(default_factory=dict)
-    embedding_dim: int = 2
+    embedding_dim: int | None = 2  # None: a backbone encoder's own features (no linear head)
     share_weights: bool = True
     second_encoder: str | None = None
     second_encoder_args: dict = field(default_factory=dict)
@@ -55,6 +55,18 @@ class Recipe:
     optimizer: str = "adam"
     optimizer_args: dict = field(default_factory=dict)
     lr: float = 1e-3
+    # learning-rate schedule (a registered scheduler), in optimizer steps, behind an optional linear warm-up
+    scheduler: str | None = None
+    scheduler_args: dict = field(default_factory=dict)
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
+    # fine-tuning: a backbone encoder (timm:<model>, torchvision:<model>) frozen first, then slower than its head
+    freeze_backbone_epochs: int = 0
+    freeze_backbone_steps: int = 0
+    backbone_lr_multiplier: float = 1.0
+    weight_decay_norms_and_biases: bool = False  # False: no weight decay on normalisation weights and biases
+    loss_lr: float | None = None  # lr of the loss's own parameters (ArcFace, ProxyAnchor, SoftTriple); None: lr
+    grad_clip_norm: float | None = None  # clip the global gradient norm of the network to this
     batch_size: int = 128
     epochs: int = 5
     max_steps: int | None = None
@@ -82,7 +94,9 @@ class Recipe:
     def validate(self) -> None:
         """Raise MetricLabError for values no run could use."""
         _check_types(self)
-        positive = ("embedding_dim", "batch_size", "epochs", "gradient_accumulation_steps", "m_per_class", "log_every")
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise MetricLabError(f"embedding_dim must be a positive integer or None, got {self.embedding_dim!r}")
+        positive = ("batch_size", "epochs", "gradient_accumulation_steps", "m_per_class", "log_every")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -94,6 +108,17 @@ class Recipe:
                 f"checkpoint_every must be >= 0 (0: only at epoch ends) and keep_checkpoints >= 1, got "
                 f"{self.checkpoint_every} and {self.keep_checkpoints}"
             )
+        if self.warmup_steps < 0 or not 0 < self.warmup_start_factor <= 1:
+            raise MetricLabError(
+                f"warmup_steps must be >= 0 and warmup_start_factor in (0, 1], got {self.warmup_steps} and "
+                f"{self.warmup_start_factor}; e.g. --warmup-steps 100 --warmup-start-factor 0.01"
+            )
+        if self.freeze_backbone_epochs < 0 or self.freeze_backbone_steps < 0:
+            raise MetricLabError("freeze_backbone_epochs and freeze_backbone_steps must be >= 0 (0: never frozen)")
+        for name in ("backbone_lr_multiplier", "loss_lr", "grad_clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise MetricLabError(f"{name} must be > 0, got {value!r}; e.g. --{name.replace('_', '-')} 0.1")
         if not self.lr > 0:
             raise MetricLabError(f"lr must be > 0, got {self.lr!r}")
         choices = {
@@ -168,7 +193,7 @@ class Recipe:
             if f"{name}_args" in given:
                 data[f"{name}_args"] = {**data[f"{name}_args"], **given.pop(f"{name}_args")}
         for key, value in given.items():
-            data[key] = None if value == "none" and key in ("miner", "second_encoder", "log_with") else value
+            data[key] = None if value == "none" and key in _nullable() else value
         return Recipe.from_dict(data)
 
 
@@ -191,6 +216,21 @@ def _check_types(recipe: Recipe) -> None:
             )
     if not all(isinstance(p, str) for p in recipe.plugins):
         raise MetricLabError(f"recipe field 'plugins' must be a list of module names or paths, got {recipe.plugins!r}")
+
+
+def _nullable() -> set[str]:
+    """Recipe fields that may be None (``--miner none``, ``--embedding-dim none``)."""
+    return {name for name, hint in get_type_hints(Recipe).items() if type(None) in getattr(hint, "__args__", ())}
+
+
+def _or_none(base: type) -> Any:
+    """An argparse type: ``base(text)``, or the text ``'none'`` (which :meth:`Recipe.with_overrides` maps to None)."""
+
+    def parse(text: str) -> Any:
+        return text if text == "none" else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error message
+    return parse
 
 
 def _key_values(text: str) -> dict[str, Any]:
@@ -249,5 +289,6 @@ def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", default=None, help=f"(recipe: {default})")
         else:
             base = next((t for t in (int, float, str) if t in getattr(hint, "__args__", (hint,))), str)
-            parser.add_argument(flag, type=base, default=None, help=f"(recipe: {default})")
+            kind = _or_none(base) if base is not str and f.name in _nullable() else base
+            parser.add_argument(flag, type=kind, default=None, help=f"(recipe: {default})")
     return parser

@@ -1,4 +1,4 @@
-"""Registries of components (encoders, losses, miners, datasets, optimizers).
+"""Registries of components (encoders, losses, miners, datasets, optimizers, schedulers).
 
 Modelled on timm's ``register_model``/``create_model``/``list_models``: a component is
 registered where it is defined, built from keyword arguments by name, and listed with
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import fnmatch
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -55,12 +56,61 @@ class Entry:
     source: str
 
 
+@dataclass(frozen=True)
+class Family:
+    """Components named ``prefix:member`` (``timm:convnext_tiny``), built by one factory ``(member, **kwargs)``.
+
+    ``members()`` lists the names a library knows (``timm.list_models``); a member may carry a tag after
+    a dot (``timm:vit_small_patch16_224.augreg_in21k``), which only the factory interprets.
+    """
+
+    prefix: str
+    kind: str
+    factory: Callable[..., Any]
+    members: Callable[[], list[str]]
+    source: str
+
+    def entry(self, member: str) -> Entry:
+        """The entry of one member: the family's factory with the member's name bound."""
+        return Entry(f"{self.prefix}:{member}", self.kind, functools.partial(self.factory, member), self.source)
+
+
 class Registry:
-    """Name -> factory for one kind of component, filled by decorators and entry points."""
+    """Name -> factory for one kind of component, filled by decorators and entry points.
+
+    Besides single names it holds families (:class:`Family`): ``prefix:member`` names resolved by a
+    library's own model list, so thousands of models are one registration and not a thousand rows.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self.families: dict[str, Family] = {}
+
+    def register_family(self, prefix: str, members: Callable[[], list[str]]):
+        """Register a decorated ``factory(member, **kwargs)`` for every ``prefix:member`` name ``members()`` lists."""
+
+        def add(factory: Callable) -> Callable:
+            source = _current_source.get() or _top_package(factory)
+            self.families[prefix] = Family(prefix, self.kind, factory, members, source)
+            return factory
+
+        return add
+
+    def _family_entry(self, name: str) -> Entry | None:
+        """The entry of ``prefix:member`` if ``prefix`` is a family; a did-you-mean error for an unknown member."""
+        prefix, _, member = name.partition(":")
+        family = self.families.get(prefix) if member else None
+        if family is None:
+            return None
+        known = family.members()
+        if member.split(".")[0] not in known:
+            raise MetricLabError(
+                f"unknown {self.kind} '{name}': {family.source} has no model '{member}'."
+                f"{did_you_mean(member, known, n=3)} Run `metriclab plugins '{prefix}:*{member[:3]}*'` to list "
+                "matching names."
+            )
+        return family.entry(member)
 
     def register(self, name: str | None = None, factory: Callable | None = None, *, overwrite: bool = False):
         """Register ``factory`` under ``name``; usable as ``@registry.register("name")``."""
@@ -83,6 +133,9 @@ class Registry:
         load_plugins()
         if name in self._entries:
             return self._entries[name].factory
+        member = self._family_entry(name)
+        if member is not None:
+            return member.factory
         names = sorted(self._entries)
         hint = did_you_mean(name, names, n=3)
         raise MetricLabError(
@@ -111,16 +164,29 @@ class Registry:
 
     def list(self, pattern: str = "*") -> list[str]:
         """Sorted names matching a shell-style wildcard pattern (``'pml.*Loss'``)."""
-        load_plugins()
-        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+        return [e.name for e in self.entries(pattern)]
 
     def entries(self, pattern: str = "*") -> list[Entry]:
-        """Sorted entries matching ``pattern``, with the package each came from."""
-        return [self._entries[n] for n in self.list(pattern)]
+        """Sorted entries matching ``pattern``, with the package each came from.
+
+        A family's members are listed only by a pattern that names the family (``'timm:*resnet*'``).
+        """
+        load_plugins()
+        found = [self._entries[n] for n in sorted(self._entries) if fnmatch.fnmatchcase(n, pattern)]
+        prefix, colon, rest = pattern.partition(":")
+        if colon and prefix in self.families:
+            family = self.families[prefix]
+            if not any(c in rest for c in "*?["):  # one member, perhaps with a tag ('resnet18.a1_in1k')
+                return [family.entry(rest)] if rest.split(".")[0] in family.members() else []
+            found += [family.entry(m) for m in sorted(family.members()) if fnmatch.fnmatchcase(m, rest)]
+        return found
 
     def __contains__(self, name: str) -> bool:
         load_plugins()
-        return name in self._entries
+        try:
+            return name in self._entries or self._family_entry(name) is not None
+        except MetricLabError:
+            return False
 
 
 def _plural(kind: str) -> str:
@@ -245,19 +311,23 @@ losses = Registry("loss")
 miners = Registry("miner")
 datasets = Registry("dataset")
 optimizers = Registry("optimizer")
+schedulers = Registry("scheduler")
 REGISTRIES: dict[str, Registry] = {
     "encoder": encoders,
     "loss": losses,
     "miner": miners,
     "dataset": datasets,
     "optimizer": optimizers,
+    "scheduler": schedulers,
 }
 
 register_encoder = encoders.register
+register_encoder_family = encoders.register_family
 register_loss = losses.register
 register_miner = miners.register
 register_dataset = datasets.register
 register_optimizer = optimizers.register
+register_scheduler = schedulers.register
 
 
 def registry(kind: str) -> Registry:

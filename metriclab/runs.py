@@ -14,7 +14,8 @@ Layout (``format_version`` 1)::
       embeddings/epoch_0003/test.npz   one snapshot of the test split per epoch (animations)
       embeddings/train.npz      train embeddings at the end of training (same format;
                                 ``embed_train=False`` skips them)
-      history.csv               loss curve: step, epoch, loss, lr, samples_per_s
+      history.csv               loss curve: step, epoch, loss, lr, samples_per_s, backbone_lr (lr of a
+                                backbone encoder's parameters; the same as lr without one)
       metrics.json              {"epochs": [...], "final": {...}, "evaluations": {...}}
       embedding.png             2-D scatter of the test embedding at the end of training
 
@@ -41,7 +42,7 @@ from metriclab.errors import MetricLabError
 
 FORMAT_VERSION = 1
 _CHECKPOINT = re.compile(r"^step_(\d{8})$")
-HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "samples_per_s")
+HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "samples_per_s", "backbone_lr")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -85,7 +86,8 @@ def append_history(run_dir: Path, row: dict[str, float]) -> None:
     """Append one row (the :data:`HISTORY_COLUMNS`) to history.csv, writing the header first if it is new."""
     path = Path(run_dir) / "history.csv"
     new = not path.exists()
-    line = f"{row['step']},{row['epoch']:.4f},{row['loss']:.6g},{row['lr']:.6g},{row['samples_per_s']:.1f}\n"
+    line = f"{row['step']},{row['epoch']:.4f},{row['loss']:.6g},{row['lr']:.6g},{row['samples_per_s']:.1f}"
+    line += f",{row.get('backbone_lr', row['lr']):.6g}\n"
     with path.open("a") as handle:
         if new:
             handle.write(",".join(HISTORY_COLUMNS) + "\n")
@@ -97,16 +99,18 @@ def trim_history(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / "history.csv"
     if path.exists():
         lines = path.read_text().splitlines()
-        kept = [",".join(HISTORY_COLUMNS)] + [
-            line for line in lines[1:] if _whole_row(line) and int(float(line.split(",")[0])) <= step
+        header = lines[0] if lines else ",".join(HISTORY_COLUMNS)  # a run written before a column was added
+        width = len(header.split(","))
+        kept = [header] + [
+            line for line in lines[1:] if _whole_row(line, width) and int(float(line.split(",")[0])) <= step
         ]
         write_atomic(path, "\n".join(kept) + "\n")
 
 
-def _whole_row(line: str) -> bool:
-    """Whether ``line`` is a complete history.csv row."""
+def _whole_row(line: str, width: int = len(HISTORY_COLUMNS)) -> bool:
+    """Whether ``line`` is a complete history.csv row of ``width`` columns."""
     fields = line.split(",")
-    if len(fields) != len(HISTORY_COLUMNS):
+    if len(fields) != width:
         return False
     try:
         for value in fields:

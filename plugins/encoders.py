@@ -5,22 +5,37 @@ keyword arguments ``embedding_dim: int`` and ``input_shape: tuple[int, int, int]
 which the engine supplies, plus options of its own, and returns an ``nn.Module`` that maps
 float images ``(N, C, H, W)`` to embeddings ``(N, embedding_dim)``. The images arrive
 standardised per channel with the training set's mean and std (the Siamese network does it,
-and saves the statistics with the weights).
+and saves the statistics with the weights), or with the backbone's own mean and std when it starts
+from pretrained weights.
+
+Families: ``timm:<model>`` is any model ``timm.list_models()`` knows and ``torchvision:<model>`` any
+classification model of ``torchvision.models.list_models()``, built without the classifier and
+followed by an embedding head (:class:`metriclab.models.BackboneEncoder`). ``pretrained=True`` uses
+the library's own download and cache; ``weights=PATH`` loads a local ``.safetensors``/``.pth`` file
+(weights-only) on a machine without a network. Extra keyword arguments go to the library's
+constructor (``drop_path_rate=0.1``, ``img_size=64``, ...).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torchvision
 from torch import nn
 
 from metriclab.errors import MetricLabError
-from metriclab.registry import register_encoder
+from metriclab.models import BackboneEncoder, EmbeddingHead, load_backbone_weights
+from metriclab.registry import register_encoder, register_encoder_family
 
 
-def _check(embedding_dim: int, input_shape: tuple[int, ...]) -> None:
+def _check(embedding_dim: int | None, input_shape: tuple[int, ...]) -> None:
+    if embedding_dim is None:
+        raise MetricLabError(
+            "this encoder has no features of its own to keep: embedding_dim=None needs a backbone encoder "
+            "(timm:<model>, torchvision:<model>); pass e.g. --embedding-dim 64"
+        )
     if embedding_dim < 1:
         raise MetricLabError(f"embedding_dim must be at least 1, got {embedding_dim}; pass e.g. embedding_dim=2")
     if len(input_shape) != 3:
@@ -78,3 +93,172 @@ def resnet18(*, embedding_dim: int, input_shape: tuple[int, int, int], pretraine
     model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, embedding_dim)
     return model
+
+
+@register_encoder("siamese-conv")
+def siamese_conv(
+    *,
+    embedding_dim: int,
+    input_shape: tuple[int, int, int],
+    channels: tuple[int, ...] = (32, 64, 128, 256),
+    kernels: tuple[int, ...] = (7, 5, 3, 1, 1),
+) -> nn.Module:
+    """The conv tower of the TensorFlow MNIST Siamese example: conv 7x7x32, 5x5x64, 3x3x128, 1x1x256, 1x1x2.
+
+    Each convolution ('same' padding, Xavier-uniform initialisation; ReLU except after the last) is
+    followed by 2x2 max-pooling (ceil mode, so 28 -> 14 -> 7 -> 4 -> 2 -> 1), and the 1x1 map is
+    flattened: a 2-D output for ``embedding_dim=2``, the last convolution's width.
+    """
+    _check(embedding_dim, input_shape)
+    sizes = [input_shape[0], *channels, embedding_dim]
+    if len(kernels) != len(sizes) - 1:
+        raise MetricLabError(f"siamese-conv needs one kernel size per convolution: {len(sizes) - 1}, got {kernels}")
+    layers: list[nn.Module] = []
+    for i, (size_in, size_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Conv2d(size_in, size_out, kernels[i], padding="same"))
+        if i < len(kernels) - 1:
+            layers.append(nn.ReLU())
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]  # a no-op on MNIST (1x1 already); fits larger images
+    tower = nn.Sequential(*layers)
+    for conv in tower:
+        if isinstance(conv, nn.Conv2d):  # the example's initialisation: Xavier-uniform weights, zero biases
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+    return tower
+
+
+# -- families: timm and torchvision backbones with an embedding head ------------------------------------
+
+
+def _timm_models() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _torchvision_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _choose_weights(family: str, name: str, pretrained: bool, weights: str | None) -> None:
+    if pretrained and weights:
+        raise MetricLabError(
+            f"{family}:{name}: pass either pretrained=true (download) or weights=PATH (local file), not both"
+        )
+
+
+def _download_failed(family: str, name: str, err: Exception) -> MetricLabError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return MetricLabError(
+        f"could not get the pretrained weights of {family}:{name} ({first}); without a network, download them "
+        f"on another machine and pass weights=PATH (a .safetensors or .pth file)"
+    )
+
+
+def _head(features: int, embedding_dim: int | None, batch_norm: bool, dropout: float, normalize: bool) -> EmbeddingHead:
+    if embedding_dim is not None and embedding_dim < 1:
+        raise MetricLabError(f"embedding_dim must be at least 1 or None (keep the backbone's), got {embedding_dim}")
+    if not 0 <= dropout < 1:
+        raise MetricLabError(f"dropout must be in [0, 1), got {dropout}")
+    return EmbeddingHead(features, embedding_dim, batch_norm=batch_norm, dropout=dropout, normalize=normalize)
+
+
+@register_encoder_family("timm", members=_timm_models)
+def timm_encoder(
+    model_name: str,
+    *,
+    embedding_dim: int | None,
+    input_shape: tuple[int, int, int],
+    pretrained: bool = False,
+    weights: str | None = None,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    normalize: bool = False,
+    **model_args: Any,
+) -> BackboneEncoder:
+    """A timm model (``timm.create_model(model_name, num_classes=0, in_chans=C, **model_args)``) + embedding head.
+
+    Models with a fixed input size (ViTs) are built for the dataset's image size unless ``img_size`` is given.
+    """
+    import timm
+    from timm.data import resolve_data_config
+    from timm.models import adapt_input_conv, get_pretrained_cfg
+
+    _choose_weights("timm", model_name, pretrained, weights)
+    args = {"num_classes": 0, "in_chans": input_shape[0], **model_args}
+    cfg = get_pretrained_cfg(model_name.split(".")[0])
+    if cfg is not None and cfg.fixed_input_size and "img_size" not in model_args:
+        args["img_size"] = tuple(input_shape[1:])
+    try:
+        backbone = timm.create_model(model_name, pretrained=pretrained, **args)
+    except (OSError, RuntimeError) as err:  # hub download errors are OSErrors (connection, missing file)
+        if not pretrained:
+            raise
+        raise _download_failed("timm", model_name, err) from err
+    record = None
+    if pretrained:
+        source = backbone.pretrained_cfg
+        record = {"hub": source.get("hf_hub_id") or source.get("url"), "tag": source.get("tag"), "library": "timm"}
+    elif weights:
+        first_conv = f"{backbone.pretrained_cfg.get('first_conv')}.weight"
+        classifier = backbone.pretrained_cfg.get("classifier") or "head"
+        classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+        def adapt(state: dict) -> dict:  # 3-channel weights for a C-channel input, as timm's own loader does
+            if first_conv in state and state[first_conv].shape[1] != input_shape[0]:
+                state[first_conv] = adapt_input_conv(input_shape[0], state[first_conv])
+            return state
+
+        record = load_backbone_weights(backbone, weights, ignore=tuple(f"{c}." for c in classifiers), adapt=adapt)
+    data = resolve_data_config({}, model=backbone)
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    head = _head(backbone.num_features, embedding_dim, batch_norm, dropout, normalize)
+    return BackboneEncoder(backbone, head, data_config, record, channels=input_shape[0])
+
+
+@register_encoder_family("torchvision", members=_torchvision_models)
+def torchvision_encoder(
+    model_name: str,
+    *,
+    embedding_dim: int | None,
+    input_shape: tuple[int, int, int],
+    pretrained: bool = False,
+    weights: str | None = None,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    normalize: bool = False,
+    **model_args: Any,
+) -> BackboneEncoder:
+    """A torchvision classification model (``torchvision.models.get_model``) without its classifier + embedding head.
+
+    The classifier (the model's last ``nn.Linear``) is replaced by the head; images with fewer than three
+    channels are repeated to three, as the library's models expect.
+    """
+    _choose_weights("torchvision", model_name, pretrained, weights)
+    enum = torchvision.models.get_model_weights(model_name).DEFAULT
+    try:
+        backbone = torchvision.models.get_model(model_name, weights=enum if pretrained else None, **model_args)
+    except (OSError, RuntimeError) as err:  # torch.hub's download: URLError is an OSError
+        if not pretrained:
+            raise
+        raise _download_failed("torchvision", model_name, err) from err
+    linears = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MetricLabError(f"torchvision:{model_name} has no linear classifier to replace; use a timm model instead")
+    linear_name, linear = linears[-1]
+    parent = backbone.get_submodule(linear_name.rpartition(".")[0]) if "." in linear_name else backbone
+    setattr(parent, linear_name.rpartition(".")[2], nn.Identity())
+    record = {"hub": enum.url, "library": "torchvision"} if pretrained else None
+    if weights:
+        record = load_backbone_weights(backbone, weights, ignore=(f"{linear_name}.",))
+    transform = enum.transforms()
+    data_config = {
+        "input_size": [3, *([transform.crop_size[0]] * 2)],
+        "interpolation": transform.interpolation.value,
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+        "resize_size": list(transform.resize_size),
+    }
+    head = _head(linear.in_features, embedding_dim, batch_norm, dropout, normalize)
+    return BackboneEncoder(backbone, head, data_config, record, channels=3)

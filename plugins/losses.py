@@ -40,13 +40,15 @@ def _check_margin(margin: float) -> None:
 class ContrastiveLoss(BaseMetricLossFunction):
     """Hadsell, Chopra & LeCun (2006): mean over pairs of y·d² + (1−y)·max(0, margin − d)².
 
+    ``squared=False`` gives the variant of the TensorFlow MNIST Siamese example,
+    y·d + (1−y)·max(0, margin − d) (margin 5 there: ``recipes/mnist_siamese_conv.py``).
     ``d`` is the Euclidean distance between raw (unnormalised) embeddings unless another
     ``distance`` is injected; ``y = 1`` for a same-class pair. The mean runs over the mined
     pairs, or over all pairs in the batch when no ``indices_tuple`` is given; triplets are
     split into their positive and negative pairs.
     """
 
-    def __init__(self, margin: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, margin: float = 1.0, squared: bool = True, **kwargs: Any) -> None:
         _check_margin(margin)
         super().__init__(**kwargs)
         if self.distance.is_inverted:
@@ -54,7 +56,7 @@ class ContrastiveLoss(BaseMetricLossFunction):
                 f"contrastive loss needs a distance, not the similarity {type(self.distance).__name__}; "
                 "pass an LpDistance or use pml.ContrastiveLoss"
             )
-        self.margin = margin
+        self.margin, self.squared = margin, squared
         self.add_to_recordable_attributes(name="margin", is_stat=False)
 
     def get_default_distance(self) -> LpDistance:
@@ -74,8 +76,13 @@ class ContrastiveLoss(BaseMetricLossFunction):
         return {"loss": {"losses": losses, "indices": (anchors, partners), "reduction_type": "pos_pair"}}
 
     def pair_losses(self, x: torch.Tensor, y: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """Losses of the row-aligned pairs ``(x[i], y[i])``: d² where ``positive[i]``, else max(0, margin − d)²."""
+        """Losses of the row-aligned pairs ``(x[i], y[i])``: d² where ``positive[i]``, else max(0, margin − d)².
+
+        Not squared: d and max(0, margin − d).
+        """
         squared, d = self._pair_distances(x, y)
+        if not self.squared:
+            return torch.where(positive, d, torch.relu(self.margin - d))
         return torch.where(positive, squared, torch.relu(self.margin - d) ** 2)
 
     def reduces_to_mean(self) -> bool:

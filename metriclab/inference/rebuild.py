@@ -64,7 +64,7 @@ def load_run_model(run: Run, device: str | torch.device | None = None) -> Siames
     _require_component(run, "encoder", recipe.second_encoder)
     shape = _input_shape(run)
     log.info("loading the model from %s", run.weights_path)
-    model = build_model(recipe, shape)
+    model = build_model(recipe, shape, starting_weights=False)  # model.safetensors holds the trained weights
     load_weights(model, run.weights_path)
     return model.to(_device(device)).eval()
 
@@ -129,7 +129,7 @@ def embed_run(
 
 def _check_dimension(run: Run, embeddings: np.ndarray, what: str) -> None:
     expected = run_recipe(run).embedding_dim
-    if embeddings.shape[1] != expected:
+    if expected is not None and embeddings.shape[1] != expected:
         raise MetricLabError(
             f"{what} of {run.path} are {embeddings.shape[1]}-D but the run's model makes {expected}-D embeddings "
             f"(config.json embedding_dim); the file is not from this run: re-embed with "

@@ -8,16 +8,27 @@ from metriclab import registry
 from metriclab.errors import MetricLabError
 from metriclab.models.network import SiameseNetwork
 
+# Encoder arguments that load starting weights: a rebuilt run loads its own trained weights instead.
+_STARTING_WEIGHTS = ("pretrained", "weights")
 
-def build_model(recipe: Any, input_shape: tuple[int, ...]) -> SiameseNetwork:
-    """The recipe's Siamese network for images of ``input_shape`` (C, H, W)."""
+
+def build_model(recipe: Any, input_shape: tuple[int, ...], starting_weights: bool = True) -> SiameseNetwork:
+    """The recipe's Siamese network for images of ``input_shape`` (C, H, W).
+
+    ``starting_weights=False`` builds it without downloading or reading the encoder's pretrained weights
+    (for a finished run, whose model.safetensors replaces them).
+    """
+
+    def args_of(args: dict) -> dict:
+        return args if starting_weights else {k: v for k, v in args.items() if k not in _STARTING_WEIGHTS}
+
     common = {"embedding_dim": recipe.embedding_dim, "input_shape": tuple(input_shape)}
-    tower = registry.encoders.create(recipe.encoder, **common, **recipe.encoder_args)
+    tower = registry.encoders.create(recipe.encoder, **common, **args_of(recipe.encoder_args))
     second = None
     if not recipe.share_weights:
         name = recipe.second_encoder or recipe.encoder
         args = recipe.second_encoder_args if recipe.second_encoder else recipe.encoder_args
-        second = registry.encoders.create(name, **common, **args)
+        second = registry.encoders.create(name, **common, **args_of(args))
     elif recipe.second_encoder:
         raise MetricLabError("second_encoder is set but share_weights is true; pass --no-share-weights to use it")
     return SiameseNetwork(tower, second, channels=input_shape[0])

@@ -24,6 +24,16 @@ class SiameseNetwork(nn.Module):
         # Per-channel input standardisation, saved with the weights so evaluation embeds exactly as training did.
         self.register_buffer("input_mean", torch.zeros(channels, 1, 1))
         self.register_buffer("input_std", torch.ones(channels, 1, 1))
+        # A tower that starts from pretrained weights expects the inputs those weights were trained on:
+        # its own mean and std (timm's pretrained config) replace the dataset's statistics.
+        config = getattr(tower, "data_config", None) if getattr(tower, "weights", None) else None
+        self.statistics_fixed = config is not None
+        if config is not None:
+            mean, std = torch.tensor(config["mean"]), torch.tensor(config["std"])
+            if channels != len(mean):  # grey images for an RGB backbone: the channels' average
+                mean, std = mean.mean().expand(channels), std.mean().expand(channels)
+            self.input_mean.copy_(mean.view(-1, 1, 1))
+            self.input_std.copy_(std.view(-1, 1, 1))
         # Convolutions run faster on channels-last (NHWC) tensors: oneDNN on CPUs, tensor cores on GPUs.
         # Same values, other strides; on CPU this halved the ConvNet's forward pass (batch 256, 2 cores).
         self.memory_format = torch.channels_last if any(isinstance(m, nn.Conv2d) for m in self.modules()) else None
@@ -32,7 +42,12 @@ class SiameseNetwork(nn.Module):
 
     @torch.no_grad()
     def fit_input_statistics(self, images: torch.Tensor, chunk: int = 8192) -> None:
-        """Set the standardisation to the per-channel mean and std of uint8 ``images`` (N, C, H, W)."""
+        """Set the standardisation to the per-channel mean and std of uint8 ``images`` (N, C, H, W).
+
+        A network whose tower starts from pretrained weights keeps the backbone's own statistics.
+        """
+        if self.statistics_fixed:
+            return
         total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
         squares = torch.zeros_like(total)
         for start in range(0, images.shape[0], chunk):
@@ -44,6 +59,11 @@ class SiameseNetwork(nn.Module):
         std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt()
         self.input_mean.copy_(mean.view(-1, 1, 1))
         self.input_std.copy_(std.view(-1, 1, 1))
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """The width of the embeddings, where the tower says (a backbone's head does); else None."""
+        return getattr(self.towers[0], "embedding_dim", None)
 
     @property
     def shares_weights(self) -> bool:

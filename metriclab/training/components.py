@@ -24,9 +24,12 @@ from metriclab.recipe import Recipe
 from metriclab.runs import FORMAT_VERSION
 
 
-def build_objective(recipe: Recipe, num_classes: int) -> tuple[torch.nn.Module, Any]:
-    """The recipe's loss (with ``num_classes``/``embedding_size`` injected where accepted) and miner."""
-    context = {"num_classes": num_classes, "embedding_size": recipe.embedding_dim}
+def build_objective(recipe: Recipe, num_classes: int, embedding_dim: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """The recipe's loss (with ``num_classes``/``embedding_size`` injected where accepted) and miner.
+
+    ``embedding_dim`` is the network's when the recipe keeps a backbone's own features (``embedding_dim=None``).
+    """
+    context = {"num_classes": num_classes, "embedding_size": recipe.embedding_dim or embedding_dim}
     loss_args = {**registry.accepted_arguments(registry.losses.get(recipe.loss), context), **recipe.loss_args}
     loss_fn = registry.losses.create(recipe.loss, **loss_args)
     miner = None
@@ -64,6 +67,7 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
         ("loss", recipe.loss, recipe.loss_args),
         ("miner", recipe.miner, recipe.miner_args),
         ("optimizer", recipe.optimizer, {"lr": recipe.lr, **recipe.optimizer_args}),
+        ("scheduler", recipe.scheduler, recipe.scheduler_args),
         ("dataset", recipe.dataset, recipe.dataset_args),
     ]:
         if name:
@@ -71,6 +75,12 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
             factory = entry.get(name)
             source = next(e.source for e in entry.entries(name))
             components[kind] = {"name": name, "source": source, "args": registry.resolved_arguments(factory, args)}
+    tower = model.towers[0]
+    if hasattr(tower, "data_config"):  # a backbone: what it expects as input, and which weights it started from
+        components["encoder"]["data_config"] = tower.data_config
+        components["encoder"]["weights"] = tower.weights
+        components["encoder"]["embedding_dim"] = model.embedding_dim
+    components["encoder"]["input_statistics"] = "backbone" if model.statistics_fixed else "training set"
     versions = {}
     for package in ("metriclab", "torch", "torchvision", "pytorch-metric-learning", "accelerate", "numpy"):
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
 from metriclab import registry
 from metriclab.data import load_dataset
@@ -36,6 +35,14 @@ from metriclab.training.checkpoints import TrainerState, checkpoint_dir, resume,
 from metriclab.training.components import build_objective, describe_run, objective
 from metriclab.training.distributed import gather_shards, gather_with_grad
 from metriclab.training.graphs import StepGraph, why_not_captured
+from metriclab.training.optimization import (
+    BackboneFreezer,
+    build_scheduler,
+    group_lr,
+    optimizer_steps,
+    parameter_groups,
+    total_batches,
+)
 from metriclab.training.progress import Reporter
 
 # Errors of the output location that a user can fix (space, quota, permissions, read-only mount).
@@ -80,6 +87,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
             gradient_accumulation_steps=recipe.gradient_accumulation_steps,
             log_with=recipe.log_with,
             project_dir=str(run_dir),
+            # A frozen backbone has no gradients until it is unfrozen: DDP must not wait for them.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if _freezes(recipe) else None,
         )
     except (ValueError, ImportError) as err:
         raise MetricLabError(f"cannot set up training ({err}); check --log-with and --mixed-precision") from err
@@ -93,13 +102,13 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
         reporter.notice(dataset.notice)
     model = build_model(recipe, dataset.input_shape)
     model.fit_input_statistics(dataset.train_images)
-    loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes))
+    loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes), embedding_dim=model.embedding_dim)
+    freezer = BackboneFreezer(model, recipe.freeze_backbone_epochs, recipe.freeze_backbone_steps)
     optimizer = registry.optimizers.create(
-        recipe.optimizer,
-        params=list(model.parameters()) + list(loss_fn.parameters()),
-        lr=recipe.lr,
-        **recipe.optimizer_args,
+        recipe.optimizer, params=parameter_groups(recipe, model, loss_fn), lr=recipe.lr, **recipe.optimizer_args
     )
+    global_batch = recipe.batch_size * accelerator.num_processes
+    scheduler = build_scheduler(recipe, optimizer, optimizer_steps(recipe, dataset.train_labels.numel(), global_batch))
 
     if accelerator.is_main_process and checkpoint is None:
         write_config(run_dir, describe_run(recipe, dataset, accelerator, model))
@@ -109,6 +118,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     if recipe.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if scheduler is not None:  # prepared: saved in every checkpoint, restored by load_state
+        scheduler = accelerator.prepare(scheduler)
     loss_fn.to(accelerator.device)
     state = TrainerState()
     if checkpoint is not None:
@@ -116,9 +127,14 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
         reporter.notice(f"Resumed from {checkpoint} (epoch {state.epoch + 1}, step {state.step})", style="green")
 
     trainer = _Trainer(recipe, accelerator, reporter, run_dir, dataset, model, loss_fn, miner, optimizer, state)
+    trainer.scheduler, trainer.freezer = scheduler, freezer
     trainer.fit()
     accelerator.end_training()
     return run_dir
+
+
+def _freezes(recipe: Recipe) -> bool:
+    return recipe.freeze_backbone_epochs > 0 or recipe.freeze_backbone_steps > 0
 
 
 def _check_global_batch(recipe: Recipe, global_batch: int) -> None:
@@ -168,6 +184,8 @@ class _Trainer:
             enabled=recipe.cuda_graphs,
             compiled=recipe.compile,
             skip_nonfinite=recipe.on_nonfinite == "skip",
+            scheduled=recipe.scheduler is not None or recipe.warmup_steps > 0,
+            unfreezes=_freezes(recipe),
         )
         self.graph = None
         if self.graph_blocker is None:
@@ -182,15 +200,14 @@ class _Trainer:
         self.signum = int(signal.SIGINT)  # what stopped the run; another process may have received it
         self.stop_requested = False  # agreed by all processes: stop after this step
         self.saved_step: int | None = None  # step of the last checkpoint this process wrote
+        self.scheduler = None  # the prepared learning-rate schedule, if the recipe has one
+        self.freezer: BackboneFreezer | None = None  # freezes a backbone encoder for the first epochs/steps
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> None:
         recipe, state = self.recipe, self.state
         n = self.train_labels.numel()
-        steps_per_epoch = math.ceil(n / self.global_batch)
-        total = steps_per_epoch * recipe.epochs
-        if recipe.max_steps is not None:
-            total = min(total, recipe.max_steps)
+        total = total_batches(recipe, n, self.global_batch)
         self._trim_history()
         self.reporter.start(total, completed=state.step)
         # Ctrl-C and SIGTERM (a scheduler's preemption notice) both stop cleanly after a checkpoint.
@@ -217,6 +234,9 @@ class _Trainer:
         recipe, state = self.recipe, self.state
         order = epoch_order(self.train_labels, recipe.seed, state.epoch, recipe.sampler, recipe.m_per_class)
         self.model.train()
+        freezing = self.freezer is not None and self.freezer.active
+        if freezing:
+            self.freezer.update(state.epoch, state.step, force=True)  # model.train() woke a frozen backbone
         window: list[torch.Tensor] = []
         # Training seconds are summed in laps that skip checkpoint writing; every checkpoint records the total so far.
         clock, window_seconds, samples = time.perf_counter(), 0.0, 0
@@ -224,6 +244,8 @@ class _Trainer:
             if state.step >= total:
                 return False
             batch = order[state.position : state.position + self.global_batch]
+            if freezing:
+                self.freezer.update(state.epoch, state.step)
             loss = self._train_step(batch)
             state.step += 1
             state.position += batch.numel()
@@ -296,8 +318,14 @@ class _Trainer:
                 self.stepper.zero_grad(set_to_none=True)
                 return loss.detach()
             acc.backward(loss)
+            if self.recipe.grad_clip_norm is not None and acc.sync_gradients:
+                acc.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip_norm)
             self.stepper.step()
             self.stepper.zero_grad(set_to_none=True)
+            if self.scheduler is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
+                # Once per optimizer step: the schedule counts global steps (each step here is the whole
+                # global batch), where accelerate's own step() would advance it once per process.
+                self.scheduler.scheduler.step()
         return loss.detach()  # the step's autograd graph is freed now, not when the next loss replaces this one
 
     def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
@@ -334,6 +362,7 @@ class _Trainer:
         if self.accelerator.is_main_process:
             epoch = state.epoch + state.position / self.train_labels.numel()
             row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": samples_per_s}
+            row["backbone_lr"] = group_lr(self.optimizer, "backbone")
             append_history(self.run_dir, row)
 
     def _trim_history(self) -> None:

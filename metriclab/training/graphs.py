@@ -41,6 +41,8 @@ def why_not_captured(
     enabled: bool = True,
     compiled: bool = False,
     skip_nonfinite: bool = False,
+    scheduled: bool = False,
+    unfreezes: bool = False,
 ) -> str | None:
     """Why training steps can't be CUDA graphs here, or None when :class:`StepGraph` may capture them."""
     if not enabled:
@@ -59,6 +61,10 @@ def why_not_captured(
         return "the network is compiled"
     if skip_nonfinite:
         return "on_nonfinite='skip' checks every loss on the host"
+    if unfreezes:
+        return "the backbone is unfrozen during the run (a captured step keeps training what it trained at capture)"
+    if scheduled:
+        return "a learning-rate schedule changes the lr every step (a captured step keeps the lr of its capture)"
     if not hasattr(objective, "graph_generators"):
         return "the objective does not declare fixed shapes (only the built-in fused miner + loss pairs do)"
     return None
