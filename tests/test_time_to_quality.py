@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import read_json, run_recipe
 
 from metriclab.runs import Run
@@ -29,6 +30,7 @@ def test_fast_recipe_trains_under_its_warmup_and_decay(tmp_path):
     assert Run(out).metrics["final"]["test_loo"]["precision@1"] > 0.5  # digits: 10 classes, chance is 0.1
 
 
+@pytest.mark.slow  # three short trainings and pml's loop: about half a minute
 def test_quick_ttq_benchmark_writes_its_section(tmp_path, monkeypatch):
     monkeypatch.setenv("METRICLAB_BENCH_DIR", str(tmp_path / "work"))
     monkeypatch.syspath_prepend(str(ROOT))
