@@ -230,7 +230,7 @@ def run_metriclab(
         seed=seed,
         output_dir=str(output_dir),
         batch_size=batch_size,
-        max_steps=max_steps,
+        max_steps=max_steps if max_steps is not None else own.max_steps,
         # a checkpoint every eval_every steps, scored after training (the engine's clock excludes writing them)
         checkpoint_every=eval_every,
         keep_checkpoints=10_000,
@@ -243,7 +243,7 @@ def run_metriclab(
     config = json.loads((run_dir / "config.json").read_text())
     embeddings, labels = Run(run_dir).embeddings("test")
     scores = retrieval_metrics(embeddings, labels, ks=(1,), metric="cosine", clustering=False)
-    samples = min(config["dataset"]["train_size"], metrics["final"]["steps"] * batch_size)
+    samples = min(config["dataset"]["train_size"] * recipe.epochs, metrics["final"]["steps"] * batch_size)
     train_s = metrics["final"]["train_seconds"]  # the engine's clock: training steps only
     return {
         "impl": "metriclab",
