@@ -20,8 +20,9 @@ recipe = Recipe(
     loss="contrastive",
     loss_args={"margin": 1.0},
     miner="random-pairs",  # balanced random positive/negative pairs from each batch
-    # Eight partners per image: the pairs cost next to nothing beside the MLP's forward and backward pass,
-    # and on the 5k MNIST subset precision@1 flattens by epoch 7 (0.904 at 10) instead of still rising (0.875).
+    # Eight partners per image: the pairs cost next to nothing beside the MLP's forward and backward pass. With the
+    # cosine decay, on the 5k MNIST subset, precision@1 ends at 0.904 / 0.897 / 0.866 (seeds 0/1/2) with MAP@R
+    # flat over the last epochs, instead of 0.875 and still rising with two partners at a constant rate.
     miner_args={"pos_fraction": 0.5, "pairs_per_sample": 8},
     optimizer="adam",
     lr=1e-3,
