@@ -6,7 +6,7 @@ The reference recipe's ConvNet (recipes/fashion_mnist_triplet.py) with
 - one epoch under a short linear warm-up and a cosine decay to zero, so the last steps settle the
   embedding instead of jumping around it.
 Measured per step (seed 0, leave-one-out, cosine): 0.800 / 0.837 / 0.854 / 0.856 at steps 25 / 75 / 100 / 125:
-0.85 after about 25,000 samples, where the reference needs roughly 40,000. `python bench/run.py --only ttq`
+0.85 after about 25,000 samples, where the reference needs 30,000-60,000. `python bench/run.py --only ttq`
 times both recipes and pytorch-metric-learning's loop to 0.85.
 
     python recipes/fashion_mnist_fast.py
