@@ -120,25 +120,33 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
     if why is None and run_dir is None:
         why = "no trained run to compare (run the train_vs_pml benchmark first)"
     if why is None:
-        cli_cache = WORK / "numba-cold-cli"
-        shutil.rmtree(cli_cache, ignore_errors=True)
+        cli_cache, setup_cache = WORK / "numba-cold-cli", WORK / "numba-setup"
+        for folder in (cli_cache, setup_cache):
+            shutil.rmtree(folder, ignore_errors=True)
         cli_rows = []
-        for label in ("cold", "warm"):
-            files = _cache_files(cli_cache)
-            figure = WORK / f"compare-{label}.png"
-            command = [str(Path(sys.executable).parent / "metriclab"), "compare", str(run_dir), "--output", str(figure)]
-            result = _timed_command(command, _environment(cli_cache), log)
+        # cold: a fresh process with an empty cache; after set-up: the first compare once `make setup` has run
+        # compile_umap() into an empty cache (timed too: it is work a user waits for, once, while installing).
+        steps = [("cold", cli_cache, "compare"), ("warm", cli_cache, "compare")]
+        steps += [("set-up: compile_umap()", setup_cache, "setup"), ("first after set-up", setup_cache, "compare")]
+        for label, cache, what in steps:
+            files = _cache_files(cache)
+            metriclab = str(Path(sys.executable).parent / "metriclab")
+            command = [metriclab, "compare", str(run_dir), "--output", str(WORK / f"compare-{label[:4]}.png")]
+            if what == "setup":
+                command = [sys.executable, "-c", "from metriclab.viz.projections import compile_umap; compile_umap()"]
+            result = _timed_command(command, _environment(cache), log)
             result.update(label=label, cache_files_before=files)
             cli_rows.append(result)
+            name = "`make setup`'s UMAP compile" if what == "setup" else "`metriclab compare RUN`"
             lines.append(
-                f"| `metriclab compare RUN` | {label} | {files} | - | {fmt(result['process_wall_s'], 1)} | - "
-                f"| {result['load_before']} |"
+                f"| {name} | {label} | {files} | - | {fmt(result['process_wall_s'], 1)} | - | {result['load_before']} |"
             )
         results["cli"] = cli_rows
         lines += [
             "",
             "`metriclab compare RUN` (the run above, 10k test points): UMAP of the 784-D raw pixels (via PCA to "
-            "50-D), UMAP and PCA of the 64-D embeddings, faithfulness scores, one figure.",
+            "50-D), UMAP and PCA of the 64-D embeddings, faithfulness scores, one figure. `make setup` compiles "
+            "umap's kernels into the cache once (`compile_umap()`), so a user's first compare starts warm.",
         ]
     else:
         lines += ["", f"`metriclab compare RUN`: not measured: {why}."]

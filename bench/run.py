@@ -4,7 +4,8 @@
     python bench/run.py --only eval              # one benchmark; its section of BENCHMARKS.md is replaced
     python bench/run.py --quick --output /tmp/b.md   # tiny sizes, a few seconds each: proves it still runs
 
-Benchmarks: train_vs_pml, eval, search, compare_cold_warm, distributed, gpu (needs a CUDA GPU), loader, backbones.
+Benchmarks: train_vs_pml, eval, search, compare_cold_warm, distributed, gpu (needs a CUDA GPU), loader, backbones,
+ttq.
 Each writes one section between ``<!-- bench:NAME -->`` markers, so re-running one keeps the others' numbers.
 Nothing here is a timed test: the numbers depend on the machine and on whatever else runs on it (the load is
 recorded).
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "gpu": "bench.gpu",
     "loader": "bench.loader",
     "backbones": "bench.backbones",
+    "ttq": "bench.time_to_quality",
 }
 HEADER = "# Benchmarks"
 # Every measurement's raw numbers, for a closer look (not committed).
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         started, load_start = time.strftime("%Y-%m-%d %H:%M %Z"), load()
         print(f"== {name} ({'quick' if args.quick else 'full'}; load {load_start})", flush=True)
         clock = time.perf_counter()
-        kwargs = {"repeats": args.repeats, "reuse": args.reuse} if name == "train_vs_pml" else {}
+        kwargs = {"repeats": args.repeats, "reuse": args.reuse} if name in ("train_vs_pml", "ttq") else {}
         text, results = module.run(quick=args.quick, **kwargs)
         if text is None:
             print(f"   skipped '{name}': it needs hardware this machine lacks; its section of {output} is kept")

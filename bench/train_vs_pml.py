@@ -82,8 +82,9 @@ def run_pml(
     max_steps: int | None = None,
     eval_every: int = 0,
     device: str = "cpu",
+    epochs: int = 1,
 ) -> dict[str, Any]:
-    """One epoch of pytorch-metric-learning's documented MNIST loop, with metriclab's recipe and model.
+    """``epochs`` (default one) of pytorch-metric-learning's documented MNIST loop, with metriclab's recipe and model.
 
     Reproduces examples/notebooks/TripletMarginLossMNIST.ipynb of KevinMusgrave/pytorch-metric-learning
     (its `train` function and set-up cell): torchvision dataset with per-sample
@@ -129,7 +130,9 @@ def run_pml(
         model.train()
         samples = 0
         curve = []  # (training seconds, step, test precision@1) every eval_every steps; evaluation not timed
-        for batch_idx, (data, labels) in enumerate(train_loader):
+        # The notebook calls train() once per epoch; each pass reshuffles the loader.
+        batches = (batch for _ in range(epochs) for batch in train_loader)
+        for batch_idx, (data, labels) in enumerate(batches):
             data, labels = data.to(device), labels.to(device)
             optimizer.zero_grad()
             embeddings = model(data)
@@ -200,11 +203,16 @@ def run_metriclab(
     dataset_name: str,
     seed: int,
     output_dir: Path,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     max_steps: int | None = None,
     eval_every: int = 0,
+    recipe_path: Path = RECIPE_FILE,
+    epochs: int | None = 1,
 ) -> dict[str, Any]:
-    """One epoch of recipes/fashion_mnist_triplet.py through ``metriclab.training.train`` (on ``dataset_name``)."""
+    """A recipe (one epoch of recipes/fashion_mnist_triplet.py by default) through ``metriclab.training.train``.
+
+    ``batch_size`` and ``epochs`` of None keep the recipe's own (its schedule spans its own epochs).
+    """
     import json
 
     from metriclab import registry
@@ -213,13 +221,16 @@ def run_metriclab(
     from metriclab.training.engine import train
 
     shutil.rmtree(output_dir, ignore_errors=True)
-    recipe = fashion_recipe(
+    own = recipe_file(recipe_path)
+    batch_size = batch_size or own.batch_size
+    recipe = recipe_file(
+        recipe_path,
         dataset=dataset_name,
-        epochs=1,
+        epochs=epochs or own.epochs,
         seed=seed,
         output_dir=str(output_dir),
         batch_size=batch_size,
-        max_steps=max_steps,
+        max_steps=max_steps if max_steps is not None else own.max_steps,
         # a checkpoint every eval_every steps, scored after training (the engine's clock excludes writing them)
         checkpoint_every=eval_every,
         keep_checkpoints=10_000,
@@ -232,7 +243,7 @@ def run_metriclab(
     config = json.loads((run_dir / "config.json").read_text())
     embeddings, labels = Run(run_dir).embeddings("test")
     scores = retrieval_metrics(embeddings, labels, ks=(1,), metric="cosine", clustering=False)
-    samples = min(config["dataset"]["train_size"], metrics["final"]["steps"] * batch_size)
+    samples = min(config["dataset"]["train_size"] * recipe.epochs, metrics["final"]["steps"] * batch_size)
     train_s = metrics["final"]["train_seconds"]  # the engine's clock: training steps only
     return {
         "impl": "metriclab",
@@ -409,14 +420,20 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
     worker.add_argument("dataset")
     worker.add_argument("--seed", type=int, default=0)
     worker.add_argument("--output-dir", type=Path, default=None)
-    worker.add_argument("--batch-size", type=int, default=256, help="256 as in the recipe; smaller only for --quick")
+    worker.add_argument("--batch-size", type=int, default=256, help="256 as in the recipe (0: the recipe's own)")
     worker.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (--quick only)")
     worker.add_argument("--eval-every", type=int, default=0, help="score test precision@1 every N steps (0: never)")
+    worker.add_argument("--recipe", type=Path, default=RECIPE_FILE, help="metriclab's recipe file")
+    worker.add_argument("--epochs", type=int, default=1, help="epochs to train (0: the recipe's own)")
     args = parser.parse_args(argv)
     if args.impl == "pml":
-        return run_pml(args.dataset, args.seed, args.batch_size, args.max_steps, args.eval_every)
+        epochs = args.epochs or 1
+        return run_pml(args.dataset, args.seed, args.batch_size, args.max_steps, args.eval_every, epochs=epochs)
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="metriclab-bench-")) / "run"
-    return run_metriclab(args.dataset, args.seed, out, args.batch_size, args.max_steps, args.eval_every)
+    batch = args.batch_size or None
+    return run_metriclab(
+        args.dataset, args.seed, out, batch, args.max_steps, args.eval_every, Path(args.recipe), args.epochs or None
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,15 @@ recipe = Recipe(
     loss="contrastive",
     loss_args={"margin": 1.0},
     miner="random-pairs",  # balanced random positive/negative pairs from each batch
-    miner_args={"pos_fraction": 0.5, "pairs_per_sample": 2},
+    # Eight partners per image: the pairs cost next to nothing beside the MLP's forward and backward pass. With the
+    # cosine decay, on the 5k MNIST subset, precision@1 ends at 0.904 / 0.897 / 0.866 (seeds 0/1/2) with MAP@R
+    # flat over the last epochs, instead of 0.875 and still rising with two partners at a constant rate.
+    miner_args={"pos_fraction": 0.5, "pairs_per_sample": 8},
     optimizer="adam",
     lr=1e-3,
     batch_size=128,
     epochs=10,
+    scheduler="cosine",  # the learning rate decays to zero over the 10 epochs, so the last ones settle the layout
 )
 
 if __name__ == "__main__":

@@ -76,38 +76,93 @@ def test_numba_cache_dir_follows_metriclab_cache(monkeypatch, tmp_path):
     assert numba_cache_dir() == numba_cache_dir().home() / ".cache" / "metriclab" / "numba"
 
 
+KERNELS = """
+import numba
+
+
+def _total(x):
+    s = 0.0
+    for v in x:
+        s += v
+    return s
+
+
+total = numba.njit(_total)
+total_parallel = numba.njit(_total, parallel=True)
+"""
+
+# A fresh process: load the kernels module, give it metriclab's disk cache, call it, report what numba did.
+CACHED_CALL = """
+import importlib.util, json, os, sys
+from pathlib import Path
+import numba, numpy as np
+njit, config_dir = numba.njit, numba.config.CACHE_DIR
+from metriclab.viz.projections import _cache_kernels
+spec = importlib.util.spec_from_file_location("kernels", sys.argv[1])
+kernels = sys.modules["kernels"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernels)
+count = _cache_kernels([kernels], Path(sys.argv[2]))
+kernels.total(np.arange(4.0))
+print(json.dumps({
+    "count": count,
+    "hits": sum(kernels.total.stats.cache_hits.values()),
+    "misses": sum(kernels.total.stats.cache_misses.values()),
+    "parallel": type(kernels.total_parallel._cache).__name__,
+    "untouched": numba.njit is njit and numba.config.CACHE_DIR == config_dir and "NUMBA_CACHE_DIR" not in os.environ,
+}))
+"""
+
+
+def test_kernel_disk_cache_is_per_kernel_and_persists(tmp_path):
+    """Compiled code goes to the given directory and the next process loads it; numba's settings stay as they were."""
+    module = tmp_path / "kernels.py"
+    module.write_text(KERNELS)
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+
+    def run() -> dict:
+        args = [sys.executable, "-c", CACHED_CALL, str(module), str(cache)]
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first == {"count": 1, "hits": 0, "misses": 1, "parallel": "NullCache", "untouched": True}
+    assert list(cache.rglob("kernels._total-*.nbc")), "nothing was written to the cache directory"
+    assert run()["hits"] == 1  # a new process loads the compiled kernel instead of compiling it
+
+
 # UMAP below: about 30 s the first time on a machine (numba compiles umap's kernels into the cache in
 # numba_cache_dir()), a few seconds on later runs; marked slow, and the data are kept small.
 
 
 @pytest.mark.slow
-def test_import_umap_caches_its_kernels_on_disk():
-    """In a fresh process, umap's kernels get numba's disk cache, serial/parallel twins excepted."""
+def test_import_umap_caches_its_kernels_on_disk(tmp_path):
+    """In a fresh process, umap's kernels get a disk cache, serial/parallel twins excepted; numba is left alone."""
     script = """
 import json, os, numba
-njit = numba.njit
+from numba.core.caching import FunctionCache
+njit, config_dir = numba.njit, numba.config.CACHE_DIR
 from metriclab.viz.projections import import_umap, numba_cache_dir
 umap = import_umap()
 from umap import layouts, umap_
+
+def cache(kernel):
+    found = kernel._cache
+    return found._cache_path.startswith(str(numba_cache_dir())) if isinstance(found, FunctionCache) else None
+
 print(json.dumps({
-    "cache_dir": os.environ["NUMBA_CACHE_DIR"] == str(numba_cache_dir()),
-    "restored": numba.njit is njit,
-    "smooth_knn_dist": type(umap_.smooth_knn_dist._cache).__name__,
-    "serial_layout": type(layouts._nb_optimize_layout_euclidean_single_epoch._cache).__name__,
-    "parallel_layout": type(layouts._nb_optimize_layout_euclidean_single_epoch_parallel._cache).__name__,
+    "untouched": numba.njit is njit and numba.config.CACHE_DIR == config_dir and "NUMBA_CACHE_DIR" not in os.environ,
+    "smooth_knn_dist": cache(umap_.smooth_knn_dist),
+    "serial_layout": cache(layouts._nb_optimize_layout_euclidean_single_epoch),
+    "parallel_layout": cache(layouts._nb_optimize_layout_euclidean_single_epoch_parallel),
 }))
 """
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"METRICLAB_CACHE": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found == {
-        "cache_dir": True,
-        "restored": True,
-        "smooth_knn_dist": "FunctionCache",
-        "serial_layout": "FunctionCache",
-        "parallel_layout": "NullCache",
-    }
+    assert found == {"untouched": True, "smooth_knn_dist": True, "serial_layout": True, "parallel_layout": None}
 
 
 @pytest.mark.slow

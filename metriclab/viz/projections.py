@@ -2,20 +2,18 @@
 
 umap-learn compiles its numba kernels on first use: about 40 s of a 45 s UMAP of 10k points on two
 cores. numba's on-disk cache only helps functions declared with ``cache=True``, which most of
-umap's kernels are not, so ``umap`` is imported lazily through :func:`import_umap`, which turns that
-cache on for its kernels and points ``NUMBA_CACHE_DIR`` at a persistent directory
-(``$METRICLAB_CACHE/numba`` or ``~/.cache/metriclab/numba``). Only the first process pays the compile.
+umap's kernels are not, so ``umap`` is imported lazily through :func:`import_umap`, which gives each
+of its kernels a disk cache in a persistent directory (``$METRICLAB_CACHE/numba`` or
+``~/.cache/metriclab/numba``) without changing numba's settings for the rest of the process.
+Only the first process pays the compile, and `make setup` pays it at set-up (:func:`compile_umap`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +32,11 @@ PCA_FIRST_ABOVE = 128
 SCORE_SUBSAMPLE = 2000
 # Up to this many points UMAP's neighbours come from an exact sklearn search (8 s for 60k x 50 on 2 cores).
 EXACT_KNN_MAX = 60_000
+# umap-learn optimises the layout for 500 epochs up to 10,000 points and 200 above. The layout is 11 of the
+# 12 CPU-seconds of a (compiled) 10k-point UMAP, so from this many points on the large-data 200 epochs are used:
+# 10,000 points, the size `metriclab compare` shows, no longer cost 2.5x as much as 10,001.
+FEWER_EPOCHS_FROM = 5_000
+LARGE_DATA_EPOCHS = 200
 
 
 @dataclass
@@ -55,57 +58,89 @@ def numba_cache_dir() -> Path:
     return Path(root).expanduser() / "numba"
 
 
-@contextlib.contextmanager
-def _numba_cache_on_by_default() -> Iterator[None]:
-    # umap declares its kernels with plain @numba.njit(...); asking for cache=True while its modules
-    # are imported lets numba store and reload them. numba's cache key ignores compile flags, and umap
-    # builds a serial and a parallel kernel from the same function, so only the first of those is cached.
-    import numba
+def _disk_cache(root: Path) -> type:
+    """A numba ``FunctionCache`` class that keeps compiled code under ``root`` (numba's own layout below it)."""
+    from numba.core.caching import CompileResultCacheImpl, FunctionCache, UserProvidedCacheLocator
 
-    originals = numba.njit, numba.jit
-    seen: set = set()
+    class Locator(UserProvidedCacheLocator):
+        # numba's NUMBA_CACHE_DIR locator, with the directory given here instead of read from numba.config,
+        # so nothing process-wide changes and code outside umap keeps numba's own caching rules.
+        def __init__(self, py_func, py_file) -> None:
+            self._py_file, self._lineno = py_file, py_func.__code__.co_firstlineno
+            self._cache_path = str(root / self.get_suitable_cache_subpath(py_file))
 
-    def options(func: object, kwargs: dict) -> dict:
-        if func in seen:
-            return kwargs
-        seen.add(func)
-        return {"cache": True, **kwargs}
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            return super(UserProvidedCacheLocator, cls).from_function(py_func, py_file)
 
-    def with_cache(decorator):
-        def decorate(*args, **kwargs):
-            if args and inspect.isfunction(args[0]):  # numba.njit(func, ...) or bare @numba.njit
-                return decorator(*args, **options(args[0], kwargs))
-            return lambda func: decorator(*args, **options(func, kwargs))(func)
+    class Impl(CompileResultCacheImpl):
+        _locator_classes = [Locator]
 
-        return decorate
+    class Cache(FunctionCache):
+        _impl_class = Impl
 
-    numba.njit, numba.jit = with_cache(numba.njit), with_cache(numba.jit)
-    try:
-        yield
-    finally:
-        numba.njit, numba.jit = originals
+    return Cache
+
+
+def _cache_kernels(modules: list[ModuleType], root: Path) -> int:
+    """Give every numba kernel defined in ``modules`` a disk cache under ``root``; returns how many got one.
+
+    umap declares its kernels with plain ``@numba.njit(...)``, without ``cache=True``. Each kernel (a numba
+    dispatcher) gets its own cache object here, before its first compile; numba's global config, ``numba.njit``
+    and the environment stay as they are. numba's cache key ignores compile flags, and umap builds a serial
+    and a parallel kernel from one function, so only one of such twins is cached: the serial one, which a
+    seeded UMAP runs. Kernels compiled at import (explicit signatures) are left alone.
+    """
+    from numba.core.dispatcher import Dispatcher
+
+    cache = _disk_cache(root)
+    kernels: dict[object, Dispatcher] = {}
+    for module in modules:
+        for value in list(vars(module).values()):
+            if not isinstance(value, Dispatcher) or value.overloads or value.py_func.__module__ != module.__name__:
+                continue
+            twin = kernels.get(value.py_func)
+            if twin is None or (twin.targetoptions.get("parallel") and not value.targetoptions.get("parallel")):
+                kernels[value.py_func] = value
+    for kernel in kernels.values():
+        kernel._cache = cache(kernel.py_func)
+    return len(kernels)
 
 
 def import_umap() -> ModuleType:
-    """The ``umap`` module, imported so that its compiled numba kernels persist across processes."""
+    """The ``umap`` module, its numba kernels cached on disk so that only the first process compiles them.
+
+    The cache lives in ``$NUMBA_CACHE_DIR`` when that is set, else in :func:`numba_cache_dir`; where neither
+    is writable the kernels compile in every process. Nothing outside umap's (and pynndescent's) kernels changes.
+    """
     if "umap" in sys.modules:
         return sys.modules["umap"]
+    before = set(sys.modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # import-time deprecation noise from umap's dependencies
+        import umap
     cache = Path(os.environ.get("NUMBA_CACHE_DIR") or numba_cache_dir())
     try:
         cache.mkdir(parents=True, exist_ok=True)
         usable = os.access(cache, os.W_OK)
     except OSError:
         usable = False
-    if not usable:  # numba refuses cache=True without a writable cache; compile every time instead
-        import umap
-
-        return umap
-    # numba re-reads NUMBA_CACHE_DIR before each compile; setting it before the import covers all.
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache))
-    with _numba_cache_on_by_default(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # import-time deprecation noise from umap's dependencies
-        import umap
+    if usable:
+        new = [sys.modules[name] for name in sorted(set(sys.modules) - before)]
+        _cache_kernels([m for m in new if m is not None and m.__name__.split(".")[0] in ("umap", "pynndescent")], cache)
     return umap
+
+
+def compile_umap(seed: int = 0) -> float:
+    """Seconds spent compiling umap's kernels into the disk cache (or loading them when already there).
+
+    Projects a small random point set through the same code path as :func:`project`, so the first real
+    projection in any later process loads compiled code instead of compiling it. ``make setup`` runs it.
+    """
+    start = time.perf_counter()
+    x = np.random.default_rng(seed).normal(size=(300, 16)).astype(np.float32)
+    project(x, "umap", seed=seed)
+    return time.perf_counter() - start
 
 
 def _as_matrix(x: np.ndarray, what: str) -> np.ndarray:
@@ -159,7 +194,12 @@ def project(embeddings: np.ndarray, method: str = "umap", seed: int = 0, n_compo
     knn = _exact_knn(x, n_neighbors) if n <= EXACT_KNN_MAX else (None, None, None)
     # A fixed random_state makes UMAP reproducible and single-threaded; n_jobs=1 says so without a warning.
     reducer = umap.UMAP(
-        n_components=n_components, n_neighbors=n_neighbors, random_state=seed, n_jobs=1, precomputed_knn=knn
+        n_components=n_components,
+        n_neighbors=n_neighbors,
+        n_epochs=LARGE_DATA_EPOCHS if n >= FEWER_EPOCHS_FROM else None,
+        random_state=seed,
+        n_jobs=1,
+        precomputed_knn=knn,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small-n spectral-init and numba notices the user cannot act on
