@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -25,6 +26,7 @@ from metriclab.models import BackboneEncoder, build_model
 from metriclab.recipe import Recipe
 from metriclab.runs import Run
 from metriclab.training.engine import train
+from metriclab.training.graphs import why_not_captured
 from metriclab.training.optimization import parameter_groups
 
 SHAPE = (1, 8, 8)  # sklearn digits
@@ -246,3 +248,30 @@ def test_contrastive_without_squares_matches_the_example_formula():
     assert loss.item() == pytest.approx(expected)
     squared = registry.create("loss", "contrastive", margin=5.0)(x, labels, pairs)
     assert squared.item() == pytest.approx((25.0 + sum(max(0.0, 5.0 - d) ** 2 for d in d_neg)) / 3)
+
+
+# -- speed features ---------------------------------------------------------------------------------------
+
+
+def test_backbones_run_channels_last_and_in_bf16():
+    network = build_model(Recipe(encoder="timm:test_resnet", embedding_dim=8), SHAPE)
+    assert network.memory_format == torch.channels_last
+    assert network.towers[0].backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert network(torch.rand(4, *SHAPE)).shape == (4, 8)
+
+
+def test_cuda_graphs_are_declined_with_the_reason_when_the_lr_moves_or_the_backbone_unfreezes():
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    objective = SimpleNamespace(graph_generators=list)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert why_not_captured(cuda, 1, sgd, objective) is None
+    assert "schedule" in why_not_captured(cuda, 1, sgd, objective, scheduled=True)
+    assert "unfrozen" in why_not_captured(cuda, 1, sgd, objective, unfreezes=True)
+
+
+@pytest.mark.slow
+def test_a_compiled_backbone_trains(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_recipe(out, encoder="timm:test_resnet", encoder_args={}, embedding_dim=8, compile=True, max_steps=3))
+    assert Run(out).embeddings("test")[0].shape[1] == 8
