@@ -75,6 +75,8 @@ def test_head_projects_normalises_or_keeps_the_features():
     assert _encoder("timm:test_resnet")(images).shape == (4, 16)
     unit = _encoder("timm:test_vit", patch_size=4, normalize=True, batch_norm=True, dropout=0.1).eval()(images)
     assert torch.allclose(unit.norm(dim=1), torch.ones(4), atol=1e-5)
+    vit = _encoder("timm:test_vit", patch_size=4)  # a fixed-size model is built for the dataset's images
+    assert vit.data_config["input_size"] == [1, 8, 8] and vit.data_config["pretrained_input_size"] == [3, 160, 160]
     kept = _encoder("timm:test_resnet", embedding_dim=None)
     assert kept(images).shape == (4, kept.backbone.num_features) and kept.embedding_dim == kept.backbone.num_features
     grey = _encoder("torchvision:resnet18", shape=(1, 32, 32))  # grey images repeated to RGB
