@@ -213,6 +213,12 @@ def timm_encoder(
         record = load_backbone_weights(backbone, weights, ignore=tuple(f"{c}." for c in classifiers), adapt=adapt)
     data = resolve_data_config({}, model=backbone)
     data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    # What the network was built for: the dataset's channels, and its image size where that is fixed (ViTs);
+    # the pretrained weights' own size stays on record.
+    data_config["pretrained_input_size"] = data_config["input_size"]
+    size = args.get("img_size", data_config["input_size"][1:])
+    size = [size, size] if isinstance(size, int) else list(size)
+    data_config["input_size"] = [input_shape[0], *size]
     head = _head(backbone.num_features, embedding_dim, batch_norm, dropout, normalize)
     return BackboneEncoder(backbone, head, data_config, record, channels=input_shape[0])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -25,6 +26,7 @@ from metriclab.models import BackboneEncoder, build_model
 from metriclab.recipe import Recipe
 from metriclab.runs import Run
 from metriclab.training.engine import train
+from metriclab.training.graphs import why_not_captured
 from metriclab.training.optimization import parameter_groups
 
 SHAPE = (1, 8, 8)  # sklearn digits
@@ -73,6 +75,8 @@ def test_head_projects_normalises_or_keeps_the_features():
     assert _encoder("timm:test_resnet")(images).shape == (4, 16)
     unit = _encoder("timm:test_vit", patch_size=4, normalize=True, batch_norm=True, dropout=0.1).eval()(images)
     assert torch.allclose(unit.norm(dim=1), torch.ones(4), atol=1e-5)
+    vit = _encoder("timm:test_vit", patch_size=4)  # a fixed-size model is built for the dataset's images
+    assert vit.data_config["input_size"] == [1, 8, 8] and vit.data_config["pretrained_input_size"] == [3, 160, 160]
     kept = _encoder("timm:test_resnet", embedding_dim=None)
     assert kept(images).shape == (4, kept.backbone.num_features) and kept.embedding_dim == kept.backbone.num_features
     grey = _encoder("torchvision:resnet18", shape=(1, 32, 32))  # grey images repeated to RGB
@@ -246,3 +250,30 @@ def test_contrastive_without_squares_matches_the_example_formula():
     assert loss.item() == pytest.approx(expected)
     squared = registry.create("loss", "contrastive", margin=5.0)(x, labels, pairs)
     assert squared.item() == pytest.approx((25.0 + sum(max(0.0, 5.0 - d) ** 2 for d in d_neg)) / 3)
+
+
+# -- speed features ---------------------------------------------------------------------------------------
+
+
+def test_backbones_run_channels_last_and_in_bf16():
+    network = build_model(Recipe(encoder="timm:test_resnet", embedding_dim=8), SHAPE)
+    assert network.memory_format == torch.channels_last
+    assert network.towers[0].backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert network(torch.rand(4, *SHAPE)).shape == (4, 8)
+
+
+def test_cuda_graphs_are_declined_with_the_reason_when_the_lr_moves_or_the_backbone_unfreezes():
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    objective = SimpleNamespace(graph_generators=list)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert why_not_captured(cuda, 1, sgd, objective) is None
+    assert "schedule" in why_not_captured(cuda, 1, sgd, objective, scheduled=True)
+    assert "unfrozen" in why_not_captured(cuda, 1, sgd, objective, unfreezes=True)
+
+
+@pytest.mark.slow
+def test_a_compiled_backbone_trains(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_recipe(out, encoder="timm:test_resnet", encoder_args={}, embedding_dim=8, compile=True, max_steps=3))
+    assert Run(out).embeddings("test")[0].shape[1] == 8

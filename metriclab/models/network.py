@@ -66,6 +66,11 @@ class SiameseNetwork(nn.Module):
         return getattr(self.towers[0], "embedding_dim", None)
 
     @property
+    def data_config(self) -> dict[str, Any] | None:
+        """The backbone's own input size, mean, std and interpolation (what transforms should default to), or None."""
+        return getattr(self.towers[0], "data_config", None)
+
+    @property
     def shares_weights(self) -> bool:
         """True when both inputs of a pair go through the same tower."""
         return len(self.towers) == 1
