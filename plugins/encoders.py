@@ -223,6 +223,18 @@ def timm_encoder(
     return BackboneEncoder(backbone, head, data_config, record, channels=input_shape[0])
 
 
+def _timm_input_size(model_name: str) -> int | None:
+    """The side of the images the timm model was pretrained on (its pretrained config), if it has one."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name.split(".")[0])
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+
+
+# Read by metriclab.models.preferred_image_size: the image size a recipe that names none trains at.
+timm_encoder.input_size = _timm_input_size
+
+
 @register_encoder_family("torchvision", members=_torchvision_models)
 def torchvision_encoder(
     model_name: str,

@@ -32,3 +32,16 @@ def build_model(recipe: Any, input_shape: tuple[int, ...], starting_weights: boo
     elif recipe.second_encoder:
         raise MetricLabError("second_encoder is set but share_weights is true; pass --no-share-weights to use it")
     return SiameseNetwork(tower, second, channels=input_shape[0])
+
+
+def preferred_image_size(recipe: Any) -> int | None:
+    """The image side the recipe's encoder was pretrained at (a family's ``factory.input_size(member)``), if any.
+
+    A recipe without ``image_size`` trains image files at this size, so a pretrained backbone sees
+    images as large as those it learned from.
+    """
+    registry.load_plugins()
+    prefix, colon, member = recipe.encoder.partition(":")
+    family = registry.encoders.families.get(prefix) if colon else None
+    size_of = getattr(family.factory, "input_size", None) if family is not None else None
+    return size_of(member) if size_of is not None else None

@@ -30,7 +30,7 @@ from metriclab.data.loader import ImageSource, is_streaming, statistics_sample
 from metriclab.data.sampling import build_sampler, epoch_order, local_batches, shard
 from metriclab.errors import MetricLabError
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
-from metriclab.models import embed
+from metriclab.models import embed, preferred_image_size
 from metriclab.recipe import Recipe
 from metriclab.runs import DISK_ERRNOS, Run, append_history, save_embeddings, trim_history, write_config
 from metriclab.training import contracts
@@ -114,6 +114,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 
+    if recipe.image_size is None and (size := preferred_image_size(recipe)) is not None:
+        recipe = replace(recipe, image_size=size)  # image files at the backbone's own size (recorded in config.json)
     with accelerator.main_process_first():
         dataset = load_dataset(recipe)
     contracts.check_dataset(recipe, dataset)
