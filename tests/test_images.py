@@ -423,3 +423,12 @@ def test_two_processes_stream_disjoint_shards_and_match_one_process(twin, tmp_pa
         torch.testing.assert_close(weights_one[key], weights_two[key], rtol=1e-4, atol=1e-6)
     emb_one, emb_two = Run(one).embeddings("test")[0], Run(two).embeddings("test")[0]  # streamed, gathered in order
     np.testing.assert_allclose(emb_one, emb_two, rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
+    root = write_tree(tmp_path / "late", n_classes=2, per_class=2, varied=False)
+    data = image_folder(str(root), split="images")
+    Path(data.train.paths[0]).write_bytes(b"garbage after the check")  # damaged after the dataset was checked
+    with pytest.raises(MetricLabError) as err:
+        list(ImageSource(data, "train", num_workers=1)([torch.arange(len(data.train))]))
+    assert data.train.paths[0] in str(err.value) and "\n" not in str(err.value) and "Traceback" not in str(err.value)
