@@ -163,9 +163,9 @@ def _epoch_memory(root: Path, size: int) -> dict[str, Any]:
         start = time.perf_counter()
         run = train(recipe)
         seconds = time.perf_counter() - start
-    history = (run / "history.csv").read_text().splitlines()
+    final = json.loads((run / "metrics.json").read_text())["final"]
     worker_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {**memory, "worker_peak_mib": worker_kib / 1024, "seconds": seconds, "steps": len(history) - 1}
+    return {**memory, "worker_peak_mib": worker_kib / 1024, "seconds": seconds, "steps": final["steps"]}
 
 
 SIZES = (224, 64)
