@@ -165,7 +165,7 @@ def _epoch_memory(root: Path, size: int) -> dict[str, Any]:
         seconds = time.perf_counter() - start
     final = json.loads((run / "metrics.json").read_text())["final"]
     worker_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {**memory, "worker_peak_mib": worker_kib / 1024, "seconds": seconds, "steps": final["steps"]}
+    return {**memory, "worker_peak_mib": worker_kib / 1024, "seconds": seconds, "train_seconds": final["train_seconds"]}
 
 
 SIZES = (224, 64)
@@ -293,7 +293,8 @@ def _section(results, where, small, large, workers, batch, quick) -> str:
         "| size | decode, torchvision.io (ms) | decode, PIL (ms) | random-resized-crop + flip (ms) |",
         "|---|---|---|---|",
     ]
-    for size, w in results["where"].items():
+    for size in SIZES:
+        w = results["where"][str(size)]
         lines.append(
             f"| {size} px | {w['decode_torchvision_ms']:.2f} | {w['decode_pil_ms']:.2f} | {w['transform_ms']:.2f} |"
         )
@@ -305,14 +306,13 @@ def _section(results, where, small, large, workers, batch, quick) -> str:
         "so the loader and the bookkeeping dominate. Peak RSS (VmHWM) of the training process during `train()`, "
         "and of its largest DataLoader worker (whose RSS counts the pages it shares with the training process).",
         "",
-        "| images | training process peak (MiB) | added by the run (MiB) | largest worker (MiB) | steps | seconds "
-        "| load |",
-        "|---|---|---|---|---|---|---|",
+        "| images | training process peak (MiB) | added by the run (MiB) | largest worker (MiB) | seconds | load |",
+        "|---|---|---|---|---|---|",
     ]
     for n, m in results["memory"].items():
         lines.append(
             f"| {int(n):,} | {fmt(m['peak_mib'])} | {fmt(m['added_mib'])} | {fmt(m['worker_peak_mib'])} | "
-            f"{m['steps']} | {fmt(m['seconds'])} | {m['load_before']} -> {m['load_after']} |"
+            f"{fmt(m['seconds'])} | {m['load_before']} -> {m['load_after']} |"
         )
     r = results["recipe"]
     lines += [
