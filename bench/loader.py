@@ -201,7 +201,7 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
 # -- the section ---------------------------------------------------------------------------------
 
 
-def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
+def run(quick: bool = False, reuse: bool = False) -> tuple[str, dict[str, Any]]:
     """Measure, and return the BENCHMARKS.md section and the raw results."""
     small, large = (200, 600) if quick else (2_000, 20_000)
     where = write_jpegs(DATA / f"n{small}", small)
@@ -210,10 +210,13 @@ def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
     limit = int(small * 0.95)  # the same files for both: metriclab's train split holds 99% of them
     results: dict[str, Any] = {"throughput": [], "where": {}, "memory": {}, "recipe": None}
     args = ["python", "bench/loader.py", "throughput", str(DATA / f"n{small}"), str(workers), str(batch)]
-    results["throughput"] = run_child([*args, str(limit), str(repeats)], inline=quick)["passes"]
-    results["where"] = run_child(["python", "bench/loader.py", "where", str(DATA / f"n{small}")], inline=quick)
+    results["throughput"] = run_child([*args, str(limit), str(repeats)], inline=quick, reuse=reuse)["passes"]
+    where_args = ["python", "bench/loader.py", "where", str(DATA / f"n{small}")]
+    results["where"] = run_child(where_args, inline=quick, reuse=reuse)
     for n in (small, large):
-        results["memory"][n] = run_child(["python", "bench/loader.py", "memory", str(DATA / f"n{n}"), "32"])
+        results["memory"][n] = run_child(
+            ["python", "bench/loader.py", "memory", str(DATA / f"n{n}"), "32"], reuse=reuse
+        )
     recipe_dir = WORK / "loader-runs" / f"recipe-{time.time_ns()}"
     command = [
         "python",
