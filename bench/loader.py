@@ -256,6 +256,12 @@ def run(quick: bool = False, reuse: bool = False) -> tuple[str, dict[str, Any]]:
     return _section(results, where, small, large, workers, batch, quick), results
 
 
+def _cpu() -> str:
+    from bench.measure import machine
+
+    return machine()["cpu"]
+
+
 def _commit() -> str:
     import subprocess
 
@@ -268,7 +274,7 @@ def _section(results, where, small, large, workers, batch, quick) -> str:
     lines = [
         "## Streaming image folders (loader)",
         "",
-        f"`python bench/run.py --only loader` at commit {_commit()}. Data: {small:,} and {large:,} JPEGs "
+        f"`python bench/run.py --only loader` at commit {_commit()} on {_cpu()}. Data: {small:,} and {large:,} JPEGs "
         f"(quality 90, about 300 x 255 px, 10 class folders) written from {where}. CPU only: the GPU part "
         "(whether the loader keeps a ResNet-50 at 224 px busy; decoding on the GPU with "
         "`torchvision.io.decode_jpeg(device='cuda')`) was not measured on this machine.",
@@ -290,8 +296,8 @@ def _section(results, where, small, large, workers, batch, quick) -> str:
         lines.append(f"| {size} px | {fmt(a)} | {fmt(b)} | {a / b:.2f}x | {loads} |")
     lines += [
         "",
-        f"Median of {len(ours)} interleaved pass(es) each, in one process. Where the time goes, per image "
-        "in one process (one thread, as in a worker):",
+        f"Median of {len(ours)} interleaved passes each (all in one process, each pass starting its own workers). "
+        "Where the time goes, per image in one process (one thread, as in a worker):",
         "",
         "| size | decode, torchvision.io (ms) | decode, PIL (ms) | random-resized-crop + flip (ms) |",
         "|---|---|---|---|",
@@ -301,6 +307,15 @@ def _section(results, where, small, large, workers, batch, quick) -> str:
         lines.append(
             f"| {size} px | {w['decode_torchvision_ms']:.2f} | {w['decode_pil_ms']:.2f} | {w['transform_ms']:.2f} |"
         )
+    w = results["where"]["224"]
+    lines += [
+        "",
+        f"At 224 px a worker spends {w['decode_torchvision_ms']:.1f} ms decoding an image with torchvision.io "
+        f"(libjpeg-turbo, straight into a tensor) and {w['transform_ms']:.1f} ms cropping and resizing it; "
+        f"Pillow's decoding, ImageFolder's default loader, took {w['decode_pil_ms']:.1f} ms: the decoder is the "
+        "difference between the two loaders. The first batch (worker start-up) took "
+        f"{median([r['first_batch_s'] for r in results['throughput'] if r['impl'] == 'metriclab']):.1f} s.",
+    ]
     lines += [
         "",
         "### Peak memory of one training epoch",
