@@ -393,3 +393,42 @@ def test_recipe_trains_evaluates_and_visualizes_a_csv_with_queries_and_gallery(t
     )
     assert drawn.exit_code == 0, drawn.output
     assert (out / "figures" / "thumbnails.png").is_file() and (out / "figures" / "gallery.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_stream_disjoint_shards_and_match_one_process(twin, tmp_path):
+    import random
+    import sys
+
+    from conftest import run_recipe
+    from safetensors.torch import load_file
+
+    def train_with(processes: int, batch: int) -> Path:
+        port = str(random.randint(20000, 40000))
+        many = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", port]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", *(many if processes > 1 else [])]
+        out = tmp_path / f"p{processes}"
+        args = ["--data-dir", str(twin), "--image-size", "8", "--train-transform", "resize", "--test-transform"]
+        args += ["resize", "--encoder", "mlp", "--encoder-args", "hidden=[32]", "--optimizer", "sgd", "--lr", "0.1"]
+        args += ["--batch-size", str(batch), "--max-steps", "1", "--no-embed-train", "--num-workers", "1", "--cpu"]
+        result = run_recipe("image_folder.py", *args, "--output-dir", str(out), launcher=launcher)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return out
+
+    one, two = train_with(1, 16), train_with(2, 8)
+    assert Run(two).config["num_processes"] == 2 and Run(two).config["global_batch_size"] == 16
+    assert Run(one).history()[0]["loss"] == pytest.approx(Run(two).history()[0]["loss"], rel=1e-5, abs=1e-6)
+    weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for key in weights_one:
+        torch.testing.assert_close(weights_one[key], weights_two[key], rtol=1e-4, atol=1e-6)
+    emb_one, emb_two = Run(one).embeddings("test")[0], Run(two).embeddings("test")[0]  # streamed, gathered in order
+    np.testing.assert_allclose(emb_one, emb_two, rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
+    root = write_tree(tmp_path / "late", n_classes=2, per_class=2, varied=False)
+    data = image_folder(str(root), split="images")
+    Path(data.train.paths[0]).write_bytes(b"garbage after the check")  # damaged after the dataset was checked
+    with pytest.raises(MetricLabError) as err:
+        list(ImageSource(data, "train", num_workers=1)([torch.arange(len(data.train))]))
+    assert data.train.paths[0] in str(err.value) and "\n" not in str(err.value) and "Traceback" not in str(err.value)

@@ -200,9 +200,8 @@ def checked(
     if unreadable_lines and not skip_unreadable:
         fix += " (or pass --dataset-args skip_unreadable=true to train without the unreadable images)"
     report_problems(name, problems, fix)
-    skipped = [line for line in unreadable_lines]
     out = {s: drop(f, {i for i, _ in bad[s]}) if bad[s] else f for s, f in splits.items()}
     for split, files in out.items():
         if len(files) == 0:
             raise MetricLabError(f"{name}: the {split} split has no readable images; add images to it")
-    return out, {"count": len(skipped), "files": skipped}
+    return out, {"count": len(unreadable_lines), "files": unreadable_lines}

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from metriclab.data.dataset import Dataset
 from metriclab.data.images import StreamingDataset, decode
+from metriclab.errors import MetricLabError
 
 
 class DecodedFiles(torch.utils.data.Dataset):
@@ -36,6 +37,9 @@ class DecodedFiles(torch.utils.data.Dataset):
             x1, y1, x2, y2 = self.boxes[index].tolist()
             image = image[:, y1:y2, x1:x2]
         return self.transform(image) if self.transform is not None else image
+
+
+_WRAPPED = "metriclab.errors.MetricLabError: "
 
 
 class _Plan(torch.utils.data.Sampler):
@@ -98,8 +102,11 @@ class ImageSource:
                 prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 persistent_workers=self.num_workers > 0,  # no start-up cost per epoch
             )
-        for images in self.loader:
-            yield images.to(self.device, non_blocking=True)
+        try:
+            for images in self.loader:
+                yield images.to(self.device, non_blocking=True)
+        except MetricLabError as err:  # raised in a worker: the DataLoader wraps it in the worker's traceback
+            raise MetricLabError(str(err).strip().splitlines()[-1].removeprefix(_WRAPPED)) from None
 
     def take(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``uint8 (n, C, H, W)`` images at ``indices`` on the CPU (test-time transform for files)."""
