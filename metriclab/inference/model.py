@@ -118,5 +118,7 @@ def load_model(run: str | Path | Run, device: str | torch.device | None = None) 
     (``metriclab.registry.load_plugin``); a run's own plugin list is never imported.
     """
     loaded = run if isinstance(run, Run) else Run(run)
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MetricLabError(f"device '{device}' was asked for but no CUDA GPU is available here; use --device cpu")
     network = load_run_model(loaded, device)
     return EmbeddingModel(loaded, network, _input_shape(loaded), run_recipe(loaded).metric)
