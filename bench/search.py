@@ -249,7 +249,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
         lines += [
             "",
             "Approximate search, only when asked for (`metriclab search --approximate`, "
-            "`metriclab.inference.search.approximate_knn`): faiss `IndexIVFFlat` (4 sqrt(N) lists, 16 probed), top-10; "
+            "`metriclab.inference.search.approximate_knn`): faiss `IndexIVFFlat` (sqrt(N) lists, 16 probed), top-10; "
             "seconds = the whole call (training the index, adding, searching, and the exact search of 1,000 "
             "queries that measures its recall@10).",
             "",
