@@ -30,6 +30,7 @@ TOLERANCE_GENERATED = 1e-5
 
 def embeddings(quick: bool) -> tuple[Path, str]:
     """An .npz with query/reference embeddings and labels, and a sentence saying where they came from."""
+    WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / ("eval-quick.npz" if quick else "eval.npz")
     test, train = TRAINED_RUN / "embeddings" / "test.npz", TRAINED_RUN / "embeddings" / "train.npz"
     if not quick and test.exists() and train.exists():
