@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name} ({'quick' if args.quick else 'full'}; load {load_start})", flush=True)
         clock = time.perf_counter()
         kwargs = {"repeats": args.repeats, "reuse": args.reuse} if name == "train_vs_pml" else {}
+        kwargs = {"reuse": args.reuse} if name == "search" else kwargs
         text, results = module.run(quick=args.quick, **kwargs)
         if text is None:
             print(f"   skipped '{name}': it needs hardware this machine lacks; its section of {output} is kept")

@@ -185,8 +185,11 @@ def _description() -> list[str]:
     return out
 
 
-def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
-    """Run every case with every implementation; return the Markdown section and the raw results."""
+def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[str, Any]]:
+    """Run every case with every implementation; return the Markdown section and the raw results.
+
+    ``reuse`` takes a call's saved result instead of running it again (``bench/run.py --reuse``).
+    """
     cases = QUICK if quick else CASES
     results: dict[str, Any] = {}
     lines = [
@@ -233,7 +236,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
             )
         if n_gallery >= 10 * n_query:  # the big gallery: faiss IVF through `metriclab search --approximate` too
             args = ["python", "bench/search.py", "worker", "approximate", case, str(path)]
-            approx = run_child(args, log=log, inline=quick)
+            approx = run_child(args, log=log, inline=quick, reuse=reuse)
             results[f"{case}-approximate"] = approx
             approximate_rows.append(
                 f"| {size} | {fmt(approx['seconds'], 2)} | {fmt(approx['search_s'], 2)} | "
