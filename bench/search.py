@@ -217,9 +217,8 @@ def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[
         ) + f", {classes:,} classes, {dim}-D, {metric}"
         rows = {}
         for impl in IMPLS:
-            rows[impl] = run_child(
-                ["python", "bench/search.py", "worker", impl, case, str(path)], log=log, inline=quick
-            )
+            args = ["python", "bench/search.py", "worker", impl, case, str(path)]
+            rows[impl] = run_child(args, log=log, inline=quick, reuse=reuse)
         for impl in IMPLS:
             for key in ("precision@1", "map@r"):
                 a, b = rows[impl][key], rows["metriclab"][key]
