@@ -43,6 +43,7 @@ QUICK = {
     "million": (300, 20_000, 2_000, 16, "euclidean"),
 }
 IMPLS = ("metriclab", "faiss", "pml")
+TIMEOUT = 1800  # seconds per call; AccuracyCalculator at 120k leave-one-out can take longer on a busy machine
 TOLERANCE = 1e-3  # faiss and pml order near-equal distances by their own float32 sums
 
 
@@ -185,6 +186,25 @@ def _description() -> list[str]:
     return out
 
 
+def _call(args: list[str], log, quick: bool, reuse: bool) -> dict[str, Any]:
+    """One timed child process; a call past ``TIMEOUT`` is recorded (and saved for ``--reuse``) as timed out."""
+    import hashlib
+    import json
+    import subprocess
+
+    from bench.measure import RUNS
+
+    try:
+        return run_child(args, log=log, inline=quick, reuse=reuse, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        result = {"timed_out_s": TIMEOUT, "load_before": load(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+        saved = RUNS / (hashlib.sha1(json.dumps(list(args)).encode()).hexdigest()[:16] + ".json")
+        RUNS.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(result))  # as run_child saves a result, so --reuse does not wait again
+        log(f"  {' '.join(args[1:6])}... timed out after {TIMEOUT} s")
+        return result
+
+
 def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[str, Any]]:
     """Run every case with every implementation; return the Markdown section and the raw results.
 
@@ -218,12 +238,17 @@ def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[
         rows = {}
         for impl in IMPLS:
             args = ["python", "bench/search.py", "worker", impl, case, str(path)]
-            rows[impl] = run_child(args, log=log, inline=quick, reuse=reuse)
+            rows[impl] = _call(args, log, quick, reuse)
         for impl in IMPLS:
-            for key in ("precision@1", "map@r"):
-                a, b = rows[impl][key], rows["metriclab"][key]
-                assert abs(a - b) <= TOLERANCE, f"{case} {key}: {impl} {a} != metriclab {b}"
             r = rows[impl]
+            if "timed_out_s" in r:
+                lines.append(
+                    f"| {size} | {impl} | timed out after {r['timed_out_s']:,} s | | | | | | | {r['load_before']} |"
+                )
+                continue
+            for key in ("precision@1", "map@r"):
+                a, b = r[key], rows["metriclab"][key]
+                assert abs(a - b) <= TOLERANCE, f"{case} {key}: {impl} {a} != metriclab {b}"
             lines.append(
                 f"| {size} | {impl} | {fmt(r['seconds'], 2)} | {fmt(r['import_s'], 2)} | {fmt(r['peak_rss_mib'], 0)} "
                 f"| {fmt(r['added_rss_mib'], 0)} | {r['precision@1']:.4f} | "
@@ -235,15 +260,22 @@ def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[
             )
         if n_gallery >= 10 * n_query:  # the big gallery: faiss IVF through `metriclab search --approximate` too
             args = ["python", "bench/search.py", "worker", "approximate", case, str(path)]
-            approx = run_child(args, log=log, inline=quick, reuse=reuse)
+            approx = _call(args, log, quick, reuse)
             results[f"{case}-approximate"] = approx
-            approximate_rows.append(
-                f"| {size} | {fmt(approx['seconds'], 2)} | {fmt(approx['search_s'], 2)} | "
-                f"{approx['recall@10_vs_exact']:.4f} | {fmt(approx['peak_rss_mib'], 0)} | {approx['load_before']} |"
-            )
-        fastest = min(IMPLS, key=lambda i: rows[i]["seconds"])
+            if "timed_out_s" in approx:
+                row = f"| {size} | timed out after {approx['timed_out_s']:,} s | | | | {approx['load_before']} |"
+            else:
+                row = (
+                    f"| {size} | {fmt(approx['seconds'], 2)} | {fmt(approx['search_s'], 2)} | "
+                    f"{approx['recall@10_vs_exact']:.4f} | {fmt(approx['peak_rss_mib'], 0)} | {approx['load_before']} |"
+                )
+            approximate_rows.append(row)
+        seconds = {i: rows[i].get("seconds", float(rows[i].get("timed_out_s", "nan"))) for i in IMPLS}
+        fastest = min(IMPLS, key=lambda i: seconds[i])
         ratios = ", ".join(
-            f"{i} {rows[i]['seconds'] / rows['metriclab']['seconds']:.2f}x metriclab's time" for i in IMPLS[1:]
+            f"{i} {'more than ' if 'timed_out_s' in rows[i] else ''}{seconds[i] / seconds['metriclab']:.2f}x "
+            "metriclab's time"
+            for i in IMPLS[1:]
         )
         verdicts.append(f"{case}: fastest {fastest}; {ratios}")
         results[case] = rows
