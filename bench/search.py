@@ -194,15 +194,19 @@ def _call(args: list[str], log, quick: bool, reuse: bool) -> dict[str, Any]:
 
     from bench.measure import RUNS
 
+    before = load()
     try:
         return run_child(args, log=log, inline=quick, reuse=reuse, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        result = {"timed_out_s": TIMEOUT, "load_before": load(), "measured": time.strftime("%Y-%m-%d %H:%M")}
-        saved = RUNS / (hashlib.sha1(json.dumps(list(args)).encode()).hexdigest()[:16] + ".json")
-        RUNS.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(result))  # as run_child saves a result, so --reuse does not wait again
-        log(f"  {' '.join(args[1:6])}... timed out after {TIMEOUT} s")
-        return result
+        result = {"failed": f"timed out after {TIMEOUT:,} s"}
+    except RuntimeError as err:  # the child died: -9 is the kernel's out-of-memory killer on Linux
+        result = {"failed": "killed (out of memory)" if "failed (-9)" in str(err) else "failed"}
+    result |= {"load_before": before, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    saved = RUNS / (hashlib.sha1(json.dumps(list(args)).encode()).hexdigest()[:16] + ".json")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(result))  # as run_child saves a result, so --reuse does not run it again
+    log(f"  {' '.join(args[1:6])}... {result['failed']}")
+    return result
 
 
 def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[str, Any]]:
@@ -241,10 +245,8 @@ def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[
             rows[impl] = _call(args, log, quick, reuse)
         for impl in IMPLS:
             r = rows[impl]
-            if "timed_out_s" in r:
-                lines.append(
-                    f"| {size} | {impl} | timed out after {r['timed_out_s']:,} s | | | | | | | {r['load_before']} |"
-                )
+            if "failed" in r:
+                lines.append(f"| {size} | {impl} | {r['failed']} | | | | | | | {r['load_before']} |")
                 continue
             for key in ("precision@1", "map@r"):
                 a, b = r[key], rows["metriclab"][key]
@@ -262,19 +264,20 @@ def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[
             args = ["python", "bench/search.py", "worker", "approximate", case, str(path)]
             approx = _call(args, log, quick, reuse)
             results[f"{case}-approximate"] = approx
-            if "timed_out_s" in approx:
-                row = f"| {size} | timed out after {approx['timed_out_s']:,} s | | | | {approx['load_before']} |"
+            if "failed" in approx:
+                row = f"| {size} | {approx['failed']} | | | | {approx['load_before']} |"
             else:
                 row = (
                     f"| {size} | {fmt(approx['seconds'], 2)} | {fmt(approx['search_s'], 2)} | "
                     f"{approx['recall@10_vs_exact']:.4f} | {fmt(approx['peak_rss_mib'], 0)} | {approx['load_before']} |"
                 )
             approximate_rows.append(row)
-        seconds = {i: rows[i].get("seconds", float(rows[i].get("timed_out_s", "nan"))) for i in IMPLS}
-        fastest = min(IMPLS, key=lambda i: seconds[i])
+        done = [i for i in IMPLS if "failed" not in rows[i]]
+        fastest = min(done, key=lambda i: rows[i]["seconds"]) if done else "none"
         ratios = ", ".join(
-            f"{i} {'more than ' if 'timed_out_s' in rows[i] else ''}{seconds[i] / seconds['metriclab']:.2f}x "
-            "metriclab's time"
+            f"{i} {rows[i]['failed']}"
+            if "failed" in rows[i]
+            else f"{i} {rows[i]['seconds'] / rows['metriclab']['seconds']:.2f}x metriclab's time"
             for i in IMPLS[1:]
         )
         verdicts.append(f"{case}: fastest {fastest}; {ratios}")
