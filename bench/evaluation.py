@@ -30,6 +30,7 @@ TOLERANCE_GENERATED = 1e-5
 
 def embeddings(quick: bool) -> tuple[Path, str]:
     """An .npz with query/reference embeddings and labels, and a sentence saying where they came from."""
+    WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / ("eval-quick.npz" if quick else "eval.npz")
     test, train = TRAINED_RUN / "embeddings" / "test.npz", TRAINED_RUN / "embeddings" / "train.npz"
     if not quick and test.exists() and train.exists():
@@ -112,12 +113,13 @@ def _measure(impl: str, mode: str, path: Path, calls: int = 2) -> dict[str, Any]
             return scores["precision_at_1"], scores["mean_average_precision_at_r"]
 
     import_seconds = time.perf_counter() - start
-    seconds = []
+    seconds, cpu = [], []
     for call in range(calls):
         with peak_memory() as call_memory:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             p1, mapr = evaluate()
             seconds.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
         if call == 0:
             memory = call_memory
     return {
@@ -126,12 +128,20 @@ def _measure(impl: str, mode: str, path: Path, calls: int = 2) -> dict[str, Any]
         "import_s": import_seconds,
         "seconds": seconds[0],
         "later_s": seconds[1:],
+        "cpu_s": cpu,
         "peak_rss_mib": memory["peak_mib"],
         "added_rss_mib": memory["added_mib"],
         "precision@1": float(p1),
         "map@r": float(mapr),
         "threads": torch.get_num_threads(),
     }
+
+
+def _cpu(rows: list[dict[str, Any]]) -> str:
+    """Median process CPU seconds of the first and of the later calls: what the call costs whatever the load."""
+    first = median([r["cpu_s"][0] for r in rows if r.get("cpu_s")])
+    later = median([c for r in rows for c in (r.get("cpu_s") or [])[1:]])
+    return f"{fmt(first, 2)} / {fmt(later, 2)}"
 
 
 def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
@@ -160,12 +170,14 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
         "kernels, ~0.3 s; torch's first-use set-up), then a **second call** in the same process, which is what "
         "each later evaluation (every epoch end, the second search of `metriclab evaluate`) costs. Peak memory = "
         "the process's peak RSS during the first call (kernel high-water mark reset just before it) and what "
-        "that call added to the RSS before it. The benchmark asserts equal precision@1 and MAP@R "
+        "that call added to the RSS before it. CPU s = the process's CPU time during a call (all threads): on a "
+        "shared machine it shows what a call costs when wall times are inflated by other jobs. "
+        "The benchmark asserts equal precision@1 and MAP@R "
         f"(|difference| <= {tolerance:g}).",
         "",
         "| size | implementation | 1st call s (median) | runs (s) | 2nd call s (median) | imports s "
-        "| peak RSS MiB | added RSS MiB | precision@1 | MAP@R | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS MiB | added RSS MiB | precision@1 | MAP@R | load before | CPU s, 1st / 2nd call (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
     for mode in ("loo", "ref"):
@@ -193,7 +205,8 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
             lines.append(
                 f"| {sizes[mode]} | {impl} | {fmt(med[impl], 2)} | {', '.join(fmt(r['seconds'], 2) for r in rs)} "
                 f"| {fmt(later[impl], 2)} | {fmt(imports, 2)} | {fmt(peak, 0)} | {fmt(added, 0)} "
-                f"| {rs[0]['precision@1']:.6f} | {rs[0]['map@r']:.6f} | {', '.join(r['load_before'] for r in rs)} |"
+                f"| {rs[0]['precision@1']:.6f} | {rs[0]['map@r']:.6f} | {', '.join(r['load_before'] for r in rs)} "
+                f"| {_cpu(rs)} |"
             )
         summary.append(
             f"{sizes[mode]}: **{med['pml'] / med['metriclab']:.1f}x faster** than AccuracyCalculator with "

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         clock = time.perf_counter()
         kwargs = {"repeats": args.repeats, "reuse": args.reuse} if name in ("train_vs_pml", "ttq") else {}
         kwargs = {"reuse": args.reuse} if name == "loader" else kwargs
+        kwargs = {"reuse": args.reuse} if name == "search" else kwargs
         text, results = module.run(quick=args.quick, **kwargs)
         if text is None:
             print(f"   skipped '{name}': it needs hardware this machine lacks; its section of {output} is kept")

@@ -43,6 +43,7 @@ QUICK = {
     "million": (300, 20_000, 2_000, 16, "euclidean"),
 }
 IMPLS = ("metriclab", "faiss", "pml")
+TIMEOUT = 1800  # seconds per call; AccuracyCalculator at 120k leave-one-out can take longer on a busy machine
 TOLERANCE = 1e-3  # faiss and pml order near-equal distances by their own float32 sums
 
 
@@ -102,6 +103,8 @@ def _measure(impl: str, case: str, path: Path) -> dict[str, Any]:
         from metriclab.metrics.retrieval import retrieval_metrics
     elif impl == "faiss":
         import faiss
+    elif impl == "approximate":
+        from metriclab.inference.search import approximate_knn
     else:
         import torch
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -113,6 +116,10 @@ def _measure(impl: str, case: str, path: Path) -> dict[str, Any]:
             gl = None if loo else gallery_labels
             out = retrieval_metrics(query, query_labels, g, gl, ks=(1, 10), metric=metric, clustering=False)
             scores = {k: out[k] for k in ("precision@1", "precision@10", "map@r")}
+        elif impl == "approximate":  # index build + search, then recall@10 against exact search on 1,000 queries
+            result = approximate_knn(query, gallery, 10, metric)
+            scores = {"recall@10_vs_exact": result.recall, "search_s": result.seconds}
+            scores["precision@1"] = float((gallery_labels[result.indices[:, 0]] == query_labels).mean())
         else:
             q, g = query, gallery
             if metric == "cosine":
@@ -179,8 +186,34 @@ def _description() -> list[str]:
     return out
 
 
-def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
-    """Run every case with every implementation; return the Markdown section and the raw results."""
+def _call(args: list[str], log, quick: bool, reuse: bool) -> dict[str, Any]:
+    """One timed child process; a call past ``TIMEOUT`` is recorded (and saved for ``--reuse``) as timed out."""
+    import hashlib
+    import json
+    import subprocess
+
+    from bench.measure import RUNS
+
+    before = load()
+    try:
+        return run_child(args, log=log, inline=quick, reuse=reuse, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        result = {"failed": f"timed out after {TIMEOUT:,} s"}
+    except RuntimeError as err:  # the child died: -9 is the kernel's out-of-memory killer on Linux
+        result = {"failed": "killed (out of memory)" if "failed (-9)" in str(err) else "failed"}
+    result |= {"load_before": before, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    saved = RUNS / (hashlib.sha1(json.dumps(list(args)).encode()).hexdigest()[:16] + ".json")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(result))  # as run_child saves a result, so --reuse does not run it again
+    log(f"  {' '.join(args[1:6])}... {result['failed']}")
+    return result
+
+
+def run(quick: bool = False, log=print, reuse: bool = False) -> tuple[str, dict[str, Any]]:
+    """Run every case with every implementation; return the Markdown section and the raw results.
+
+    ``reuse`` takes a call's saved result instead of running it again (``bench/run.py --reuse``).
+    """
     cases = QUICK if quick else CASES
     results: dict[str, Any] = {}
     lines = [
@@ -200,6 +233,7 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
+    approximate_rows: list[str] = []
     for case, (n_query, n_gallery, classes, dim, metric) in cases.items():
         path = embeddings(case, quick)
         size = (
@@ -207,14 +241,16 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
         ) + f", {classes:,} classes, {dim}-D, {metric}"
         rows = {}
         for impl in IMPLS:
-            rows[impl] = run_child(
-                ["python", "bench/search.py", "worker", impl, case, str(path)], log=log, inline=quick
-            )
+            args = ["python", "bench/search.py", "worker", impl, case, str(path)]
+            rows[impl] = _call(args, log, quick, reuse)
         for impl in IMPLS:
-            for key in ("precision@1", "map@r"):
-                a, b = rows[impl][key], rows["metriclab"][key]
-                assert abs(a - b) <= TOLERANCE, f"{case} {key}: {impl} {a} != metriclab {b}"
             r = rows[impl]
+            if "failed" in r:
+                lines.append(f"| {size} | {impl} | {r['failed']} | | | | | | | {r['load_before']} |")
+                continue
+            for key in ("precision@1", "map@r"):
+                a, b = r[key], rows["metriclab"][key]
+                assert abs(a - b) <= TOLERANCE, f"{case} {key}: {impl} {a} != metriclab {b}"
             lines.append(
                 f"| {size} | {impl} | {fmt(r['seconds'], 2)} | {fmt(r['import_s'], 2)} | {fmt(r['peak_rss_mib'], 0)} "
                 f"| {fmt(r['added_rss_mib'], 0)} | {r['precision@1']:.4f} | "
@@ -224,12 +260,40 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
                 f"{fmt(r['peak_rss_mib'], 0)} | {fmt(r['added_rss_mib'], 0)} | {r['precision@1']:.4f} | - | "
                 f"{r['map@r']:.4f} | {r['load_before']} |"
             )
-        fastest = min(IMPLS, key=lambda i: rows[i]["seconds"])
+        if n_gallery >= 10 * n_query:  # the big gallery: faiss IVF through `metriclab search --approximate` too
+            args = ["python", "bench/search.py", "worker", "approximate", case, str(path)]
+            approx = _call(args, log, quick, reuse)
+            results[f"{case}-approximate"] = approx
+            if "failed" in approx:
+                row = f"| {size} | {approx['failed']} | | | | {approx['load_before']} |"
+            else:
+                row = (
+                    f"| {size} | {fmt(approx['seconds'], 2)} | {fmt(approx['search_s'], 2)} | "
+                    f"{approx['recall@10_vs_exact']:.4f} | {fmt(approx['peak_rss_mib'], 0)} | {approx['load_before']} |"
+                )
+            approximate_rows.append(row)
+        done = [i for i in IMPLS if "failed" not in rows[i]]
+        fastest = min(done, key=lambda i: rows[i]["seconds"]) if done else "none"
         ratios = ", ".join(
-            f"{i} {rows[i]['seconds'] / rows['metriclab']['seconds']:.2f}x metriclab's time" for i in IMPLS[1:]
+            f"{i} {rows[i]['failed']}"
+            if "failed" in rows[i]
+            else f"{i} {rows[i]['seconds'] / rows['metriclab']['seconds']:.2f}x metriclab's time"
+            for i in IMPLS[1:]
         )
         verdicts.append(f"{case}: fastest {fastest}; {ratios}")
         results[case] = rows
+    if approximate_rows:
+        lines += [
+            "",
+            "Approximate search, only when asked for (`metriclab search --approximate`, "
+            "`metriclab.inference.search.approximate_knn`): faiss `IndexIVFFlat` (sqrt(N) lists, 16 probed), top-10; "
+            "seconds = the whole call (training the index, adding, searching, and the exact search of 1,000 "
+            "queries that measures its recall@10).",
+            "",
+            "| case | seconds | index + search s | recall@10 vs exact | peak RSS MiB | load before |",
+            "|---|---|---|---|---|---|",
+            *approximate_rows,
+        ]
     lines += ["", "Summary (seconds relative to metriclab's; above 1 = slower than metriclab):"]
     lines += [f"- {v}" for v in verdicts]
     lines += ["", f"_Load at the end: {load()}._"]
@@ -241,7 +305,7 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker")
-    worker.add_argument("impl", choices=IMPLS)
+    worker.add_argument("impl", choices=(*IMPLS, "approximate"))
     worker.add_argument("case", choices=list(CASES))
     worker.add_argument("path", type=Path)
     args = parser.parse_args(argv)

@@ -478,17 +478,6 @@ def _load_model(run: Path, plugins: Sequence[str] | None, device: str | None) ->
     return load_model(loaded, device)
 
 
-def _embedding_set(model: Any, spec: Any, batch_size: int, what: str) -> Any:
-    """Embed what ``spec`` names (a folder, CSV, DATASET:SPLIT or image files), with a progress bar."""
-    from metriclab.inference.search import EmbeddingSet
-
-    items = model.inputs(spec)
-    with _progress(f"embedding {what}") as progress:
-        emb = model.embed(items, batch_size=batch_size, progress=progress)
-    meta = {"run": str(model.run.path), "embedding_dim": model.embedding_dim, "metric": model.metric}
-    return EmbeddingSet(emb, items.paths, items.labels, items.columns, {**meta, "source": items.source})
-
-
 @app.command()
 def embed(
     ctx: typer.Context,
@@ -508,12 +497,13 @@ def embed(
     plugins: PluginsOption = None,
 ) -> None:
     """Embed images with a trained run; writes embeddings, labels (when known) and image paths."""
-    from metriclab.inference.search import save_embedding_set
+    from metriclab.inference.search import embed_inputs, save_embedding_set
 
     with _reporting(ctx.obj["debug"], "loading the model"):
         model = _load_model(run, plugins, device)
         start = time.perf_counter()
-        data = _embedding_set(model, inputs, batch_size, inputs)
+        with _progress(f"embedding {inputs}") as progress:
+            data = embed_inputs(model, inputs, batch_size, progress)
         seconds = time.perf_counter() - start
         path = save_embedding_set(output, data)
     summary = {
@@ -534,15 +524,6 @@ def embed(
         highlight=False,
         soft_wrap=True,
     )
-
-
-def _gallery_set(model: Any, spec: str, batch_size: int) -> Any:
-    from metriclab.inference.search import check_compatible, load_embedding_set
-
-    suffix = Path(spec).suffix.lower()
-    data = load_embedding_set(spec) if suffix in (".npz", ".parquet") else _embedding_set(model, spec, batch_size, spec)
-    check_compatible(data.embeddings, data, model.embedding_dim, spec)
-    return data
 
 
 def _search_table(queries: Any, gallery: Any, result: Any) -> Table:
@@ -572,8 +553,8 @@ def _search_figure(model: Any, queries: Any, gallery: Any, result: Any, path: Pa
 
     k = result.indices.shape[1]
     shown = min(len(queries), 8)
-    q_images = _images_of(model, queries.paths[:shown])
-    r_images = _images_of(model, gallery.paths[result.indices[:shown].reshape(-1)])
+    q_images = model.images(queries.paths[:shown])
+    r_images = model.images(gallery.paths[result.indices[:shown].reshape(-1)])
     r_images = r_images.reshape(shown, k, *r_images.shape[1:])
     names: list[str] = ["(unlabelled)"]
     q_ids = np.zeros(shown, dtype=np.int64)
@@ -593,43 +574,6 @@ def _search_figure(model: Any, queries: Any, gallery: Any, result: Any, path: Pa
     else:
         title += " (gallery unlabelled: ignore the frames)"
     return plots.retrieval_gallery(q_images, q_ids, r_images, r_ids, path, class_names=names, title=title)
-
-
-def _search_scores(queries: Any, gallery: Any, k: int, metric: str) -> dict[str, float]:
-    """Retrieval metrics of labelled queries against a labelled gallery (exact, chunked)."""
-    from metriclab.metrics.retrieval import retrieval_metrics
-
-    for name, data in (("queries", queries), ("gallery", gallery)):
-        if data.labels is None:
-            raise MetricLabError(
-                f"--evaluate needs labels, but the {name} have none; embed a dataset CSV (label column), "
-                "a folder of class sub-folders or DATASET:SPLIT"
-            )
-    ks = sorted({1, k})
-    scores = retrieval_metrics(
-        queries.embeddings, queries.labels, gallery.embeddings, gallery.labels, ks=ks, metric=metric, clustering=False
-    )
-    keep = [f"precision@{v}" for v in ks] + ["map@r", "r_precision"]
-    return {key: scores[key] for key in keep}
-
-
-def _images_of(model: Any, paths: Sequence[str]) -> Any:
-    """uint8 images of gallery/query paths: image files, or ``DATASET:SPLIT:INDEX`` items of a dataset."""
-    import numpy as np
-
-    from metriclab.inference.inputs import is_dataset_split, load_images
-
-    out = []
-    splits: dict[str, Any] = {}
-    for p in paths:
-        spec, _, index = str(p).rpartition(":")
-        if index.isdigit() and is_dataset_split(spec):
-            if spec not in splits:
-                splits[spec] = model.inputs(spec).images
-            out.append(splits[spec][int(index)].numpy())
-        else:
-            out.append(load_images([p], model.input_shape)[0].numpy())
-    return np.stack(out)
 
 
 @app.command()
@@ -670,21 +614,19 @@ def search(
     plugins: PluginsOption = None,
 ) -> None:
     """The K nearest gallery images of each query, exact by default (chunked: no full distance matrix)."""
-    from metriclab.inference.search import check_compatible, load_embedding_set
+    from metriclab.inference.search import embedding_set, search_scores
     from metriclab.inference.search import search as nearest
 
     with _reporting(ctx.obj["debug"], "loading the model"):
         model = _load_model(run, plugins, device)
-        data = _gallery_set(model, gallery, batch_size)
-        if len(queries) == 1 and Path(queries[0]).suffix.lower() in (".npz", ".parquet"):
-            query_set = load_embedding_set(queries[0])
-            check_compatible(query_set.embeddings, query_set, model.embedding_dim, queries[0])
-        else:
-            query_set = _embedding_set(model, queries if len(queries) > 1 else queries[0], batch_size, "queries")
+        with _progress("embedding the gallery") as progress:
+            data = embedding_set(model, gallery, batch_size, progress)
+        with _progress("embedding the queries") as progress:
+            query_set = embedding_set(model, queries if len(queries) > 1 else queries[0], batch_size, progress)
         result = nearest(
             query_set.embeddings, data, k, metric or model.metric, approximate="faiss-ivf" if approximate else None
         )
-        scores = _search_scores(query_set, data, k, result.metric) if evaluate else None
+        scores = search_scores(query_set, data, k, result.metric) if evaluate else None
         written = _search_figure(model, query_set, data, result, figure) if figure is not None else None
     if as_json:
         rows = [

@@ -179,3 +179,6 @@ def test_bad_inputs_fail_in_one_line(small_run, tmp_path):
     line = one_line_error(cli("embed", small_run, "digits:test", "-o", tmp_path / "x.txt"))
     assert ".npz or .parquet" in line
     assert "unknown export format" in one_line_error(cli("export", small_run, "--format", "tflite"))
+    if not torch.cuda.is_available():
+        line = one_line_error(cli("embed", small_run, "digits:test", "-o", tmp_path / "x.npz", "--device", "cuda"))
+        assert "no CUDA GPU" in line

@@ -241,3 +241,21 @@ def test_evaluate_can_leave_clustering_out(small_run, tmp_path):  # noqa: F811
     (with_,) = json.loads(cli("evaluate", run, "--json", "--pairs", "2000").stdout)  # 450 x 10: on by default
     assert "nmi" not in without["test_loo"] and "nmi" in with_["test_loo"]
     assert without["test_loo"]["map@r"] == with_["test_loo"]["map@r"]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_of_a_gallery_searched_in_blocks_equals_one_block(monkeypatch, metric, exclude_self):
+    from metriclab.metrics import retrieval
+
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((5003, 8)).astype(np.float32)
+    gallery[10] = gallery[4000]  # duplicates across blocks: ties broken by index
+    gallery[20] = gallery[21]
+    queries = gallery if exclude_self else gallery[:700]
+    whole = knn(queries, gallery, 9, metric=metric, exclude_self=exclude_self, chunk_size=64, device="cpu")
+    monkeypatch.setattr(retrieval, "GALLERY_BLOCK", 1000)
+    blocks = knn(queries, gallery, 9, metric=metric, exclude_self=exclude_self, chunk_size=64, device="cpu")
+    assert torch.equal(whole[1], blocks[1]) and torch.equal(whole[0], blocks[0])
+    if exclude_self:
+        assert not (blocks[1] == torch.arange(len(gallery))[:, None]).any()

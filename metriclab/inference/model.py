@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from metriclab.errors import MetricLabError
-from metriclab.inference.inputs import Inputs, check_images, read_inputs
+from metriclab.inference.inputs import Inputs, check_images, is_dataset_split, load_images, read_inputs
 from metriclab.inference.rebuild import _input_shape, load_run_model, run_dataset, run_recipe
 from metriclab.runs import Run
 
@@ -71,6 +71,20 @@ class EmbeddingModel:
 
         return read_inputs(spec, dataset_split)
 
+    def images(self, paths: Sequence[str]) -> np.ndarray:
+        """uint8 ``(N, C, H, W)`` images of paths as written by ``embed``: files, or ``DATASET:SPLIT:INDEX`` items."""
+        out = []
+        splits: dict[str, torch.Tensor] = {}
+        for path in paths:
+            spec, _, index = str(path).rpartition(":")
+            if index.isdigit() and is_dataset_split(spec):
+                if spec not in splits:
+                    splits[spec] = self.inputs(spec).images
+                out.append(splits[spec][int(index)].numpy())
+            else:
+                out.append(load_images([path], self.input_shape)[0].numpy())
+        return np.stack(out)
+
     @torch.no_grad()
     def embed(
         self,
@@ -118,5 +132,7 @@ def load_model(run: str | Path | Run, device: str | torch.device | None = None) 
     (``metriclab.registry.load_plugin``); a run's own plugin list is never imported.
     """
     loaded = run if isinstance(run, Run) else Run(run)
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MetricLabError(f"device '{device}' was asked for but no CUDA GPU is available here; use --device cpu")
     network = load_run_model(loaded, device)
     return EmbeddingModel(loaded, network, _input_shape(loaded), run_recipe(loaded).metric)

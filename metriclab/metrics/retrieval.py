@@ -52,6 +52,7 @@ METRICS = ("euclidean", "cosine")
 CHUNK_BYTES = 256 * 2**20
 SAMPLE = 512  # keys per row sampled to place the selection threshold
 MAX_WORKERS = 4
+GALLERY_BLOCK = 1 << 16  # gallery columns per product in `knn` on the CPU (larger galleries are searched in blocks)
 
 
 def _embeddings(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
@@ -166,31 +167,41 @@ def _searcher(
     if metric == "cosine":
         queries = torch.nn.functional.normalize(queries, dim=1)
         gallery = torch.nn.functional.normalize(gallery, dim=1)
-        scaled, offset = -gallery, None  # key = -q.g
+        factor, offset = -1.0, None  # key = -q.g
     else:
         # Distances are translation-invariant; centring shrinks the norms that |q|^2 + |g|^2 - 2 q.g cancels.
         center = gallery.mean(0)
         queries, gallery = queries - center, gallery - center
-        scaled, offset = -2 * gallery, (gallery * gallery).sum(1)  # key = |g|^2 - 2 q.g; |q|^2 is constant per row
+        factor, offset = -2.0, (gallery * gallery).sum(1)  # key = |g|^2 - 2 q.g; |q|^2 is constant per row
     on_cpu = _on_host(queries.device)
+    n_gallery = len(gallery)
+    scaled = scaled_t = None
     if on_cpu:
         # numpy's OpenBLAS multiplies float32 about twice as fast as torch's MKL on some CPUs (AMD EPYC); a
-        # contiguous (D, N) copy multiplies 10-25% faster than the transposed view (Xeon, chunks of 64-256 rows)
-        scaled_t = np.ascontiguousarray(scaled.numpy().T)
+        # contiguous (D, N) copy multiplies 10-25% faster than the transposed view (Xeon, chunks of 64-256 rows).
+        # Scaled in place: the only gallery copy kept (a 1M x 64 gallery is 256 MB).
+        scaled_t = np.ascontiguousarray(gallery.numpy().T)
+        scaled_t *= np.float32(factor)
         offset = None if offset is None else offset.numpy()
+    else:
+        scaled = factor * gallery
+    del gallery
 
-    def search(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(start: int, stop: int, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = queries[start:stop]
+        hi = n_gallery if hi is None else hi
         if on_cpu:
-            keys = chunk.numpy() @ scaled_t
+            keys = chunk.numpy() @ (scaled_t if lo == 0 and hi == n_gallery else scaled_t[:, lo:hi])
             if offset is not None:
-                keys += offset
+                keys += offset[lo:hi]
             keys = torch.from_numpy(keys)
         else:
-            keys = chunk @ scaled.T if offset is None else torch.addmm(offset, chunk, scaled.T)
+            block = scaled[lo:hi]
+            keys = chunk @ block.T if offset is None else torch.addmm(offset[lo:hi], chunk, block.T)
         if exclude_self:
             own = torch.arange(len(chunk), device=keys.device)
-            keys[own, own + start] = float("inf")
+            inside = (own + start >= lo) & (own + start < hi)
+            keys[own[inside], own[inside] + start - lo] = float("inf")
         return chunk, keys
 
     return search
@@ -276,14 +287,34 @@ def knn(
     k = min(int(k), len(g) - int(exclude_self))
     if k < 1:
         raise MetricLabError("k must be >= 1 and the gallery must hold at least one other item")
-    rows = _chunk_rows(len(g), k, chunk_size)
+    # A gallery larger than GALLERY_BLOCK is searched block by block, each chunk of queries keeping its k best
+    # of every block: the chunks stay large (a product re-packs its whole gallery operand, so 16-query chunks of a
+    # 1M gallery spent more time packing than multiplying) and the k-best lists merge exactly by (key, index).
+    block = len(g) if len(g) <= GALLERY_BLOCK or not _on_host(dev) else GALLERY_BLOCK
+    rows = _chunk_rows(block, k, chunk_size)
 
     search = _searcher(q, g, metric, exclude_self)
 
+    def best(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if block == len(g):
+            chunk, keys = search(start, stop)
+            index = torch.from_numpy(_nearest(keys, np.full(len(keys), k))).to(dev)
+            return chunk, keys.gather(1, index), index
+        from metriclab.metrics.ranking import codes
+
+        found_keys, found_columns = [], []
+        for lo in range(0, len(g), block):
+            chunk, keys = search(start, stop, lo, min(lo + block, len(g)))
+            columns = _nearest(keys, np.full(len(keys), min(k, keys.shape[1])))
+            found_keys.append(np.take_along_axis(keys.numpy(), columns, axis=1))
+            found_columns.append(columns.astype(np.int64) + lo)
+        merged_keys, merged_columns = np.concatenate(found_keys, axis=1), np.concatenate(found_columns, axis=1)
+        order = np.argsort(codes(merged_keys, merged_columns), axis=1)[:, :k]
+        values = torch.from_numpy(np.take_along_axis(merged_keys, order, axis=1))
+        return chunk, values, torch.from_numpy(np.take_along_axis(merged_columns, order, axis=1))
+
     def select(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk, keys = search(start, stop)
-        index = torch.from_numpy(_nearest(keys, np.full(len(keys), k))).to(dev)
-        values = keys.gather(1, index)
+        chunk, values, index = best(start, stop)
         if metric == "cosine":
             return values + 1.0, index
         return (values + (chunk * chunk).sum(1, keepdim=True)).clamp_(min=0).sqrt_(), index
