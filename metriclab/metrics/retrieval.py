@@ -526,14 +526,17 @@ def evaluate_embeddings(
     """All metrics of a test set: ``{"test_loo", "test_vs_train", "verification"}`` dicts of floats.
 
     ``test_loo`` searches the test set leave-one-out (with NMI/AMI), ``test_vs_train``
-    searches the test queries in the train gallery (only when ``train_emb`` is given;
+    searches the test queries in the train gallery (only when ``train_emb`` is given and shares classes;
     clustering is not repeated there), and ``verification`` scores test pairs. ``distributed``: see
     :func:`retrieval_metrics`; ``clustering=False`` leaves NMI/AMI out (k-means is slow with many classes).
     """
     search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed, "chunk_size": chunk_size, "device": device}
     search["distributed"] = distributed
     out = {"test_loo": retrieval_metrics(test_emb, test_labels, clustering=clustering, **search)}
-    if train_emb is not None:
+    # Test queries in the train gallery only where they share classes: under the class-disjoint (zero-shot)
+    # protocol of CUB, Cars196 and SOP no query has a match there, and every score would be zero.
+    shared = train_emb is not None and bool(np.isin(np.asarray(test_labels), np.asarray(train_labels)).any())
+    if shared:
         gallery = {"gallery_emb": train_emb, "gallery_labels": train_labels, "clustering": False}
         out["test_vs_train"] = retrieval_metrics(test_emb, test_labels, **gallery, **search)
     out["verification"] = verification_metrics(test_emb, test_labels, metric=metric, num_pairs=num_pairs, seed=seed)
