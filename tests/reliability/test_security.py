@@ -44,9 +44,11 @@ def test_weights_are_safetensors(baseline):
         with safe_open(str(path), "pt") as handle:
             assert any(key.startswith("towers.0.") for key in handle.keys())
     assert not list(baseline.rglob("*.pt")) and not list(baseline.rglob("pytorch_model*"))
-    # The rest of a checkpoint: accelerate's torch files (loaded weights-only) and JSON.
+    # The rest of a checkpoint: accelerate's torch files (loaded weights-only) and JSON; the seed recipe's
+    # learning-rate schedule is one of those torch files.
     names = {p.name for c in Run.checkpoints_in(baseline) for p in c.iterdir()}
-    assert names == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"}
+    torch_files = {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
+    assert names == {"model.safetensors", "trainer_state.json", *torch_files}
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,7 @@ def test_weights_are_safetensors(baseline):
     [
         ("optimizer.bin", ["refused to load checkpoint", "not a weights-only torch file", "tampered"]),
         ("random_states_0.pkl", ["refused to load checkpoint", "not a weights-only torch file", "tampered"]),
+        ("scheduler.bin", ["refused to load checkpoint", "not a weights-only torch file", "tampered"]),
         ("model.safetensors", ["cannot read checkpoint", "header", "damaged"]),
     ],
 )
