@@ -30,6 +30,28 @@ def run_recipe(recipe: str, *args: str, env: dict | None = None, timeout: int = 
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
+def main_in_process(recipe: str, *args: str) -> None:
+    """Run a recipe file's ``main`` with ``args`` as its command line, in this process (no interpreter start-up).
+
+    accelerate's process-wide state is reset around it, so each run chooses its own mixed precision.
+    Fails the test, with the error shown, if the recipe exits.
+    """
+    import runpy
+
+    from accelerate.state import AcceleratorState
+
+    from metriclab import main
+
+    recipe_object = runpy.run_path(str(RECIPES / recipe))["recipe"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        main(recipe_object, list(args))
+    except SystemExit as exit_:
+        pytest.fail(f"{recipe} {' '.join(args)} exited with {exit_.code}")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def free_port() -> int:
     """A TCP port that no process listens on now, chosen by the OS (for a launcher's main process)."""
     with socket.socket() as probe:

