@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from metriclab.errors import MetricLabError
 from metriclab.viz.projections import compare_projections, numba_cache_dir, project, projection_scores
@@ -21,6 +22,13 @@ def blobs(n: int = 300, dims: int = 10, classes: int = 3, seed: int = 0) -> tupl
     return (centres[labels] + rng.normal(size=(n, dims))).astype(np.float32), labels
 
 
+@pytest.fixture(autouse=True)
+def one_openmp_thread():
+    """t-SNE's OpenMP threads spin while they wait: on a busy machine one thread is many times faster."""
+    with threadpool_limits(1, user_api="openmp"):
+        yield
+
+
 @pytest.mark.parametrize("method", ["pca", "tsne"])
 def test_project_reduces_to_two_dims_and_keeps_classes_apart(method):
     x, labels = blobs(120)
@@ -29,10 +37,9 @@ def test_project_reduces_to_two_dims_and_keeps_classes_apart(method):
     assert projection_scores(points, labels)["knn_accuracy"] > 0.95
 
 
-def test_project_flattens_images_and_is_reproducible():
+def test_project_flattens_images():
     images = np.random.default_rng(0).random((50, 1, 8, 8))
     assert project(images, "pca").shape == (50, 2)
-    assert np.array_equal(project(images, "tsne", seed=3), project(images, "tsne", seed=3))
 
 
 def linear_fit_residual(x: np.ndarray, points: np.ndarray) -> float:
@@ -54,10 +61,12 @@ def test_pca_projects_onto_the_two_leading_principal_axes():
         assert error < 1e-3 * np.abs(expected[:, axis]).max()
 
 
-def test_tsne_is_a_nonlinear_embedding():
+def test_tsne_is_a_nonlinear_embedding_and_reproducible():
     x = np.random.default_rng(0).normal(size=(120, 10)).astype(np.float32)  # no clusters to dominate the fit
-    assert linear_fit_residual(x, project(x, "tsne", seed=0)) > 0.1  # PCA, or any linear map, leaves ~0
+    points = project(x, "tsne", seed=3)
+    assert linear_fit_residual(x, points) > 0.1  # PCA, or any linear map, leaves ~0
     assert linear_fit_residual(x, project(x, "pca", seed=0)) < 1e-6
+    assert np.array_equal(points, project(x, "tsne", seed=3))
 
 
 @pytest.mark.parametrize("method", ["none", "pca", "tsne", "umap"])
