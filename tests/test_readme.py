@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import ROOT, run_recipe
+from conftest import ROOT, main_in_process, run_recipe
 
 from metriclab import Recipe
 from metriclab.runs import Run
@@ -28,11 +28,10 @@ def test_the_recipe_example_trains(tmp_path):
     exec(compile(recipe_file.read_text(), str(recipe_file), "exec"), namespace)  # imported, not run as __main__
     recipe = namespace["recipe"]
     assert isinstance(recipe, Recipe) and recipe.encoder == "convnet" and recipe.miner == "semi-hard"
-    # As a user runs it, with the overrides the README names, on a tiny budget (digits, 3 steps).
+    # Its main() with the overrides the README names, on a tiny budget (digits, 3 steps).
     out = tmp_path / "run"
     tiny = ["--dataset", "digits", "--epochs", "1", "--max-steps", "3", "--batch-size", "64", "--no-embed-train"]
-    result = run_recipe(str(recipe_file), *tiny, "--loss-args", "margin=0.5", "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    main_in_process(str(recipe_file), *tiny, "--loss-args", "margin=0.5", "--output-dir", str(out))
     config = Run(out).config
     assert config["recipe"]["name"] == "mnist_triplet_64d" and config["recipe"]["embedding_dim"] == 64
     assert config["components"]["loss"]["args"]["margin"] == 0.5
