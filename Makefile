@@ -1,4 +1,4 @@
-# Set-up, demo and tests. `make demo` and `make test` each create .venv and install first.
+# Set-up, demo and tests. `make demo`, `make test` and `make test-all` each create .venv and install first.
 VENV ?= .venv
 PYTHON ?= python3
 # PyTorch is installed first so its build matches torchvision; override for your platform,
@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-all lint bench
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,11 @@ demo: setup
 	$(BIN)/accelerate launch --num_processes 1 recipes/mnist_siamese.py --output-dir $$run && \
 	$(BIN)/metriclab evaluate $$run
 
+# The default suite leaves out the long end-to-end runs (marked slow); test-all, which CI runs, has them too.
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -5,7 +5,7 @@ Per process count: samples/s and seconds per step of ``metriclab.training.engine
 cross-process embedding gather (``metriclab.training.distributed.gather_with_grad``, timed by wrapping the
 engine's reference to it from here; the library is not edited). A second measurement times the gather
 alone (both processes released together by a barrier), without the wait for a slower peer that the
-in-training number includes. GPU rows need a GPU: none is lent to this task.
+in-training number includes. Training on a GPU is the `gpu` benchmark's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _train(dataset: str, global_batch: int, max_steps: int, warmup: int, output_
     from accelerate import PartialState
 
     import metriclab.training.engine as engine
-    from metriclab.training.components import load_dataset
+    from metriclab.data import load_dataset
 
     state = PartialState(cpu=True)
     world, rank = state.num_processes, state.process_index
@@ -164,12 +164,12 @@ def run(quick: bool = False, log=print) -> tuple[str, dict[str, Any]]:
             f"| {fmt(max(r['peak_rss_mib'] for r in ranks), 0)} | {trained['load_before']} |"
         )
     lines += [
-        "| 1 GPU | not measured: no GPU in this task | | | | | | | | |",
         "",
         "`gather alone`: median of "
         f"{calls} calls of `gather_with_grad` on a (batch/N, 64) shard plus its backward, both processes "
         "released by a barrier; with 1 process it returns the shard itself (no communication). The in-training "
-        "gather time also includes waiting for the slower process to arrive.",
+        "gather time also includes waiting for the slower process to arrive. Training on a GPU is measured in the "
+        "`gpu` section.",
     ]
     return "\n".join(lines) + "\n", results
 

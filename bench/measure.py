@@ -193,6 +193,18 @@ def machine() -> dict[str, str]:
     }
 
 
+def commit() -> str:
+    """The checked-out commit, and whether the working tree differs from it (what a measurement ran)."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit (not a git checkout)"
+    changed = [line for line in dirty.stdout.splitlines() if not line.endswith("BENCHMARKS.md")]
+    return f"commit {head.stdout.strip()}" + (" with uncommitted changes" if changed else "")
+
+
 def fmt(value: float, digits: int = 1) -> str:
     """A number for a table: fixed digits, '-' for None/NaN."""
     if value is None or value != value:

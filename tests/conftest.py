@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,35 @@ def run_recipe(recipe: str, *args: str, env: dict | None = None, timeout: int = 
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
+def main_in_process(recipe: str, *args: str) -> None:
+    """Run a recipe file's ``main`` with ``args`` as its command line, in this process (no interpreter start-up).
+
+    accelerate's process-wide state is reset around it, so each run chooses its own mixed precision.
+    Fails the test, with the error shown, if the recipe exits.
+    """
+    import runpy
+
+    from accelerate.state import AcceleratorState
+
+    from metriclab import main
+
+    recipe_object = runpy.run_path(str(RECIPES / recipe))["recipe"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        main(recipe_object, list(args))
+    except SystemExit as exit_:
+        pytest.fail(f"{recipe} {' '.join(args)} exited with {exit_.code}")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def free_port() -> int:
+    """A TCP port that no process listens on now, chosen by the OS (for a launcher's main process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -40,3 +70,28 @@ def tiny_run(tmp_path_factory) -> Path:
     result = run_recipe("mnist_siamese.py", *TINY, "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def make_tiny_recipe(tmp_path):
+    """``tiny_recipe`` writing to ``tmp_path / "run"`` unless given another folder."""
+
+    def make(output_dir: Path | None = None, **overrides):
+        return tiny_recipe(output_dir or tmp_path / "run", **overrides)
+
+    return make
+
+
+@pytest.fixture
+def register(monkeypatch):
+    """``register(kind, name, factory)``: a component in the global registry for this test only; returns ``name``."""
+    from metriclab import registry
+
+    registry.load_plugins()  # so that loading them later cannot clash with or drop the test's entry
+
+    def add(kind: str, name: str, factory) -> str:
+        reg = registry.registry(kind)
+        monkeypatch.setitem(reg._entries, name, registry.Entry(name, reg.kind, factory, "tests"))
+        return name
+
+    return add

@@ -11,11 +11,10 @@ from safetensors.torch import load_file
 
 from metriclab import registry
 from metriclab.data import Dataset
-from metriclab.registry import register_dataset
+from metriclab.runs import Run
 from metriclab.training import engine
 from metriclab.training.components import objective
 from metriclab.training.graphs import StepGraph, why_not_captured
-from tests.conftest import read_json, tiny_recipe
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -74,9 +73,9 @@ def test_fused_objectives_name_the_generators_they_draw_from():
     assert triplet.graph_generators() == []
 
 
-def test_a_run_records_whether_its_steps_were_replayed_from_a_cuda_graph(tmp_path):
-    run = engine.train(tiny_recipe(tmp_path / "run", epochs=1))
-    assert read_json(run / "metrics.json")["final"]["cuda_graph"] == {"used": False, "reason": "not on a CUDA device"}
+def test_a_run_records_whether_its_steps_were_replayed_from_a_cuda_graph(make_tiny_recipe):
+    run = engine.train(make_tiny_recipe(epochs=1))
+    assert Run(run).metrics["final"]["cuda_graph"] == {"used": False, "reason": "not on a CUDA device"}
 
 
 def test_batches_of_another_size_and_refused_steps_run_eagerly_without_warming_up():
@@ -97,7 +96,6 @@ def test_batches_of_another_size_and_refused_steps_run_eagerly_without_warming_u
 # -- on a GPU ------------------------------------------------------------------------------------
 
 
-@register_dataset("graph-test-blobs")
 def blobs() -> Dataset:
     """10 classes of noisy 8x8 prototypes: 700 train (10 batches of 64 and a short one), 200 test; no package data."""
     generator = torch.Generator().manual_seed(0)
@@ -110,6 +108,12 @@ def blobs() -> Dataset:
 
     (train, train_labels), (test, test_labels) = draw(700), draw(200)
     return Dataset("blobs", train, train_labels, test, test_labels, [str(c) for c in range(10)], "made by the test")
+
+
+@pytest.fixture
+def blobs_dataset(register):
+    """``blobs`` registered as the dataset "graph-test-blobs" for one test."""
+    return register("dataset", "graph-test-blobs", blobs)
 
 
 def linear_step(seed: int, sync: bool = False):
@@ -168,7 +172,9 @@ def test_replayed_steps_equal_eager_steps(sync):
     ],
     ids=["contrastive", "semi-hard-triplet", "bf16"],
 )
-def test_training_with_cuda_graphs_equals_eager_training(tmp_path, monkeypatch, overrides):
+def test_training_with_cuda_graphs_equals_eager_training(
+    tmp_path, monkeypatch, make_tiny_recipe, blobs_dataset, overrides
+):
     from accelerate.state import AcceleratorState
 
     graphs = []
@@ -182,14 +188,14 @@ def test_training_with_cuda_graphs_equals_eager_training(tmp_path, monkeypatch, 
     runs = {}
     for on in (True, False):
         AcceleratorState._reset_state(reset_partial_state=True)  # one process trains with several precisions
-        recipe = tiny_recipe(
-            tmp_path / str(on), dataset="graph-test-blobs", cpu=False, cuda_graphs=on, log_every=5, **overrides
+        recipe = make_tiny_recipe(
+            tmp_path / str(on), dataset=blobs_dataset, cpu=False, cuda_graphs=on, log_every=5, **overrides
         )
         runs[on] = engine.train(recipe)
     (graph,) = graphs
     assert graph.refused is None and graph.graph is not None and graph.calls > graph.captured_at_call
-    assert read_json(runs[True] / "metrics.json")["final"]["cuda_graph"] == {"used": True, "captured_at_step": 4}
-    assert read_json(runs[False] / "metrics.json")["final"]["cuda_graph"] == {
+    assert Run(runs[True]).metrics["final"]["cuda_graph"] == {"used": True, "captured_at_step": 4}
+    assert Run(runs[False]).metrics["final"]["cuda_graph"] == {
         "used": False,
         "reason": "off in the recipe",
     }

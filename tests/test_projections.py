@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from metriclab.errors import MetricLabError
 from metriclab.viz.projections import compare_projections, numba_cache_dir, project, projection_scores
@@ -21,6 +22,13 @@ def blobs(n: int = 300, dims: int = 10, classes: int = 3, seed: int = 0) -> tupl
     return (centres[labels] + rng.normal(size=(n, dims))).astype(np.float32), labels
 
 
+@pytest.fixture(autouse=True)
+def one_openmp_thread():
+    """t-SNE's OpenMP threads spin while they wait: on a busy machine one thread is many times faster."""
+    with threadpool_limits(1, user_api="openmp"):
+        yield
+
+
 @pytest.mark.parametrize("method", ["pca", "tsne"])
 def test_project_reduces_to_two_dims_and_keeps_classes_apart(method):
     x, labels = blobs(120)
@@ -29,16 +37,48 @@ def test_project_reduces_to_two_dims_and_keeps_classes_apart(method):
     assert projection_scores(points, labels)["knn_accuracy"] > 0.95
 
 
-def test_project_flattens_images_and_is_reproducible():
+def test_project_flattens_images():
     images = np.random.default_rng(0).random((50, 1, 8, 8))
     assert project(images, "pca").shape == (50, 2)
-    assert np.array_equal(project(images, "tsne", seed=3), project(images, "tsne", seed=3))
+
+
+def linear_fit_residual(x: np.ndarray, points: np.ndarray) -> float:
+    """Share of ``points``' variance that no affine map of ``x`` explains (0 for PCA, large for t-SNE/UMAP)."""
+    design = np.hstack([x, np.ones((len(x), 1))]).astype(np.float64)
+    target = points.astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    return float(((design @ coef - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum())
+
+
+def test_pca_projects_onto_the_two_leading_principal_axes():
+    x, _ = blobs(120)
+    points = project(x, "pca", seed=0)
+    # numpy's eigen-decomposition of the covariance, not sklearn: each axis up to its sign.
+    _, vectors = np.linalg.eigh(np.cov(x.astype(np.float64), rowvar=False))
+    expected = (x - x.mean(0)) @ vectors[:, ::-1][:, :2]
+    for axis in range(2):
+        error = min(np.abs(points[:, axis] - s * expected[:, axis]).max() for s in (1, -1))
+        assert error < 1e-3 * np.abs(expected[:, axis]).max()
+
+
+def test_tsne_is_a_nonlinear_embedding_and_reproducible():
+    x = np.random.default_rng(0).normal(size=(120, 10)).astype(np.float32)  # no clusters to dominate the fit
+    points = project(x, "tsne", seed=3)
+    assert linear_fit_residual(x, points) > 0.1  # PCA, or any linear map, leaves ~0
+    assert linear_fit_residual(x, project(x, "pca", seed=0)) < 1e-6
+    assert np.array_equal(points, project(x, "tsne", seed=3))
 
 
 @pytest.mark.parametrize("method", ["none", "pca", "tsne", "umap"])
-def test_two_dimensional_input_is_returned_as_is(method):
-    x = np.random.default_rng(0).normal(size=(30, 2))
-    assert np.allclose(project(x, method), x)
+def test_two_dimensional_input_is_returned_as_is(method, monkeypatch):
+    # Off-centre and skewed, so that any projection method that ran would move the points.
+    x = np.random.default_rng(0).normal(size=(30, 2)) * [5.0, 0.2] + [100.0, -40.0]
+    assert not np.allclose(project(np.hstack([x, x[:, :1]]), "pca")[:, :2], x)
+    for module, name in [("sklearn.decomposition", "PCA"), ("sklearn.manifold", "TSNE")]:
+        monkeypatch.setattr(f"{module}.{name}", lambda *a, _n=name, **k: pytest.fail(f"{_n} ran on 2-D input"))
+    monkeypatch.setattr("metriclab.viz.projections.import_umap", lambda: pytest.fail("UMAP ran on 2-D input"))
+    points = project(x, method)
+    assert np.allclose(points, x) and points is not x
 
 
 def test_project_explains_impossible_requests():

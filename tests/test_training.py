@@ -1,12 +1,11 @@
 """Recipes end to end, as users run them: outputs on disk, plugins, data sources."""
 
-import shutil
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from conftest import TINY, read_json, run_recipe
+from conftest import TINY, main_in_process, read_json, run_recipe
 from PIL import Image
 
 from metriclab.runs import Run
@@ -61,26 +60,16 @@ def test_existing_output_dir_is_never_overwritten(tiny_run):
     assert (tiny_run / "config.json").read_bytes() == before
 
 
-def test_default_output_dir_is_a_new_timestamped_folder(tmp_path):
-    shutil.copytree(run_recipe.__globals__["RECIPES"], tmp_path / "recipes")
-    # Run from another working directory: runs/ is created relative to it.
-    import subprocess
-
-    result = subprocess.run(
-        [sys.executable, "recipes/mnist_siamese.py", *TINY, "--epochs", "1", "--max-steps", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_default_output_dir_is_a_new_timestamped_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ is created relative to the working directory
+    main_in_process("mnist_siamese.py", *TINY, "--epochs", "1", "--max-steps", "2")
     runs = list((tmp_path / "runs" / "mnist_siamese").iterdir())
     assert len(runs) == 1 and (runs[0] / "config.json").is_file()
 
 
 def test_triplet_override_and_fashion_recipe_run(tmp_path):
-    result = run_recipe(
-        "fashion_mnist_triplet.py",
+    out = tmp_path / "f"
+    args = [
         "--dataset",
         "digits",
         "--epochs",
@@ -90,16 +79,17 @@ def test_triplet_override_and_fashion_recipe_run(tmp_path):
         "--embedding-dim",
         "8",
         "--output-dir",
-        str(tmp_path / "f"),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    config = read_json(tmp_path / "f" / "config.json")
+        str(out),
+    ]
+    main_in_process("fashion_mnist_triplet.py", *args)
+    config = read_json(out / "config.json")
     assert config["components"]["miner"]["name"] == "semi-hard"
     assert config["components"]["encoder"]["name"] == "convnet"
-    assert Run(tmp_path / "f").embeddings("test")[0].shape[1] == 8
-    assert (tmp_path / "f" / "embedding.png").is_file()  # 8-D embeddings are projected for the picture
+    assert Run(out).embeddings("test")[0].shape[1] == 8
+    assert (out / "embedding.png").is_file()  # 8-D embeddings are projected for the picture
 
 
+@pytest.mark.slow  # the README's plugin example goes the same way in the default suite (tests/test_readme.py)
 def test_third_party_plugin_through_a_real_entry_point(tmp_path):
     """A package installed beside metriclab adds an encoder that a recipe then uses by name."""
     site = tmp_path / "site"
@@ -167,8 +157,7 @@ def test_accelerate_launch_on_mnist_falls_back_to_the_bundled_subset(tmp_path):
 def test_max_steps_mid_epoch_labels_the_epoch_in_progress(tmp_path):
     """22 steps make an epoch of digits at batch 64: stopping at 30 keeps epoch 1 and adds a partial epoch 2."""
     out = tmp_path / "partial"
-    result = run_recipe("mnist_siamese.py", *TINY, "--max-steps", "30", "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
+    main_in_process("mnist_siamese.py", *TINY, "--max-steps", "30", "--output-dir", str(out))
     run = Run(out)
     assert run.snapshot_epochs() == [1, 2]
     assert [(e["epoch"], e["step"]) for e in run.metrics["epochs"]] == [(1, 22), (2, 30)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RECIPES, ROOT, run_recipe
+from conftest import RECIPES, ROOT, free_port, run_recipe
 from safetensors.torch import load_file
 
 from metriclab.runs import Run
@@ -39,7 +39,7 @@ ENV = {"COLUMNS": "400"}
 
 def launcher(processes: int) -> list[str]:
     """``accelerate launch`` with ``processes`` gloo processes on CPU."""
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--main_process_port", port]  # fmt: skip
 

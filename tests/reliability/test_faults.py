@@ -33,8 +33,11 @@ from .conftest import (
 )
 
 
+# Each interruption waits a random moment after the first checkpoint, drawn from a fixed seed so that
+# a failure names a wait that can be tried again (the run's own speed still varies from run to run).
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, baseline):
-    seed = random.randrange(10**6)
+    seed = 1
     out = tmp_path / "killed"
     process, log = start_fault_recipe(out)
     wait_for_first_checkpoint(process, out, log)
@@ -68,9 +71,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, baseline):
     assert epochs == [(e["epoch"], e["step"], round(e["map@r"], 4)) for e in Run(baseline).metrics["epochs"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(SIGINT, 130), (SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_sigint_writes_a_checkpoint_says_how_to_resume_and_the_resume_completes(tmp_path, baseline, signum, code):
-    seed = random.randrange(10**6)
+    seed = int(signum)
     out = tmp_path / "interrupted"
     process, log = start_fault_recipe(out)
     wait_for_first_checkpoint(process, out, log)
@@ -99,7 +103,7 @@ def test_ctrl_c_on_two_processes_then_resume_on_one_matches_one_process(tmp_path
     Both processes stop after the same step (or the gloo collectives would hang), and the
     checkpoint's position is counted in samples, so any process count can continue it.
     """
-    seed = random.randrange(10**6)
+    seed = 3
     out = tmp_path / "two-then-one"
     process, log = start_fault_recipe(out, "--batch-size", "32", launch=launcher(2))
     wait_for_first_checkpoint(process, out, log)
@@ -198,17 +202,16 @@ def test_plugin_file_is_loaded_once_per_process():
         registry.losses.register("faulty-contrastive", lambda: None)
 
 
-def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_end_and_tidies_up(tmp_path):
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_end_and_tidies_up(tmp_path, make_tiny_recipe):
     from metriclab.training.engine import train
-    from tests.conftest import tiny_recipe
 
     out = tmp_path / "run"
-    train(tiny_recipe(out, epochs=1))
+    train(make_tiny_recipe(out, epochs=1))
     # What a kill between the last checkpoint and the final weights leaves, plus an unfinished checkpoint.
     (out / "model.safetensors").unlink()
     last = Run.latest_checkpoint_in(out)
     shutil.copytree(last, out / "checkpoints" / ".tmp-step_99999999")
-    train(tiny_recipe(out, epochs=1, resume=str(out)))
+    train(make_tiny_recipe(out, epochs=1, resume=str(out)))
     assert (out / "model.safetensors").is_file()
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert Run.latest_checkpoint_in(out) == last
