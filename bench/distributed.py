@@ -46,9 +46,9 @@ def _train(dataset: str, global_batch: int, max_steps: int, warmup: int, output_
         gather_times.append(time.perf_counter() - start)
         return out
 
-    def timed_step(self, batch):
+    def timed_step(self, batch, images=None):
         start = time.perf_counter()
-        out = original_step(self, batch)
+        out = original_step(self, batch, images)
         step_times.append(time.perf_counter() - start)  # CPU ops are synchronous: this is the step's time
         return out
 

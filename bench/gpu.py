@@ -187,7 +187,7 @@ def profile(model: str, skip: int = 30, active: int = 20, offline: bool = False)
     original = engine._Trainer._train_step  # the whole step as the loop calls it, replayed or eager
     count, syncs, wall = [0], Counter(), []
 
-    def step(self, batch):
+    def step(self, batch, images=None):
         i = count[0]
         count[0] += 1
         watched = skip <= i < skip + active
@@ -199,7 +199,7 @@ def profile(model: str, skip: int = 30, active: int = 20, offline: bool = False)
             if watched and cuda:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                out = original(self, batch)
+                out = original(self, batch, images)
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode("default")
@@ -217,8 +217,11 @@ def profile(model: str, skip: int = 30, active: int = 20, offline: bool = False)
     engine._Trainer._train_step = step
     out = Path(tempfile.mkdtemp(prefix="metriclab-gpu-")) / "run"
     recipe = _recipe(model, offline, epochs=1, max_steps=skip + active + 1, output_dir=str(out), embed_train=False)
-    with prof:
-        engine.train(recipe)
+    try:
+        with prof:
+            engine.train(recipe)
+    finally:
+        engine._Trainer._train_step = original  # in-process callers (the tests) train normally afterwards
     shutil.rmtree(out.parent, ignore_errors=True)
     events = prof.key_averages()
     # Kernels and copies only: the profiler also puts its step and optimizer annotations on the GPU timeline.
