@@ -8,55 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import cli, one_line_error
 from PIL import Image
-from typer.testing import CliRunner
 
-import metriclab
-from metriclab.cli import app
 from metriclab.errors import MetricLabError
 from metriclab.inference import embed_run
 from metriclab.inference.search import load_embedding_set
 from metriclab.runs import Run
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="session")
-def small_run(tmp_path_factory):
-    """One tiny 8-D digits run (1 epoch, an MLP), trained in-process once for the inference tests."""
-    from metriclab.training.engine import train
-
-    out = tmp_path_factory.mktemp("runs") / "small"
-    return train(tiny_recipe(out, name="small", embedding_dim=8, epochs=1, embed_train=False))
-
-
-@pytest.fixture(scope="session")
-def model(small_run):
-    return metriclab.load_model(small_run, device="cpu")
-
-
-@pytest.fixture(scope="session")
-def image_folder(model, tmp_path_factory):
-    """30 test digits as PNG files in class sub-folders (file stem = index in the test split)."""
-    folder = tmp_path_factory.mktemp("images")
-    items = model.inputs("digits:test")
-    for i in range(30):
-        (folder / str(items.labels[i])).mkdir(exist_ok=True)
-        Image.fromarray(items.images[i, 0].numpy()).save(folder / str(items.labels[i]) / f"{i}.png")
-    return folder
 
 
 def test_load_model_embeds_a_split_as_evaluate_does(small_run, model):

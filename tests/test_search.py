@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from test_inference import cli, image_folder, model, one_line_error, small_run  # noqa: F401  (fixtures)
+from conftest import ROOT, cli, one_line_error
 
 from metriclab.errors import MetricLabError
 from metriclab.evaluation.processes import evaluate_in_processes
