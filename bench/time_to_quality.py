@@ -105,7 +105,7 @@ def _section(entries: list[Contender], rows: dict[str, list[dict[str, Any]]], ta
             times.append(hit[0] if hit else None)
             cell = f"{hit[0]:.1f} ({hit[1]})" if hit else "not reached"
             lines.append(
-                f"| {c.label} | {r['seed']} | {cell} | {fmt(r['train_s'])} | {r['precision@1']:.4f} | "
+                f"| {c.label} | {r['seed']} | {cell} | {fmt(r['train_s'], 2)} | {r['precision@1']:.4f} | "
                 f"{r['map@r']:.4f} | {r['load_before']} -> {r['load_after']} |"
             )
         reached = [t for t in times if t is not None]

@@ -45,7 +45,7 @@ def test_quick_ttq_benchmark_writes_its_section(tmp_path, monkeypatch):
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[2] == "not reached" or re.fullmatch(r"\d+\.\d \(\d+\)", cells[2]), row
-        assert 0 <= float(cells[4]) <= 1 and float(cells[3].replace(",", "")) > 0
+        assert 0 <= float(cells[4]) <= 1 and float(cells[3].replace(",", "")) >= 0  # a number (quick runs take ~0 s)
     # Every contender was scored at each of its three steps, so each has a curve.
     curves = [line for line in section.splitlines() if line.startswith("- ")]
     assert len(curves) == 3 and all(line.count(" s / ") == 3 for line in curves), section
