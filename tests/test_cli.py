@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import one_line_error, tiny_recipe
 from PIL import Image, ImageSequence
 from rich.console import Console
 from typer.testing import CliRunner
@@ -39,14 +39,6 @@ def run_8d(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "run8d"
     return train(tiny_recipe(out, name="tiny8", embedding_dim=8, metric="cosine"))
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # -- evaluate ---------------------------------------------------------------------------------------

@@ -64,24 +64,19 @@ def check_dataset(recipe: Recipe, dataset: Any) -> None:
             raise fail(f"{split}_images have shape {tuple(images.shape)}; add the channel axis: (N, C, H, W)")
         if images.shape[3] in (1, 3) and images.shape[1] not in (1, 3):
             raise fail(f"{split}_images have shape {tuple(images.shape)}, channels last; permute to (N, C, H, W)")
-        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise fail(f"{split}_labels are {labels.dtype} of shape {tuple(labels.shape)}; use int64 labels (N,)")
-        if len(labels) != len(images):
+        if labels.dim() == 1 and len(labels) != len(images):
             raise fail(f"{split} has {len(images)} images but {len(labels)} labels; give one label per image")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise fail(
-                f"{split}_labels range over {int(labels.min())}..{int(labels.max())} but there are {classes} classes; "
-                f"number the classes 0..{classes - 1}"
-            )
-    if not len(dataset.train_labels):
-        raise fail("the train split is empty")
+    _check_labels(fail, dataset, classes)
 
 
 def _check_labels(fail: Callable[[str], MetricLabError], dataset: Any, classes: int) -> None:
+    """The labels of both splits: int64 (N,), numbered 0..classes-1; a train split that is not empty."""
     for split in ("train", "test"):
         labels = getattr(dataset, f"{split}_labels")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
-            raise fail(f"{split}_labels are not an int64 tensor (N,)")
+        if not isinstance(labels, torch.Tensor):
+            raise fail(f"{split}_labels are a {type(labels).__name__}, not a tensor; use int64 labels (N,)")
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise fail(f"{split}_labels are {labels.dtype} of shape {tuple(labels.shape)}; use int64 labels (N,)")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
             raise fail(
                 f"{split}_labels range over {int(labels.min())}..{int(labels.max())} but there are {classes} classes; "
