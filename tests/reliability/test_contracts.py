@@ -15,7 +15,7 @@ import pytest
 
 from metriclab.runs import Run
 
-from .conftest import ROOT, one_line, train_in_process
+from .conftest import one_line, train_in_process
 from .test_bad_input import DIGITS, assert_user_error
 
 BROKEN = Path(__file__).with_name("broken_plugin.py")
@@ -96,9 +96,11 @@ def _package(site: Path, name: str, body: str) -> None:
 
 def _python(site: Path, code: str) -> subprocess.CompletedProcess:
     # The package's folder comes first on the path, so its entry point is found (and listed) before the built-ins'.
+    # It is also the working directory: `python -c` puts that first, and a source checkout's metriclab.egg-info
+    # there would otherwise list the built-ins first.
     env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "400"}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=site, timeout=120
     )
 
 
