@@ -24,6 +24,10 @@ from metriclab.registry import register_dataset
 MNIST_CLASSES = [str(d) for d in range(10)]
 MNIST_LAYOUTS = ("", "MNIST/raw")  # files directly in the folder, or torchvision's <root>/MNIST/raw
 FASHION_LAYOUTS = ("", "FashionMNIST/raw")
+# As torchvision.datasets.FashionMNIST.classes (a test checks they agree), without importing torchvision.
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Per connection and per read, not per download: long enough for a slow link, short enough that a
 # firewalled machine falls back in seconds instead of waiting for the OS's minutes-long timeout.
@@ -104,13 +108,13 @@ def mnist(data_dir: str | None = None, download: bool = True, fallback: bool = T
     The fallback applies only when no ``data_dir`` was named: data the user pointed at is
     never silently replaced by other data.
     """
-    import torchvision
-
     root = Path(data_dir).expanduser() if data_dir else default_data_dir() / "mnist"
     if _usable(root, MNIST_LAYOUTS, explicit=data_dir is not None):
         return load_idx_dataset("mnist", root, MNIST_CLASSES, MNIST_LAYOUTS)
     looked = f"no idx files ({_FILE_LIST}) in {root} or {root / 'MNIST/raw'}"
     if download:
+        import torchvision  # only to download: importing it takes a second
+
         error = _download(torchvision.datasets.MNIST, root)
         if error is None:
             dataset = load_idx_dataset("mnist", root, MNIST_CLASSES, MNIST_LAYOUTS)
@@ -165,17 +169,17 @@ def _stratified_split(
 @register_dataset("fashion-mnist")
 def fashion_mnist(data_dir: str | None = None, download: bool = True) -> Dataset:
     """Full Fashion-MNIST (60k/10k) from idx files (data_dir, cache, Debian's package) or a download."""
-    import torchvision
-
     cache = default_data_dir() / "fashion-mnist"
     folders = [Path(data_dir).expanduser()] if data_dir else [cache]
     folders.append(DEBIAN_FASHION_DIR)
-    classes = list(torchvision.datasets.FashionMNIST.classes)
+    classes = list(FASHION_CLASSES)
     for i, folder in enumerate(folders):
         if _usable(folder, FASHION_LAYOUTS, explicit=data_dir is not None and i == 0):
             return load_idx_dataset("fashion-mnist", folder, classes, FASHION_LAYOUTS)
     looked = f"no idx files ({_FILE_LIST}) in {', '.join(str(f) for f in folders)}"
     if download:
+        import torchvision
+
         error = _download(torchvision.datasets.FashionMNIST, folders[0])
         if error is None:
             dataset = load_idx_dataset("fashion-mnist", folders[0], classes, FASHION_LAYOUTS)

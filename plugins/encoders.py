@@ -22,7 +22,6 @@ import itertools
 import math
 from typing import Any
 
-import torchvision
 from torch import nn
 
 from metriclab.errors import MetricLabError
@@ -85,6 +84,8 @@ def resnet18(*, embedding_dim: int, input_shape: tuple[int, int, int], pretraine
     ``pretrained=True`` loads torchvision's ImageNet weights (needs a network the first time);
     the replaced stem and head start from scratch either way.
     """
+    import torchvision  # imported here: it takes a second that commands which build no model need not pay
+
     _check(embedding_dim, input_shape)
     weights = torchvision.models.ResNet18_Weights.DEFAULT if pretrained else None
     model = torchvision.models.resnet18(weights=weights)
@@ -138,6 +139,8 @@ def _timm_models() -> list[str]:
 
 
 def _torchvision_models() -> list[str]:
+    import torchvision
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -253,6 +256,8 @@ def torchvision_encoder(
     The classifier (the model's last ``nn.Linear``) is replaced by the head; images with fewer than three
     channels are repeated to three, as the library's models expect.
     """
+    import torchvision
+
     _choose_weights("torchvision", model_name, pretrained, weights)
     enum = torchvision.models.get_model_weights(model_name).DEFAULT
     try:

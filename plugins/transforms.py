@@ -9,11 +9,13 @@ transform's job: the network standardises its input per channel (see ``docs/comp
 
 from __future__ import annotations
 
-import torch
-from torchvision.transforms import v2
+from typing import TYPE_CHECKING
 
 from metriclab.errors import MetricLabError
 from metriclab.registry import register_transform
+
+if TYPE_CHECKING:  # torchvision is imported where a transform is built: importing it takes a second
+    from torchvision.transforms import v2
 
 
 def _check(size: int) -> None:
@@ -26,6 +28,8 @@ def random_resized_crop(
     size: int = 224, scale: tuple[float, float] = (0.2, 1.0), flip: bool = True, color_jitter: float = 0.0
 ) -> v2.Compose:
     """Training augmentation: a random crop of ``scale`` of the area resized to ``size``, horizontal flip, jitter."""
+    from torchvision.transforms import v2
+
     _check(size)
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         raise MetricLabError(f"random-resized-crop: scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
@@ -40,6 +44,8 @@ def random_resized_crop(
 @register_transform("resize-center-crop")
 def resize_center_crop(size: int = 224, crop_fraction: float = 0.875) -> v2.Compose:
     """Test-time view: the shorter side resized to ``size / crop_fraction``, then the central ``size`` square."""
+    from torchvision.transforms import v2
+
     _check(size)
     if not 0 < crop_fraction <= 1:
         raise MetricLabError(f"resize-center-crop: crop_fraction must be in (0, 1], got {crop_fraction}")
@@ -49,5 +55,8 @@ def resize_center_crop(size: int = 224, crop_fraction: float = 0.875) -> v2.Comp
 @register_transform("resize")
 def resize(size: int = 224) -> v2.Compose:
     """The whole image squeezed to ``size`` x ``size`` (no crop; the aspect ratio changes)."""
+    import torch
+    from torchvision.transforms import v2
+
     _check(size)
     return v2.Compose([v2.Resize((size, size), antialias=True), v2.ToDtype(torch.uint8)])

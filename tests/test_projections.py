@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 from metriclab.errors import MetricLabError
-from metriclab.viz.projections import compare_projections, numba_cache_dir, project, projection_scores
+from metriclab.viz.projections import numba_cache_dir, project, projected_panel, projection_scores, side_by_side
 
 
 def blobs(n: int = 300, dims: int = 10, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -137,24 +138,26 @@ import importlib.util, json, os, sys
 from pathlib import Path
 import numba, numpy as np
 njit, config_dir = numba.njit, numba.config.CACHE_DIR
-from metriclab.viz.projections import _cache_kernels
+from metriclab.viz.projections import _prepare_kernels
 spec = importlib.util.spec_from_file_location("kernels", sys.argv[1])
 kernels = sys.modules["kernels"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(kernels)
-count = _cache_kernels([kernels], Path(sys.argv[2]))
+count = _prepare_kernels([kernels], Path(sys.argv[2]))
 kernels.total(np.arange(4.0))
 print(json.dumps({
     "count": count,
     "hits": sum(kernels.total.stats.cache_hits.values()),
     "misses": sum(kernels.total.stats.cache_misses.values()),
     "parallel": type(kernels.total_parallel._cache).__name__,
+    "nogil": [kernels.total.targetoptions.get("nogil"), kernels.total_parallel.targetoptions.get("nogil")],
     "untouched": numba.njit is njit and numba.config.CACHE_DIR == config_dir and "NUMBA_CACHE_DIR" not in os.environ,
 }))
 """
 
 
 def test_kernel_disk_cache_is_per_kernel_and_persists(tmp_path):
-    """Compiled code goes to the given directory and the next process loads it; numba's settings stay as they were."""
+    """Compiled code goes to the given directory and the next process loads it; kernels release the GIL; numba's
+    settings stay as they were."""
     module = tmp_path / "kernels.py"
     module.write_text(KERNELS)
     cache = tmp_path / "cache"
@@ -167,7 +170,8 @@ def test_kernel_disk_cache_is_per_kernel_and_persists(tmp_path):
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     first = run()
-    assert first == {"count": 1, "hits": 0, "misses": 1, "parallel": "NullCache", "untouched": True}
+    expected = {"count": 1, "hits": 0, "misses": 1, "parallel": "NullCache", "nogil": [True, True], "untouched": True}
+    assert first == expected
     assert list(cache.rglob("kernels._total-*.nbc")), "nothing was written to the cache directory"
     assert run()["hits"] == 1  # a new process loads the compiled kernel instead of compiling it
 
@@ -215,19 +219,23 @@ def test_umap_projects_high_dimensional_pixels():
 
 
 @pytest.mark.slow
-def test_compare_projections_titles_and_sources():
-    pixels, labels = blobs(150, dims=64)
+def test_side_by_side_projections_equal_one_after_another(monkeypatch):
+    """Projections run in threads give the same panels, points and scores as in one thread, in the order asked."""
+    pixels, labels = blobs(400, dims=64)
     embedding = pixels[:, :8] * 0.5
-    panels = compare_projections(pixels, embedding, labels)
-    assert [p.title for p in panels] == [
-        "UMAP of raw pixels (64-D)",
-        "UMAP of learned embedding (8-D)",
-        "PCA of learned embedding (8-D)",
-    ]
-    assert all(p.points.shape == (150, 2) and p.seconds > 0 for p in panels)
-    assert panels[0].high_dim is not None and panels[0].high_dim.shape == (150, 64)
-    flat = compare_projections(pixels, embedding[:, :2], labels)
-    assert [p.title for p in flat] == ["UMAP of raw pixels (64-D)", "Learned embedding (2-D)"]
-    assert np.allclose(flat[1].points, embedding[:, :2])
-    with pytest.raises(MetricLabError, match="same samples"):
-        compare_projections(pixels, embedding[:100], labels)
+    jobs = [("pixels", pixels, "umap"), ("embedding", embedding, "umap"), ("pca", embedding, "pca")]
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    with side_by_side(len(jobs)) as pool:
+        assert not isinstance(pool, ThreadPoolExecutor)
+        alone = [pool.submit(projected_panel, *job, labels, 0).result() for job in jobs]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with side_by_side(len(jobs)) as pool:
+        assert isinstance(pool, ThreadPoolExecutor)
+        futures = [pool.submit(projected_panel, *job, labels, 0) for job in jobs]
+        together = [future.result() for future in futures]
+    assert [p.title for p in together] == ["pixels", "embedding", "pca"]
+    for one, other in zip(alone, together, strict=True):
+        assert np.array_equal(one.points, other.points) and one.scores == other.scores
+        assert one.points.shape == (400, 2) and one.seconds > 0 and one.scores["knn_accuracy"] > 0.9
+    with side_by_side(1) as pool, pytest.raises(MetricLabError, match="at least 4"):
+        pool.submit(projected_panel, "few", pixels[:3], "umap", None, 0).result()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -315,63 +314,75 @@ def compare_runs(
     (None where nothing was projected), ``silhouette``.
     """
     from metriclab.viz import plots
-    from metriclab.viz.projections import Panel, project, projection_scores
+    from metriclab.viz.projections import Panel, numba_cache_dir, projected_panel, projection_scores, side_by_side
 
     if not runs:
         raise MetricLabError("pass at least one run directory to compare")
     if max_points < 10:
         raise MetricLabError(f"--max-points must be at least 10, got {max_points}")
     loaded = [(run, run_embeddings(run)[0]["test"]) for run in runs]
-    first_run, (_, labels) = loaded[0]
+    first_run, (_, all_labels) = loaded[0]
     for run, (_, other) in loaded[1:]:
-        if not np.array_equal(other, labels):
+        if not np.array_equal(other, all_labels):
             raise MetricLabError(
-                f"{run.path} was tested on other data than {first_run.path} ({len(other)} vs {len(labels)} test "
+                f"{run.path} was tested on other data than {first_run.path} ({len(other)} vs {len(all_labels)} test "
                 "labels); compare runs trained on the same dataset, or compare them one at a time"
             )
-    dataset = run_dataset(first_run)
-    if not np.array_equal(split_labels(dataset, "test").numpy(), labels):
-        raise MetricLabError(
-            f"the test embeddings of {first_run.path} do not match dataset '{dataset.name}' as it loads now; "
-            f"re-embed them with `metriclab evaluate {first_run.path} --reembed`"
-        )
     rng = np.random.default_rng(seed)
-    subset = np.sort(rng.choice(len(labels), max_points, replace=False)) if len(labels) > max_points else None
+    n = len(all_labels)
+    subset = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else None
     pick = (lambda a: a[subset]) if subset is not None else (lambda a: a)
-    labels = pick(labels)
-
-    def timed(name: str, view: str, title: str, x: np.ndarray, method: str) -> tuple[str, str, Panel]:
-        log.info("%s: %s of %d points", name, view, len(x))
-        start = time.perf_counter()
-        points = project(x, method, seed=seed)
-        return name, view, Panel(title, points, time.perf_counter() - start, high_dim=x)
-
-    _load_umap()  # before the clock starts: the seconds are the projections' own
-    pixels, what = _pixels(dataset, subset if subset is not None else np.arange(len(labels)))
-    dims = pixels.shape[1]
-    shown = [timed(what, f"UMAP of {dims}-D", f"UMAP of {what} ({dims}-D)", pixels, "umap")]
+    labels = pick(all_labels)
+    # (run, view, a Panel or the (title, points, method) to project), in the figure's order after the pixels.
+    views: list[tuple[str, str, Any]] = []
     for run, (emb, _) in loaded:
         emb, how = _for_metric(pick(emb), run_recipe(run).metric)
         dims = emb.shape[1]
         if dims == 2:  # the learned plane itself; a projection would only rotate it
-            shown.append((run.name, "learned 2-D", Panel(f"{run.name}\nlearned 2-D embedding", emb, 0.0)))
+            panel = Panel(f"{run.name}\nlearned 2-D embedding", emb, 0.0)
+            panel.scores = projection_scores(emb, labels, seed=seed)
+            views.append((run.name, "learned 2-D", panel))
         else:
             for method in ("umap", "pca"):
                 view = f"{method.upper()} of {how}{dims}-D"
-                shown.append(timed(run.name, view, f"{run.name}\n{view} learned embedding", emb, method))
+                views.append((run.name, view, (f"{run.name}\n{view} learned embedding", emb, method)))
+    umaps = 1 + sum(1 for *_, task in views if isinstance(task, tuple) and task[2] == "umap")
+    log.info(
+        "projecting %d points (the first UMAP ever compiles numba kernels, ~30-60 s, cached in %s)",
+        len(labels),
+        numba_cache_dir(),
+    )
+    with side_by_side(umaps) as pool:
+        # The embeddings are on hand: their projections start while the dataset's pixels load.
+        pending = [
+            (name, view, task if isinstance(task, Panel) else pool.submit(projected_panel, *task, labels, seed))
+            for name, view, task in views
+        ]
+        dataset = run_dataset(first_run)
+        if not np.array_equal(split_labels(dataset, "test").numpy(), all_labels):
+            raise MetricLabError(
+                f"the test embeddings of {first_run.path} do not match dataset '{dataset.name}' as it loads "
+                f"now; re-embed them with `metriclab evaluate {first_run.path} --reembed`"
+            )
+        pixels, what = _pixels(dataset, subset if subset is not None else np.arange(n))
+        dims = pixels.shape[1]
+        title = f"UMAP of {what} ({dims}-D)"
+        pending.insert(
+            0, (what, f"UMAP of {dims}-D", pool.submit(projected_panel, title, pixels, "umap", labels, seed))
+        )
+        log.info("projecting and scoring %d views", len(pending))
+        shown = [(name, view, job if isinstance(job, Panel) else job.result()) for name, view, job in pending]
     rows, scores = [], []
     for name, view, panel in shown:
-        log.info("scoring %s: %s", name, view)
-        score = projection_scores(panel.points, labels, high_dim=panel.high_dim, seed=seed)
-        scores.append(score)
+        scores.append(panel.scores)
         rows.append(
             {
                 "run": name,
                 "projection": view,
                 "seconds": round(panel.seconds, 3) if panel.seconds > 0 else None,
-                "knn_accuracy": score["knn_accuracy"],
-                "trustworthiness": score.get("trustworthiness"),
-                "silhouette": score["silhouette"],
+                "knn_accuracy": panel.scores["knn_accuracy"],
+                "trustworthiness": panel.scores.get("trustworthiness"),
+                "silhouette": panel.scores["silhouette"],
             }
         )
     path = Path(output) if output is not None else first_run.path / "figures" / "compare.png"

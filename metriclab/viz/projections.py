@@ -10,10 +10,14 @@ Only the first process pays the compile, and `make setup` pays it at set-up (:fu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -43,13 +47,15 @@ LARGE_DATA_EPOCHS = 200
 class Panel:
     """One projection to show: its title, the (n, 2) points, and the seconds it took to compute.
 
-    ``high_dim`` is the array the points were projected from (for :func:`projection_scores`).
+    ``high_dim`` is the array the points were projected from (for :func:`projection_scores`);
+    ``scores`` are those scores once computed (:func:`projected_panel` does).
     """
 
     title: str
     points: np.ndarray
     seconds: float
     high_dim: np.ndarray | None = field(default=None, repr=False)
+    scores: dict[str, float] | None = None
 
 
 def numba_cache_dir() -> Path:
@@ -82,52 +88,69 @@ def _disk_cache(root: Path) -> type:
     return Cache
 
 
-def _cache_kernels(modules: list[ModuleType], root: Path) -> int:
-    """Give every numba kernel defined in ``modules`` a disk cache under ``root``; returns how many got one.
+def _prepare_kernels(modules: list[ModuleType], root: Path | None) -> int:
+    """Make every numba kernel defined in ``modules`` release the GIL and, given ``root``, cache it on disk there.
 
-    umap declares its kernels with plain ``@numba.njit(...)``, without ``cache=True``. Each kernel (a numba
-    dispatcher) gets its own cache object here, before its first compile; numba's global config, ``numba.njit``
-    and the environment stay as they are. numba's cache key ignores compile flags, and umap builds a serial
-    and a parallel kernel from one function, so only one of such twins is cached: the serial one, which a
-    seeded UMAP runs. Kernels compiled at import (explicit signatures) are left alone.
+    umap declares its kernels with plain ``@numba.njit(...)``: without ``cache=True``, and holding the GIL, so
+    two projections in two threads would take turns. Each kernel (a numba dispatcher) is changed here before
+    its first compile; numba's global config, ``numba.njit`` and the environment stay as they are. numba's
+    cache key ignores compile flags, and umap builds a serial and a parallel kernel from one function, so only
+    one of such twins is cached: the serial one, which a seeded UMAP runs. Kernels compiled at import
+    (explicit signatures) are left alone. Returns how many kernels were changed.
     """
     from numba.core.dispatcher import Dispatcher
 
-    cache = _disk_cache(root)
     kernels: dict[object, Dispatcher] = {}
     for module in modules:
         for value in list(vars(module).values()):
             if not isinstance(value, Dispatcher) or value.overloads or value.py_func.__module__ != module.__name__:
                 continue
+            value.targetoptions["nogil"] = True
             twin = kernels.get(value.py_func)
             if twin is None or (twin.targetoptions.get("parallel") and not value.targetoptions.get("parallel")):
                 kernels[value.py_func] = value
-    for kernel in kernels.values():
-        kernel._cache = cache(kernel.py_func)
+    if root is not None:
+        cache = _disk_cache(root)
+        for kernel in kernels.values():
+            kernel._cache = cache(kernel.py_func)
     return len(kernels)
+
+
+_IMPORTING = threading.Lock()
 
 
 def import_umap() -> ModuleType:
     """The ``umap`` module, its numba kernels cached on disk so that only the first process compiles them.
 
     The cache lives in ``$NUMBA_CACHE_DIR`` when that is set, else in :func:`numba_cache_dir`; where neither
-    is writable the kernels compile in every process. Nothing outside umap's (and pynndescent's) kernels changes.
+    is writable the kernels compile in every process. The kernels release the GIL (:func:`side_by_side`).
+    Nothing outside umap's (and pynndescent's) kernels changes, except that umap's own UserWarnings (notices
+    about small inputs and skipped features the user cannot act on) are not shown.
     """
+    with _IMPORTING:  # threads of side_by_side may ask at once; the second waits for the first's kernels
+        return _import_umap()
+
+
+def _import_umap() -> ModuleType:
     if "umap" in sys.modules:
         return sys.modules["umap"]
     before = set(sys.modules)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # import-time deprecation noise from umap's dependencies
         import umap
-    cache = Path(os.environ.get("NUMBA_CACHE_DIR") or numba_cache_dir())
+    # A filter, not catch_warnings around each fit: projections run in threads, and catch_warnings swaps
+    # process-wide state that concurrent threads would restore out of order.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"umap(\.|$)")
+    # Kernels compiled without releasing the GIL were cached flat in the directory by earlier versions.
+    cache = Path(os.environ.get("NUMBA_CACHE_DIR") or numba_cache_dir()) / "nogil"
     try:
         cache.mkdir(parents=True, exist_ok=True)
         usable = os.access(cache, os.W_OK)
     except OSError:
         usable = False
-    if usable:
-        new = [sys.modules[name] for name in sorted(set(sys.modules) - before)]
-        _cache_kernels([m for m in new if m is not None and m.__name__.split(".")[0] in ("umap", "pynndescent")], cache)
+    new = [sys.modules[name] for name in sorted(set(sys.modules) - before)]
+    ours = [m for m in new if m is not None and m.__name__.split(".")[0] in ("umap", "pynndescent")]
+    _prepare_kernels(ours, cache if usable else None)
     return umap
 
 
@@ -201,9 +224,7 @@ def project(embeddings: np.ndarray, method: str = "umap", seed: int = 0, n_compo
         n_jobs=1,
         precomputed_knn=knn,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # small-n spectral-init and numba notices the user cannot act on
-        return reducer.fit_transform(x).astype(np.float32)
+    return reducer.fit_transform(x).astype(np.float32)
 
 
 def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, None]:
@@ -214,32 +235,52 @@ def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, None]:
     return indices.astype(np.int32), distances.astype(np.float32), None
 
 
-def _timed(title: str, x: np.ndarray, method: str, seed: int) -> Panel:
+def projected_panel(title: str, x: np.ndarray, method: str, labels: np.ndarray | None = None, seed: int = 0) -> Panel:
+    """A :class:`Panel` of ``project(x, method, seed)`` with its seconds and, given ``labels``, its scores.
+
+    The unit of work of :func:`side_by_side`.
+    """
     start = time.perf_counter()
     points = project(x, method, seed=seed)
-    return Panel(title, points, time.perf_counter() - start, high_dim=x)
+    seconds = time.perf_counter() - start
+    scores = None if labels is None else projection_scores(points, labels, high_dim=x, seed=seed)
+    return Panel(title, points, seconds, high_dim=x, scores=scores)
 
 
-def compare_projections(pixels: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[Panel]:
-    """Panels comparing the learned embedding with an unsupervised UMAP of the raw pixels.
+class _InProcess(Executor):
+    """An executor that runs each call at once in this thread (where a second thread would have no core)."""
 
-    Always UMAP of the pixels; then the embedding itself when it is 2-D, otherwise UMAP and PCA of it
-    (PCA of a 2-D embedding would only rotate it). The first UMAP in a process includes numba's load time.
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future, as a pool would
+            future.set_exception(err)
+        return future
+
+
+@contextlib.contextmanager
+def side_by_side(projections: int) -> Iterator[Executor]:
+    """An executor for :func:`projected_panel` calls that runs up to ``projections`` of them at once.
+
+    A seeded UMAP (the reproducible kind) runs on one core, in numba kernels that release the GIL
+    (:func:`import_umap`), and sklearn's neighbour search and BLAS release it too, so independent projections
+    run in threads, one per core up to one per projection. With one core they run in the calling thread.
+    The results are the same either way: each projection is seeded on its own.
     """
-    pixels, embeddings = _as_matrix(pixels, "pixels"), _as_matrix(embeddings, "embeddings")
-    if not len(pixels) == len(embeddings) == len(np.asarray(labels)):
-        raise MetricLabError(
-            f"pixels ({len(pixels)}), embeddings ({len(embeddings)}) and labels ({len(np.asarray(labels))}) "
-            "must describe the same samples; pass the same split for all three"
-        )
-    dims = embeddings.shape[1]
-    panels = [_timed(f"UMAP of raw pixels ({pixels.shape[1]}-D)", pixels, "umap", seed)]
-    if dims == 2:
-        panels.append(Panel("Learned embedding (2-D)", embeddings.copy(), 0.0, high_dim=embeddings))
-    else:
-        panels.append(_timed(f"UMAP of learned embedding ({dims}-D)", embeddings, "umap", seed))
-        panels.append(_timed(f"PCA of learned embedding ({dims}-D)", embeddings, "pca", seed))
-    return panels
+    # umap (and the BLAS and OpenMP libraries it loads) first: threadpool_limits only reaches libraries already
+    # loaded, and OpenBLAS called with several threads from inside sklearn's OpenMP loops warns that it may hang.
+    import_umap()
+    workers = min(projections, os.cpu_count() or 1)
+    if workers < 2:
+        yield _InProcess()
+        return
+    from threadpoolctl import threadpool_limits
+
+    # BLAS and OpenMP pools are per process: share the cores among the threads instead of each asking for all.
+    with threadpool_limits(max(1, (os.cpu_count() or 1) // workers)):
+        with ThreadPoolExecutor(workers, thread_name_prefix="projection") as pool:
+            yield pool
 
 
 def projection_scores(
