@@ -93,7 +93,7 @@ class Recipe:
     epochs: int = 5
     max_steps: int | None = None
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # no, bf16, fp16, or auto: bf16 where the device computes it natively
     gradient_accumulation_steps: int = 1
     compile: bool = False
     cuda_graphs: bool = True  # on a GPU, replay steady training steps from a CUDA graph where possible
@@ -157,7 +157,7 @@ class Recipe:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise MetricLabError(f"lr must be a finite number > 0, got {self.lr!r}; pass e.g. --lr 0.001")
         choices = {
-            "mixed_precision": ("no", "fp16", "bf16"),
+            "mixed_precision": ("no", "fp16", "bf16", "auto"),
             "on_nonfinite": ("stop", "skip"),
             "metric": ("euclidean", "cosine"),
         }

@@ -125,3 +125,25 @@ def test_gradient_accumulation_updates_the_weights_every_nth_step(tmp_path, step
     load_weights(trained, run / "model.safetensors")
     weights = [(a, b) for a, b in zip(initial.towers.parameters(), trained.towers.parameters(), strict=True)]
     assert any(not torch.equal(a, b) for a, b in weights) == updated
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-units", "no-bf16-units"])
+def test_auto_mixed_precision_records_what_ran(tmp_path, monkeypatch, native):
+    """--mixed-precision auto trains in bf16 only where the device has bf16 units; config.json says which."""
+    from metriclab.training import engine
+
+    monkeypatch.setattr(engine, "native_bf16", lambda cpu: native)
+    out = tmp_path / "run"
+    main_in_process("mnist_siamese.py", *TINY, "--epochs", "1", "--mixed-precision", "auto", "--output-dir", str(out))
+    assert read_json(out / "config.json")["recipe"]["mixed_precision"] == ("bf16" if native else "no")
+
+
+def test_native_bf16_asks_the_cpu(monkeypatch):
+    import torch
+
+    from metriclab.training.engine import native_bf16
+
+    for amx, avx512_bf16 in itertools.product([True, False], repeat=2):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert native_bf16(cpu=True) is (amx or avx512_bf16)

@@ -97,7 +97,21 @@ def train(recipe: Recipe) -> Path:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def native_bf16(cpu: bool) -> bool:
+    """Whether training runs on a device with native bfloat16 matrix units.
+
+    A CUDA GPU that supports bf16, or a CPU with AMX or AVX512-BF16 (a Xeon since Sapphire Rapids or Cooper
+    Lake, an AMD Zen 4): autocast there halves a ConvNet step; on other CPUs bf16 is emulated, and slower.
+    """
+    if not cpu and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
 def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) -> Path:
+    if recipe.mixed_precision == "auto":  # resolved here, so config.json records the precision that ran
+        recipe = replace(recipe, mixed_precision="bf16" if native_bf16(cpu) else "no")
     try:
         accelerator = Accelerator(
             cpu=cpu,
