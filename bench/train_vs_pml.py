@@ -26,6 +26,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench.measure import ROOT, WORK, emit, fmt, median, peak_rss_mib, run_child
 
 RECIPE_FILE = ROOT / "recipes" / "fashion_mnist_triplet.py"
+# What pml's documented loop trains with: where a recipe races that loop for equal work, it is pinned to these
+# (the reference recipe itself warms up, decays its rate and uses bf16 where the CPU or GPU has it).
+PML_SETTINGS = {"lr": 1e-3, "scheduler": None, "warmup_steps": 0, "mixed_precision": "no"}
 # Written by the last full-size metriclab run; the eval and compare benchmarks reuse it.
 TRAINED_RUN = WORK / "fashion-mnist-run"
 
@@ -84,8 +87,11 @@ def run_pml(
     device: str = "cpu",
     epochs: int = 1,
     dataset_args: dict[str, Any] | None = None,
+    stop_at: float | None = None,
 ) -> dict[str, Any]:
     """``epochs`` (default one) of pytorch-metric-learning's documented MNIST loop, with metriclab's recipe and model.
+
+    With ``stop_at`` (and ``eval_every``), training stops at the first scored test precision@1 at or above it.
 
     Reproduces examples/notebooks/TripletMarginLossMNIST.ipynb of KevinMusgrave/pytorch-metric-learning
     (its `train` function and set-up cell): torchvision dataset with per-sample
@@ -150,6 +156,8 @@ def run_pml(
                 curve.append((paused - start, batch_idx + 1, p1))
                 model.train()
                 start += time.perf_counter() - paused
+                if stop_at is not None and p1 >= stop_at:
+                    break
             if max_steps is not None and batch_idx + 1 >= max_steps:  # --quick only
                 break
         if device != "cpu":
@@ -209,10 +217,12 @@ def run_metriclab(
     eval_every: int = 0,
     recipe_path: Path = RECIPE_FILE,
     epochs: int | None = 1,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A recipe (one epoch of recipes/fashion_mnist_triplet.py by default) through ``metriclab.training.train``.
 
-    ``batch_size`` and ``epochs`` of None keep the recipe's own (its schedule spans its own epochs).
+    ``batch_size`` and ``epochs`` of None keep the recipe's own (its schedule spans its own epochs);
+    ``overrides`` (e.g. ``PML_SETTINGS``) replace recipe fields.
     """
     import json
 
@@ -235,6 +245,7 @@ def run_metriclab(
         # a checkpoint every eval_every steps, scored after training (the engine's clock excludes writing them)
         checkpoint_every=eval_every,
         keep_checkpoints=10_000,
+        **(overrides or {}),
     )
     start = time.perf_counter()
     run_dir = train(recipe)
@@ -323,7 +334,7 @@ def run(quick: bool = False, repeats: int | None = None, reuse: bool = False, lo
                 args += ["--batch-size", str(case.batch_size), "--eval-every", str(case.eval_every)]
                 args += ["--max-steps", "3"] if quick else []
                 if impl == "metriclab":
-                    args += ["--output-dir", str(out)]
+                    args += ["--output-dir", str(out), "--pml-settings"]
                 result = run_child(args, log=log, inline=quick, reuse=reuse)
                 rows[impl].append(result)
         results[case.dataset] = rows
@@ -426,14 +437,33 @@ def work(argv: list[str] | None = None) -> dict[str, Any]:
     worker.add_argument("--eval-every", type=int, default=0, help="score test precision@1 every N steps (0: never)")
     worker.add_argument("--recipe", type=Path, default=RECIPE_FILE, help="metriclab's recipe file")
     worker.add_argument("--epochs", type=int, default=1, help="epochs to train (0: the recipe's own)")
+    worker.add_argument("--stop-at", type=float, default=None, help="pml: stop at this scored test precision@1")
+    worker.add_argument("--pml-settings", action="store_true", help="metriclab: train with pml's lr, schedule, fp32")
     args = parser.parse_args(argv)
     if args.impl == "pml":
         epochs = args.epochs or 1
-        return run_pml(args.dataset, args.seed, args.batch_size, args.max_steps, args.eval_every, epochs=epochs)
+        return run_pml(
+            args.dataset,
+            args.seed,
+            args.batch_size,
+            args.max_steps,
+            args.eval_every,
+            epochs=epochs,
+            stop_at=args.stop_at,
+        )
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="metriclab-bench-")) / "run"
     batch = args.batch_size or None
+    overrides = PML_SETTINGS if args.pml_settings else None
     return run_metriclab(
-        args.dataset, args.seed, out, batch, args.max_steps, args.eval_every, Path(args.recipe), args.epochs or None
+        args.dataset,
+        args.seed,
+        out,
+        batch,
+        args.max_steps,
+        args.eval_every,
+        Path(args.recipe),
+        args.epochs or None,
+        overrides,
     )
 
 

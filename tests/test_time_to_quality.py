@@ -46,6 +46,13 @@ def test_quick_ttq_benchmark_writes_its_section(tmp_path, monkeypatch):
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[2] == "not reached" or re.fullmatch(r"\d+\.\d \(\d+\)", cells[2]), row
         assert 0 <= float(cells[4]) <= 1 and float(cells[3].replace(",", "")) >= 0  # a number (quick runs take ~0 s)
-    # Every contender was scored at each of its three steps, so each has a curve.
-    curves = [line for line in section.splitlines() if line.startswith("- ")]
-    assert len(curves) == 3 and all(line.count(" s / ") == 3 for line in curves), section
+    # The recipes were scored at each of their three steps; pml's loop stops at its first score at or above
+    # the target, so its curve ends there: at step 1 when it got there at once, with 3 points when it never did.
+    curves = {line.split(":")[0]: line for line in section.splitlines() if line.startswith("- ")}
+    assert len(curves) == 3, section
+    for name, line in curves.items():
+        points = [float(p1) for p1 in re.findall(r" s / ([0-9.]+)", line)]
+        if "pytorch-metric-learning" in name:
+            assert points and (points[-1] >= 0.3 or len(points) == 3) and all(p < 0.3 for p in points[:-1]), line
+        else:
+            assert len(points) == 3, line
