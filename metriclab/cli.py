@@ -696,7 +696,7 @@ def export(
         spec = check_inputs or f"{model.run.config.get('recipe', {}).get('dataset')}:test"
         items = model.inputs(spec)
         count = min(len(items), 64)
-        images = items.batches(model.input_shape, count)(0, count)
+        images = items.batches(model.input_shape, model.transform)(0, count)
         result = export_model(model, path, fmt, images)
     if as_json:
         print(json.dumps(result, indent=2))

@@ -432,3 +432,31 @@ def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
     with pytest.raises(MetricLabError) as err:
         list(ImageSource(data, "train", num_workers=1)([torch.arange(len(data.train))]))
     assert data.train.paths[0] in str(err.value) and "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_files_embed_through_the_run_s_own_test_transform(tree, tmp_path):
+    """``load_model(run).embed(files)`` of a run trained on files embeds them as its evaluation did."""
+    import metriclab
+    from metriclab.inference import run_dataset
+    from metriclab.training.engine import train
+
+    recipe = twin_recipe(
+        tmp_path / "run",
+        dataset="image-folder",
+        data_dir=str(tree),
+        dataset_args={"split": "images"},
+        image_size=16,
+        train_transform=None,
+        test_transform=None,  # the defaults: random-resized-crop and resize-center-crop
+        epochs=1,
+        embed_train=False,
+    )
+    run = Run(train(recipe))
+    saved, labels = run.embeddings("test")
+    files = run_dataset(run).test.paths  # the order of the saved embeddings
+    model = metriclab.load_model(run.path, device="cpu")
+    assert model.preprocessing["image_files"]["test_transform"]["name"] == "resize-center-crop"
+    np.testing.assert_allclose(model.embed(list(files)), saved, rtol=1e-4, atol=1e-5)
+    # A plain resize of the whole picture to 16x16 (what a run trained on arrays does) would embed them otherwise.
+    model.transform = None
+    assert not np.allclose(model.embed(list(files)), saved, rtol=1e-4, atol=1e-5)

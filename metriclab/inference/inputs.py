@@ -9,7 +9,10 @@ reading the pixels, so a folder of a million images streams through :func:`load_
 from __future__ import annotations
 
 import csv
+import functools
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,35 +26,67 @@ EMBEDDING_SUFFIXES = (".npz", ".parquet")
 # open-metric-learning's dataset CSV: required and optional columns
 CSV_REQUIRED = ("label", "path")
 CSV_OPTIONAL = ("split", "is_query", "is_gallery", "category")
+DECODERS = 8  # threads decoding a batch of image files (at most one per core)
 
 
-def load_images(paths: Sequence[str | Path], input_shape: Sequence[int]) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` of image files: converted to grey (C=1) or RGB (C=3) and resized to H x W (bilinear)."""
-    from PIL import Image, UnidentifiedImageError
+def load_images(
+    paths: Sequence[str | Path],
+    input_shape: Sequence[int],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` of image files, decoded on threads.
 
+    With ``transform`` (a streamed run's test-time transform), each file is decoded as the run's dataset
+    decoded it and transformed; without, it is converted to grey (C=1) or RGB (C=3) and resized to H x W
+    (bilinear), as for runs trained on arrays.
+    """
     channels, height, width = (int(s) for s in input_shape)
-    modes = {1: "L", 3: "RGB"}
-    if channels not in modes:
+    if channels not in (1, 3):
         raise MetricLabError(
             f"the model takes {channels}-channel images, which image files cannot provide; "
             "pass (N, C, H, W) uint8 arrays to embed() instead"
         )
-    out = torch.empty((len(paths), channels, height, width), dtype=torch.uint8)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                image = image.convert(modes[channels])
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.uint8)
-        except FileNotFoundError as err:
-            raise MetricLabError(f"image {path} does not exist; check the path") from err
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise MetricLabError(
-                f"{path} is not a readable image ({err}); pass PNG, JPEG or another PIL format"
-            ) from err
-        out[i] = torch.from_numpy(pixels.reshape(height, width, channels).transpose(2, 0, 1).copy())
+    shape = (channels, height, width)
+    out = torch.empty((len(paths), *shape), dtype=torch.uint8)
+    read = functools.partial(_transformed if transform is not None else _resized, shape=shape, transform=transform)
+    # Decoding (libjpeg, libpng, Pillow) releases the GIL, so threads decode a batch side by side.
+    with ThreadPoolExecutor(max(1, min(DECODERS, os.cpu_count() or 1, len(paths)))) as pool:
+        for i, image in enumerate(pool.map(read, paths)):
+            out[i] = image
     return out
+
+
+def _resized(path: str | Path, shape: tuple[int, int, int], transform: None = None) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = shape
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except FileNotFoundError as err:
+        raise MetricLabError(f"image {path} does not exist; check the path") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise MetricLabError(f"{path} is not a readable image ({err}); pass PNG, JPEG or another PIL format") from err
+    return torch.from_numpy(pixels.reshape(height, width, channels).transpose(2, 0, 1).copy())
+
+
+def _transformed(
+    path: str | Path, shape: tuple[int, int, int], transform: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    from metriclab.data.images import decode
+
+    if not Path(path).is_file():
+        raise MetricLabError(f"image {path} does not exist; check the path")
+    image = transform(decode(str(path), shape[0]))
+    if tuple(image.shape) != shape or image.dtype != torch.uint8:
+        raise MetricLabError(
+            f"the run's test transform made {path} a {image.dtype} {tuple(image.shape)} image, not uint8 {shape}; "
+            "check the transform plugin"
+        )
+    return image
 
 
 def check_images(images: torch.Tensor | np.ndarray, input_shape: Sequence[int]) -> torch.Tensor:
@@ -89,12 +124,14 @@ class Inputs:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def batches(self, input_shape: Sequence[int], batch_size: int) -> Callable[[int, int], torch.Tensor]:
-        """A function ``(start, stop) -> uint8 images`` of items ``start:stop``."""
+    def batches(
+        self, input_shape: Sequence[int], transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Callable[[int, int], torch.Tensor]:
+        """A function ``(start, stop) -> uint8 images`` of items ``start:stop`` (files through :func:`load_images`)."""
         if self.images is not None:
             images = check_images(self.images, input_shape)
             return lambda start, stop: images[start:stop]
-        return lambda start, stop: load_images(self.paths[start:stop], input_shape)
+        return lambda start, stop: load_images(self.paths[start:stop], input_shape, transform)
 
 
 def _typed(labels: list[str]) -> np.ndarray:

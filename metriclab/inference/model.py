@@ -20,9 +20,11 @@ Progress = Callable[[int, int], None]
 class EmbeddingModel:
     """A run's network with its preprocessing: image files or uint8 arrays in, float32 embeddings out.
 
-    Preprocessing (also written into exported files): image files are converted to grey (1 channel)
-    or RGB (3) and resized to the run's H x W (bilinear); uint8 pixels are divided by 255 and
-    standardised by the per-channel mean and std saved with the weights (inside :attr:`network`).
+    Preprocessing (also written into exported files): image files of a run trained on streamed files go
+    through the run's own test-time transform (:attr:`transform`, as recorded in config.json), so a file
+    embeds as the run's evaluation embedded it; for other runs they are converted to grey (1 channel) or
+    RGB (3) and resized to the run's H x W (bilinear). uint8 pixels are divided by 255 and standardised
+    by the per-channel mean and std saved with the weights (inside :attr:`network`).
     """
 
     def __init__(self, run: Run, network: torch.nn.Module, input_shape: tuple[int, ...], metric: str) -> None:
@@ -31,6 +33,12 @@ class EmbeddingModel:
         self.input_shape = input_shape
         self.metric = metric
         self.embedding_dim = int(run_recipe(run).embedding_dim)
+        self.test_transform = run.config.get("dataset", {}).get("transforms", {}).get("test")
+        self.transform = None
+        if self.test_transform:
+            from metriclab import registry
+
+            self.transform = registry.transforms.create(self.test_transform["name"], **self.test_transform["args"])
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.input_shape))
@@ -47,13 +55,16 @@ class EmbeddingModel:
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing, as JSON: what the network's input is and how image files become it."""
         network = self.network
+        height, width = self.input_shape[1:]
+        files = {"mode": "L (grey)" if self.input_shape[0] == 1 else "RGB"}
+        if self.test_transform:
+            files["test_transform"] = self.test_transform  # torchvision.transforms.v2 by name, as in training
+        else:
+            files["resize"] = f"{width}x{height} (W x H), PIL bilinear, when sizes differ"
         return {
             "input": "float32 (N, C, H, W) in [0, 1]: uint8 pixels / 255",
             "input_shape": list(self.input_shape),
-            "image_files": {
-                "mode": "L (grey)" if self.input_shape[0] == 1 else "RGB",
-                "resize": f"{self.input_shape[2]}x{self.input_shape[1]} (W x H), PIL bilinear, when sizes differ",
-            },
+            "image_files": files,
             "standardisation (inside the model)": {
                 "mean": network.input_mean.flatten().tolist(),
                 "std": network.input_std.flatten().tolist(),
@@ -82,7 +93,7 @@ class EmbeddingModel:
                     splits[spec] = self.inputs(spec).images
                 out.append(splits[spec][int(index)].numpy())
             else:
-                out.append(load_images([path], self.input_shape)[0].numpy())
+                out.append(load_images([path], self.input_shape, self.transform)[0].numpy())
         return np.stack(out)
 
     @torch.no_grad()
@@ -104,7 +115,7 @@ class EmbeddingModel:
             items = images
         else:
             items = self.inputs(images)
-        batch = items.batches(self.input_shape, batch_size)
+        batch = items.batches(self.input_shape, self.transform)
         total = len(items)
         out = np.empty((total, self.embedding_dim), dtype=np.float32)
         device = self.device

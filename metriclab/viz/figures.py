@@ -271,7 +271,8 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
     index = index[chosen]
     title = (
         f"{run.name}: top {index.shape[1]} in the {where}, {metric} distance\n"
-        f"{len(chosen)} random test queries, {failed} of them drawn from the {wrong.mean():.0%} with a wrong result"
+        f"{len(chosen)} random test queries, {failed} of them drawn from the {wrong.mean():.0%} "
+        f"with another class among their top {index.shape[1]}"
     )
     return [
         plots.retrieval_gallery(
