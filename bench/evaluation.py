@@ -9,6 +9,7 @@ run of `train_vs_pml` when it exists, else from a seeded random-but-clustered 64
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,9 +45,11 @@ def embeddings(quick: bool) -> tuple[Path, str]:
             reference=r[emb_key],
             reference_labels=r["labels"],
         )
+        recipe = json.loads((TRAINED_RUN / "config.json").read_text())["recipe"]
         source = (
             f"real embeddings: the 64-D test ({len(q['labels']):,}) and train ({len(r['labels']):,}) embeddings of "
-            f"the last metriclab Fashion-MNIST run of `train_vs_pml` (1 epoch, {TRAINED_RUN})"
+            f"the metriclab Fashion-MNIST run in {TRAINED_RUN} (recipe `{recipe['name']}`, {recipe['epochs']} "
+            "epoch(s); written by `train_vs_pml`, or put there by hand)"
         )
         return path, source
     if quick:  # tiny and well separated: proves the suite runs, with exactly equal metrics
