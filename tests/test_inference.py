@@ -140,3 +140,19 @@ def test_bad_inputs_fail_in_one_line(small_run, tmp_path):
     if not torch.cuda.is_available():
         line = one_line_error(cli("embed", small_run, "digits:test", "-o", tmp_path / "x.npz", "--device", "cuda"))
         assert "no CUDA GPU" in line
+
+
+def test_csv_crop_columns_crop_before_embedding(model, tmp_path):
+    """A dataset CSV's x_1..y_2 cut the region out first, as training on that CSV did; empty cells keep the whole."""
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8))
+    picture.save(tmp_path / "whole.png")
+    picture.crop((10, 5, 30, 15)).save(tmp_path / "cut.png")
+    table = "label,path,x_1,y_1,x_2,y_2\n0,whole.png,10,5,30,15\n1,whole.png,,,,\n"
+    (tmp_path / "data.csv").write_text(table)
+    rows = model.embed(tmp_path / "data.csv")
+    np.testing.assert_array_equal(rows, model.embed([tmp_path / "cut.png", tmp_path / "whole.png"]))
+    assert not np.allclose(rows[0], rows[1])
+    (tmp_path / "bad.csv").write_text("label,path,x_1,y_1,x_2,y_2\n0,whole.png,30,5,10,15\n")
+    with pytest.raises(MetricLabError, match=r"row 2: crop .* is not a region"):
+        model.embed(tmp_path / "bad.csv")

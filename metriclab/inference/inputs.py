@@ -26,6 +26,7 @@ EMBEDDING_SUFFIXES = (".npz", ".parquet")
 # open-metric-learning's dataset CSV: required and optional columns
 CSV_REQUIRED = ("label", "path")
 CSV_OPTIONAL = ("split", "is_query", "is_gallery", "category")
+CSV_BOX = ("x_1", "y_1", "x_2", "y_2")  # a region to crop, in pixels, as the csv dataset reads it for training
 DECODERS = 8  # threads decoding a batch of image files (at most one per core)
 
 
@@ -33,12 +34,14 @@ def load_images(
     paths: Sequence[str | Path],
     input_shape: Sequence[int],
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    boxes: np.ndarray | None = None,
 ) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` of image files, decoded on threads.
 
-    With ``transform`` (a streamed run's test-time transform), each file is decoded as the run's dataset
-    decoded it and transformed; without, it is converted to grey (C=1) or RGB (C=3) and resized to H x W
-    (bilinear), as for runs trained on arrays.
+    ``boxes`` (int64 ``(N, 4)``: x1, y1, x2, y2; -1 where none) crops each image first, as training on a CSV
+    with crop columns did. With ``transform`` (a streamed run's test-time transform), each file is decoded as
+    the run's dataset decoded it and transformed; without, it is converted to grey (C=1) or RGB (C=3) and
+    resized to H x W (bilinear), as for runs trained on arrays.
     """
     channels, height, width = (int(s) for s in input_shape)
     if channels not in (1, 3):
@@ -49,20 +52,25 @@ def load_images(
     shape = (channels, height, width)
     out = torch.empty((len(paths), *shape), dtype=torch.uint8)
     read = functools.partial(_transformed if transform is not None else _resized, shape=shape, transform=transform)
+    crops = [None] * len(paths) if boxes is None else [tuple(map(int, b)) if b[0] >= 0 else None for b in boxes]
     # Decoding (libjpeg, libpng, Pillow) releases the GIL, so threads decode a batch side by side.
     with ThreadPoolExecutor(max(1, min(DECODERS, os.cpu_count() or 1, len(paths)))) as pool:
-        for i, image in enumerate(pool.map(read, paths)):
+        for i, image in enumerate(pool.map(read, paths, crops)):
             out[i] = image
     return out
 
 
-def _resized(path: str | Path, shape: tuple[int, int, int], transform: None = None) -> torch.Tensor:
+def _resized(
+    path: str | Path, crop: tuple[int, ...] | None, shape: tuple[int, int, int], transform: None = None
+) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     channels, height, width = shape
     try:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")
+            if crop is not None:
+                image = image.crop(crop)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
@@ -74,13 +82,20 @@ def _resized(path: str | Path, shape: tuple[int, int, int], transform: None = No
 
 
 def _transformed(
-    path: str | Path, shape: tuple[int, int, int], transform: Callable[[torch.Tensor], torch.Tensor]
+    path: str | Path,
+    crop: tuple[int, ...] | None,
+    shape: tuple[int, int, int],
+    transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     from metriclab.data.images import decode
 
     if not Path(path).is_file():
         raise MetricLabError(f"image {path} does not exist; check the path")
-    image = transform(decode(str(path), shape[0]))
+    image = decode(str(path), shape[0])
+    if crop is not None:
+        x1, y1, x2, y2 = crop
+        image = image[:, y1:y2, x1:x2]
+    image = transform(image)
     if tuple(image.shape) != shape or image.dtype != torch.uint8:
         raise MetricLabError(
             f"the run's test transform made {path} a {image.dtype} {tuple(image.shape)} image, not uint8 {shape}; "
@@ -120,6 +135,7 @@ class Inputs:
     images: torch.Tensor | None = None
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = ""
+    boxes: np.ndarray | None = None  # int64 (N, 4) crops (x1, y1, x2, y2; -1 where none) of a CSV's x_1..y_2
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,7 +147,10 @@ class Inputs:
         if self.images is not None:
             images = check_images(self.images, input_shape)
             return lambda start, stop: images[start:stop]
-        return lambda start, stop: load_images(self.paths[start:stop], input_shape, transform)
+        boxes = self.boxes
+        return lambda start, stop: load_images(
+            self.paths[start:stop], input_shape, transform, None if boxes is None else boxes[start:stop]
+        )
 
 
 def _typed(labels: list[str]) -> np.ndarray:
@@ -174,7 +193,28 @@ def _csv(path: Path) -> Inputs:
                 columns[name] = np.array([v.strip().lower() in ("1", "true", "yes") for v in values])
             else:
                 columns[name] = np.array(values)
-    return Inputs(paths, labels, columns=columns, source=f"CSV {path}")
+    boxes = _boxes(rows, path) if all(c in header for c in CSV_BOX) else None
+    return Inputs(paths, labels, columns=columns, source=f"CSV {path}", boxes=boxes)
+
+
+def _boxes(rows: list[dict], path: Path) -> np.ndarray:
+    """int64 ``(N, 4)`` crops of the rows' x_1, y_1, x_2, y_2 cells (pixels; -1 where a row's are empty)."""
+    out = np.full((len(rows), 4), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        cells = [(row[c] or "").strip() for c in CSV_BOX]
+        if not any(cells):
+            continue
+        try:
+            x1, y1, x2, y2 = (round(float(c)) for c in cells)
+        except ValueError:
+            x1 = y1 = x2 = y2 = -1
+        if not (0 <= x1 < x2 and 0 <= y1 < y2):
+            raise MetricLabError(
+                f"{path}, row {i + 2}: crop x_1={cells[0]} y_1={cells[1]} x_2={cells[2]} y_2={cells[3]} is not a "
+                "region; give four pixel coordinates with x_1 < x_2 and y_1 < y_2, or leave all four empty"
+            )
+        out[i] = (x1, y1, x2, y2)
+    return out
 
 
 def is_dataset_split(spec: str) -> bool:
