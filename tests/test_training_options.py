@@ -147,3 +147,12 @@ def test_native_bf16_asks_the_cpu(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         assert native_bf16(cpu=True) is (amx or avx512_bf16)
+
+
+def test_one_process_trains_recipes_of_different_precisions_one_after_another(tmp_path):
+    """A notebook or script may train a float32 recipe and then a bf16 one: accelerate's state starts afresh."""
+    from metriclab.training.engine import train
+
+    for i, precision in enumerate(("no", "bf16", "no")):
+        out = train(tiny_recipe(tmp_path / f"run{i}", epochs=1, mixed_precision=precision))
+        assert read_json(out / "config.json")["recipe"]["mixed_precision"] == precision

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
 from metriclab import registry
@@ -112,6 +113,10 @@ def native_bf16(cpu: bool) -> bool:
 def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) -> Path:
     if recipe.mixed_precision == "auto":  # resolved here, so config.json records the precision that ran
         recipe = replace(recipe, mixed_precision="bf16" if native_bf16(cpu) else "no")
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # An earlier run in this process (a notebook, a script training two recipes) set accelerate's
+        # process-wide state, which refuses another precision; one process can start it afresh.
+        AcceleratorState._reset_state()
     try:
         accelerator = Accelerator(
             cpu=cpu,
