@@ -6,6 +6,8 @@ umap's kernels are not, so ``umap`` is imported lazily through :func:`import_uma
 of its kernels a disk cache in a persistent directory (``$METRICLAB_CACHE/numba`` or
 ``~/.cache/metriclab/numba``) without changing numba's settings for the rest of the process.
 Only the first process pays the compile, and `make setup` pays it at set-up (:func:`compile_umap`).
+The kernels are also compiled to release the GIL, so :func:`side_by_side` runs independent projections
+(the pixels' and each run's, in ``metriclab compare``) in threads, one per core.
 """
 
 from __future__ import annotations
