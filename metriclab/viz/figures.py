@@ -93,7 +93,7 @@ def _load_umap() -> None:
     """Import umap, saying why it may take a while (numba compiles its kernels once, then loads them from disk)."""
     from metriclab.viz.projections import import_umap, numba_cache_dir
 
-    log.info("loading UMAP (the first use compiles numba kernels, ~30-60 s, cached in %s)", numba_cache_dir())
+    log.info("loading UMAP (a machine's first use compiles numba kernels once, cached in %s)", numba_cache_dir())
     import_umap()
 
 
@@ -349,7 +349,7 @@ def compare_runs(
                 views.append((run.name, view, (f"{run.name}\n{view} learned embedding", emb, method)))
     umaps = 1 + sum(1 for *_, task in views if isinstance(task, tuple) and task[2] == "umap")
     log.info(
-        "projecting %d points (the first UMAP ever compiles numba kernels, ~30-60 s, cached in %s)",
+        "projecting %d points (a machine's first UMAP compiles numba kernels once, cached in %s)",
         len(labels),
         numba_cache_dir(),
     )
