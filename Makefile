@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	@echo "compiling UMAP's numba kernels into the cache once, so the first 'metriclab compare' need not (~30 s)"
+	@echo "compiling UMAP's numba kernels into the cache once, so no 'metriclab compare' needs to"
 	$(BIN)/python -c "from metriclab.viz.projections import compile_umap; compile_umap()"
 	touch $@
 

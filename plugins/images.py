@@ -14,14 +14,21 @@ from pathlib import Path
 
 import torch
 
-from metriclab.data.images import IMAGE_SUFFIXES, ImageFiles, StreamingDataset, checked, report_problems
+from metriclab.data.images import (
+    BOX_COLUMNS,
+    IMAGE_SUFFIXES,
+    ImageFiles,
+    StreamingDataset,
+    checked,
+    crop_box,
+    report_problems,
+)
 from metriclab.errors import MetricLabError
 from metriclab.registry import register_dataset
 
 SPLIT_RULES = ("classes", "images")
 CSV_REQUIRED = ("label", "path", "split")
 CSV_SPLITS = {"train": "train", "validation": "test"}
-BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")  # open-metric-learning's optional crop, in pixels
 _TRUE, _FALSE = {"true", "1", "yes", "t", "1.0"}, {"false", "0", "no", "f", "0.0", ""}
 
 
@@ -161,18 +168,11 @@ def _label(text: str) -> tuple[str | int | None, str | None]:
 
 def _box(row: dict, where: str, problems: list[str]) -> list[int] | None | bool:
     """``[x1, y1, x2, y2]`` of the row's crop, None without one, False (and a problem noted) if it is wrong."""
-    cells = [(row[c] or "").strip() for c in BOX_COLUMNS]
-    if not any(cells):
-        return None
     try:
-        x1, y1, x2, y2 = (round(float(c)) for c in cells)
-    except ValueError:
-        problems.append(f"{where}: crop {', '.join(cells)} (x_1, y_1, x_2, y_2) is not four numbers")
+        return crop_box(row)
+    except ValueError as err:
+        problems.append(f"{where}: {err}")
         return False
-    if not (0 <= x1 < x2 and 0 <= y1 < y2):
-        problems.append(f"{where}: crop x_1={x1} x_2={x2} y_1={y1} y_2={y2} is empty or negative")
-        return False
-    return [x1, y1, x2, y2]
 
 
 @register_dataset("csv")

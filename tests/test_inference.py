@@ -154,5 +154,5 @@ def test_csv_crop_columns_crop_before_embedding(model, tmp_path):
     np.testing.assert_array_equal(rows, model.embed([tmp_path / "cut.png", tmp_path / "whole.png"]))
     assert not np.allclose(rows[0], rows[1])
     (tmp_path / "bad.csv").write_text("label,path,x_1,y_1,x_2,y_2\n0,whole.png,30,5,10,15\n")
-    with pytest.raises(MetricLabError, match=r"row 2: crop .* is not a region"):
+    with pytest.raises(MetricLabError, match=r"row 2: crop x_1=30 x_2=10 y_1=5 y_2=15 is empty or negative; give four"):
         model.embed(tmp_path / "bad.csv")

@@ -13,7 +13,7 @@ Bad data is found before training: :func:`check_files` reads each file's header 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ import torch
 from metriclab.errors import MetricLabError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")  # open-metric-learning's optional crop of a CSV row, in pixels
 MAX_REPORTED = 20  # problems listed one per line; more are counted
 
 
@@ -123,6 +124,35 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
             ) from err
         tensor = torch.from_numpy(array.copy())
         return tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor.unsqueeze(0)
+
+
+def prepared(
+    path: str, channels: int, box: Sequence[int] | None = None, transform: Callable | None = None
+) -> torch.Tensor:
+    """The image at ``path`` as a run sees it: decoded, cut to ``box`` (x1, y1, x2, y2) if given, then transformed."""
+    image = decode(path, channels)
+    if box is not None:
+        x1, y1, x2, y2 = box
+        image = image[:, y1:y2, x1:x2]
+    return transform(image) if transform is not None else image
+
+
+def crop_box(row: Mapping[str, str | None]) -> list[int] | None:
+    """``[x1, y1, x2, y2]`` of a CSV row's crop columns (:data:`BOX_COLUMNS`), None when all four are empty.
+
+    Raises ValueError, naming the cells, when they are not four numbers or not a region
+    (``0 <= x1 < x2`` and ``0 <= y1 < y2``).
+    """
+    cells = [(row[c] or "").strip() for c in BOX_COLUMNS]
+    if not any(cells):
+        return None
+    try:
+        x1, y1, x2, y2 = (round(float(c)) for c in cells)
+    except (ValueError, OverflowError):  # not a number, NaN or infinite
+        raise ValueError(f"crop {', '.join(cells)} (x_1, y_1, x_2, y_2) is not four numbers") from None
+    if not (0 <= x1 < x2 and 0 <= y1 < y2):
+        raise ValueError(f"crop x_1={x1} x_2={x2} y_1={y1} y_2={y2} is empty or negative")
+    return [x1, y1, x2, y2]
 
 
 def unreadable(path: str) -> str | None:

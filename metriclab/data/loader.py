@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from metriclab.data.dataset import Dataset
-from metriclab.data.images import StreamingDataset, decode
+from metriclab.data.images import StreamingDataset, prepared
 from metriclab.errors import MetricLabError
 
 
@@ -32,11 +32,10 @@ class DecodedFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = decode(self.paths[index], self.channels)
-        if self.boxes is not None and self.boxes[index, 0] >= 0:  # the region of interest only
-            x1, y1, x2, y2 = self.boxes[index].tolist()
-            image = image[:, y1:y2, x1:x2]
-        return self.transform(image) if self.transform is not None else image
+        has_box = self.boxes is not None and self.boxes[index, 0] >= 0  # the region of interest only
+        return prepared(
+            self.paths[index], self.channels, self.boxes[index].tolist() if has_box else None, self.transform
+        )
 
 
 _WRAPPED = "metriclab.errors.MetricLabError: "

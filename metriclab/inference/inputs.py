@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metriclab.data.images import BOX_COLUMNS, crop_box
 from metriclab.errors import MetricLabError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
@@ -26,7 +27,6 @@ EMBEDDING_SUFFIXES = (".npz", ".parquet")
 # open-metric-learning's dataset CSV: required and optional columns
 CSV_REQUIRED = ("label", "path")
 CSV_OPTIONAL = ("split", "is_query", "is_gallery", "category")
-CSV_BOX = ("x_1", "y_1", "x_2", "y_2")  # a region to crop, in pixels, as the csv dataset reads it for training
 DECODERS = 8  # threads decoding a batch of image files (at most one per core)
 
 
@@ -51,7 +51,10 @@ def load_images(
         )
     shape = (channels, height, width)
     out = torch.empty((len(paths), *shape), dtype=torch.uint8)
-    read = functools.partial(_transformed if transform is not None else _resized, shape=shape, transform=transform)
+    if transform is not None:
+        read = functools.partial(_transformed, shape=shape, transform=transform)
+    else:
+        read = functools.partial(_resized, shape=shape)
     crops = [None] * len(paths) if boxes is None else [tuple(map(int, b)) if b[0] >= 0 else None for b in boxes]
     # Decoding (libjpeg, libpng, Pillow) releases the GIL, so threads decode a batch side by side.
     with ThreadPoolExecutor(max(1, min(DECODERS, os.cpu_count() or 1, len(paths)))) as pool:
@@ -60,9 +63,7 @@ def load_images(
     return out
 
 
-def _resized(
-    path: str | Path, crop: tuple[int, ...] | None, shape: tuple[int, int, int], transform: None = None
-) -> torch.Tensor:
+def _resized(path: str | Path, crop: tuple[int, ...] | None, shape: tuple[int, int, int]) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     channels, height, width = shape
@@ -87,15 +88,11 @@ def _transformed(
     shape: tuple[int, int, int],
     transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    from metriclab.data.images import decode
+    from metriclab.data.images import prepared
 
     if not Path(path).is_file():
         raise MetricLabError(f"image {path} does not exist; check the path")
-    image = decode(str(path), shape[0])
-    if crop is not None:
-        x1, y1, x2, y2 = crop
-        image = image[:, y1:y2, x1:x2]
-    image = transform(image)
+    image = prepared(str(path), shape[0], crop, transform)
     if tuple(image.shape) != shape or image.dtype != torch.uint8:
         raise MetricLabError(
             f"the run's test transform made {path} a {image.dtype} {tuple(image.shape)} image, not uint8 {shape}; "
@@ -193,7 +190,7 @@ def _csv(path: Path) -> Inputs:
                 columns[name] = np.array([v.strip().lower() in ("1", "true", "yes") for v in values])
             else:
                 columns[name] = np.array(values)
-    boxes = _boxes(rows, path) if all(c in header for c in CSV_BOX) else None
+    boxes = _boxes(rows, path) if all(c in header for c in BOX_COLUMNS) else None
     return Inputs(paths, labels, columns=columns, source=f"CSV {path}", boxes=boxes)
 
 
@@ -201,19 +198,15 @@ def _boxes(rows: list[dict], path: Path) -> np.ndarray:
     """int64 ``(N, 4)`` crops of the rows' x_1, y_1, x_2, y_2 cells (pixels; -1 where a row's are empty)."""
     out = np.full((len(rows), 4), -1, dtype=np.int64)
     for i, row in enumerate(rows):
-        cells = [(row[c] or "").strip() for c in CSV_BOX]
-        if not any(cells):
-            continue
         try:
-            x1, y1, x2, y2 = (round(float(c)) for c in cells)
-        except ValueError:
-            x1 = y1 = x2 = y2 = -1
-        if not (0 <= x1 < x2 and 0 <= y1 < y2):
+            box = crop_box(row)
+        except ValueError as err:
             raise MetricLabError(
-                f"{path}, row {i + 2}: crop x_1={cells[0]} y_1={cells[1]} x_2={cells[2]} y_2={cells[3]} is not a "
-                "region; give four pixel coordinates with x_1 < x_2 and y_1 < y_2, or leave all four empty"
-            )
-        out[i] = (x1, y1, x2, y2)
+                f"{path}, row {i + 2}: {err}; give four pixel coordinates with x_1 < x_2 and y_1 < y_2, "
+                "or leave all four empty"
+            ) from None
+        if box is not None:
+            out[i] = box
     return out
 
 
