@@ -558,8 +558,10 @@ def _search_figure(model: Any, queries: Any, gallery: Any, result: Any, path: Pa
 
     k = result.indices.shape[1]
     shown = min(len(queries), 8)
-    q_images = model.images(queries.paths[:shown])
-    r_images = model.images(gallery.paths[result.indices[:shown].reshape(-1)])
+    q_boxes, g_boxes = queries.boxes(), gallery.boxes()
+    q_images = model.images(queries.paths[:shown], None if q_boxes is None else q_boxes[:shown])
+    found = result.indices[:shown].reshape(-1)
+    r_images = model.images(gallery.paths[found], None if g_boxes is None else g_boxes[found])
     r_images = r_images.reshape(shown, k, *r_images.shape[1:])
     names: list[str] = ["(unlabelled)"]
     q_ids = np.zeros(shown, dtype=np.int64)

@@ -156,3 +156,24 @@ def test_csv_crop_columns_crop_before_embedding(model, tmp_path):
     (tmp_path / "bad.csv").write_text("label,path,x_1,y_1,x_2,y_2\n0,whole.png,30,5,10,15\n")
     with pytest.raises(MetricLabError, match=r"row 2: crop x_1=30 x_2=10 y_1=5 y_2=15 is empty or negative; give four"):
         model.embed(tmp_path / "bad.csv")
+
+
+def test_crops_travel_with_the_embeddings_and_pictures_show_them(small_run, model, tmp_path):
+    """An embedding file of a CSV with crops keeps them, so `search --figure` pictures the region that was embedded."""
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8))
+    picture.save(tmp_path / "whole.png")
+    picture.crop((10, 5, 30, 15)).save(tmp_path / "cut.png")
+    (tmp_path / "data.csv").write_text("label,path,x_1,y_1,x_2,y_2\n0,whole.png,10,5,30,15\n1,whole.png,,,,\n")
+    out = tmp_path / "crops.npz"
+    assert cli("embed", small_run, tmp_path / "data.csv", "-o", out, "--device", "cpu").exit_code == 0
+    data = load_embedding_set(out)
+    np.testing.assert_array_equal(data.boxes(), [[10, 5, 30, 15], [-1, -1, -1, -1]])
+    shown = model.images(data.paths, data.boxes())
+    np.testing.assert_array_equal(shown[0], model.images([tmp_path / "cut.png"])[0])
+    np.testing.assert_array_equal(shown[1], model.images([tmp_path / "whole.png"])[0])
+    assert not np.array_equal(shown[0], model.images(data.paths)[0])  # without the crops: the whole picture
+    figure = tmp_path / "search.png"
+    result = cli("search", small_run, out, "--gallery", out, "-k", "1", "--figure", figure, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert figure.stat().st_size > 0

@@ -191,6 +191,8 @@ def _csv(path: Path) -> Inputs:
             else:
                 columns[name] = np.array(values)
     boxes = _boxes(rows, path) if all(c in header for c in BOX_COLUMNS) else None
+    if boxes is not None:  # kept with the embeddings, so pictures of the items show the crop that was embedded
+        columns |= {name: boxes[:, i] for i, name in enumerate(BOX_COLUMNS)}
     return Inputs(paths, labels, columns=columns, source=f"CSV {path}", boxes=boxes)
 
 

@@ -82,18 +82,22 @@ class EmbeddingModel:
 
         return read_inputs(spec, dataset_split)
 
-    def images(self, paths: Sequence[str]) -> np.ndarray:
-        """uint8 ``(N, C, H, W)`` images of paths as written by ``embed``: files, or ``DATASET:SPLIT:INDEX`` items."""
+    def images(self, paths: Sequence[str], boxes: np.ndarray | None = None) -> np.ndarray:
+        """uint8 ``(N, C, H, W)`` images of paths as written by ``embed``: files, or ``DATASET:SPLIT:INDEX`` items.
+
+        ``boxes`` (int64 ``(N, 4)``, -1 where none; :meth:`EmbeddingSet.boxes`) crops files as they were embedded.
+        """
         out = []
         splits: dict[str, torch.Tensor] = {}
-        for path in paths:
+        for i, path in enumerate(paths):
             spec, _, index = str(path).rpartition(":")
             if index.isdigit() and is_dataset_split(spec):
                 if spec not in splits:
                     splits[spec] = self.inputs(spec).images
                 out.append(splits[spec][int(index)].numpy())
             else:
-                out.append(load_images([path], self.input_shape, self.transform)[0].numpy())
+                box = None if boxes is None else boxes[i : i + 1]
+                out.append(load_images([path], self.input_shape, self.transform, box)[0].numpy())
         return np.stack(out)
 
     @torch.no_grad()

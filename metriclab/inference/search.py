@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from metriclab.data.images import BOX_COLUMNS
 from metriclab.errors import MetricLabError
 from metriclab.metrics.retrieval import METRICS, knn, retrieval_metrics
 from metriclab.runs import write_atomic
@@ -47,6 +48,12 @@ class EmbeddingSet:
         labels = None if self.labels is None else self.labels[mask]
         columns = {k: v[mask] for k, v in self.columns.items()}
         return EmbeddingSet(self.embeddings[mask], self.paths[mask], labels, columns, dict(self.meta))
+
+    def boxes(self) -> np.ndarray | None:
+        """int64 ``(N, 4)`` crops (x1, y1, x2, y2; -1 where none) the items were embedded with, None without crops."""
+        if not all(name in self.columns for name in BOX_COLUMNS):
+            return None
+        return np.stack([self.columns[name] for name in BOX_COLUMNS], axis=1).astype(np.int64)
 
 
 def _parquet():
