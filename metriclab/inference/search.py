@@ -1,7 +1,8 @@
 """Embedding files and nearest-neighbour search: what ``metriclab embed`` writes and ``metriclab search`` reads.
 
 An embedding file holds ``embeddings`` float32 (N, D), ``paths`` (N,) strings, ``labels`` (N,) when
-known (integers or strings), the CSV columns ``split``/``is_query``/``is_gallery`` when given, and
+known (integers or strings), a CSV's columns ``split``/``is_query``/``is_gallery``/``category`` and its
+crop ``x_1``..``y_2`` (-1 where a row has none) when given, and
 ``meta`` (JSON: the run, its embedding dimension and metric). ``.npz`` is read with
 ``allow_pickle=False``; ``.parquet`` (pyarrow, the ``parquet`` extra) has one row per image with the
 embedding as a fixed-size list column and ``meta`` in the schema's metadata.
