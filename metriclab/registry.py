@@ -273,8 +273,9 @@ _NO_DEFAULT = inspect.Parameter.empty
 def keyword_parameters(factory: Callable, follow_kwargs: bool = False) -> tuple[dict[str, Any], bool] | None:
     """``({name: default or inspect.Parameter.empty}, takes **kwargs)`` of ``factory``; None without a signature.
 
-    With ``follow_kwargs``, a class's ``**kwargs`` are followed up its ``__init__`` chain (pml's losses pass
-    theirs to their base classes), so the names cover everything the class accepts.
+    With ``follow_kwargs``, a class's ``*args``/``**kwargs`` are followed up its ``__init__`` chain (pml's losses
+    pass theirs to their base classes: CosFaceLoss's ``num_classes`` is ArcFaceLoss's), so the names cover
+    everything the class accepts.
     """
     chain = [c.__init__ for c in inspect.getmro(factory) if "__init__" in vars(c)] if inspect.isclass(factory) else []
     if not follow_kwargs:
@@ -293,14 +294,17 @@ def keyword_parameters(factory: Callable, follow_kwargs: bool = False) -> tuple[
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
                 params.setdefault(p.name, p.default)
         var_keyword = any(p.kind is p.VAR_KEYWORD for p in found)
-        if not var_keyword:
+        if not var_keyword and not any(p.kind is p.VAR_POSITIONAL for p in found):
             break
     return params, var_keyword
 
 
 def accepted_arguments(factory: Callable, offered: dict[str, Any]) -> dict[str, Any]:
-    """The items of ``offered`` that ``factory`` names as parameters (context a component may take, e.g. a seed)."""
-    found = keyword_parameters(factory)
+    """The items of ``offered`` that ``factory`` names as parameters (context a component may take, e.g. a seed).
+
+    A class's base classes count where its ``__init__`` passes its arguments on to theirs.
+    """
+    found = keyword_parameters(factory, follow_kwargs=True)
     return {k: v for k, v in offered.items() if found is not None and k in found[0]}
 
 

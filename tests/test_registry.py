@@ -47,6 +47,17 @@ def test_pml_class_is_registered_itself_so_its_signature_is_visible():
     assert loss.W.shape == (4, 3)
 
 
+@pytest.mark.parametrize("name", ["pml.ArcFaceLoss", "pml.CosFaceLoss", "pml.SubCenterArcFaceLoss", "pml.ProxyAnchorLoss"])
+def test_class_losses_get_the_class_count_and_width_even_through_their_base_class(name):
+    """CosFaceLoss and SubCenterArcFaceLoss take ``*args`` and pass them on to ArcFaceLoss: the recipe need not."""
+    from metriclab.recipe import Recipe
+    from metriclab.training.components import build_objective
+
+    loss, _ = build_objective(Recipe(name="x", loss=name, miner=None, embedding_dim=4), num_classes=3)
+    weights = loss.W if hasattr(loss, "W") else loss.proxies
+    assert sorted(weights.shape) == sorted([3 * getattr(loss, "sub_centers", 1), 4])
+
+
 def test_unknown_name_suggests_close_match_and_the_plugins_command():
     with pytest.raises(MetricLabError) as err:
         registry.create("loss", "contrastiv")
