@@ -47,7 +47,9 @@ def test_pml_class_is_registered_itself_so_its_signature_is_visible():
     assert loss.W.shape == (4, 3)
 
 
-@pytest.mark.parametrize("name", ["pml.ArcFaceLoss", "pml.CosFaceLoss", "pml.SubCenterArcFaceLoss", "pml.ProxyAnchorLoss"])
+@pytest.mark.parametrize(
+    "name", ["pml.ArcFaceLoss", "pml.CosFaceLoss", "pml.SubCenterArcFaceLoss", "pml.ProxyAnchorLoss"]
+)
 def test_class_losses_get_the_class_count_and_width_even_through_their_base_class(name):
     """CosFaceLoss and SubCenterArcFaceLoss take ``*args`` and pass them on to ArcFaceLoss: the recipe need not."""
     from metriclab.recipe import Recipe
