@@ -50,6 +50,20 @@ def test_convnet_default_has_five_stages_down_to_one_pixel():
     assert features(torch.rand(1, 1, 28, 28)).shape == (1, 128, 1, 1)
 
 
+def test_convnet_stages_can_hold_two_convolutions_vgg_style():
+    encoder = registry.create(
+        "encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), channels=(3, 5), convs_per_stage=2
+    )
+    kinds = [type(m).__name__ for m in encoder]
+    stage = ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
+    assert kinds == [*stage, *stage, "AdaptiveAvgPool2d", "Flatten", "Linear"]
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 3), (3, 3), (3, 5), (5, 5)]
+    assert encoder(torch.rand(2, 1, 28, 28)).shape == (2, 4)
+    with pytest.raises(MetricLabError, match="convs_per_stage must be at least 1"):
+        registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), convs_per_stage=0)
+
+
 def test_resnet18_is_adapted_to_small_single_channel_images():
     encoder = registry.create("encoder", "resnet18", embedding_dim=7, input_shape=(1, 28, 28))
     assert (encoder.conv1.in_channels, encoder.conv1.kernel_size, encoder.conv1.stride) == (1, (3, 3), (1, 1))
