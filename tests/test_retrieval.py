@@ -118,6 +118,34 @@ def test_rows_whose_sampled_threshold_keeps_too_few_are_redone():
         np.testing.assert_array_equal(got[row, : need[row]], expected[row, : need[row]])
 
 
+@pytest.mark.parametrize("case", ["distinct", "tied", "too-few-sampled"])
+def test_ranking_sums_from_split_lists_equal_those_of_the_full_ranking(case):
+    """The CPU metrics sort same-class and other-class keys apart and merge them: where the two lists share a key
+    the column decides, and rows whose threshold had to be raised past the buffers take the full ranking."""
+    from metriclab.metrics.ranking import ranking_sums
+
+    rng = np.random.default_rng(3)
+    rows, n, classes = 60, 4000, 6
+    gallery = rng.integers(0, classes, n).astype(np.int32)
+    own = rng.integers(0, classes + 1, rows).astype(np.int32)  # class 6 has no gallery item: R = 0
+    keys = rng.normal(size=(rows, n)).astype(np.float32)
+    if case == "tied":
+        keys = np.round(keys * 4).astype(np.float32)  # hundreds of copies of each value, -0.0 beside 0.0
+    if case == "too-few-sampled":
+        sampled = np.zeros(n, dtype=bool)
+        sampled[np.random.default_rng(0).choice(n, retrieval.SAMPLE, replace=False)] = True
+        keys[:, sampled] -= 100
+    keys[np.arange(rows), rng.integers(0, n, rows)] = np.inf  # leave-one-out's own column
+    relevant = np.minimum(np.bincount(gallery, minlength=classes + 1)[own], n - 1)
+    top, vote_k = np.array([1, 10, 3], dtype=np.int64), 5
+    need = np.maximum(np.maximum(top.max(), vote_k), relevant)
+    ranked = gallery[np.argsort(keys, axis=1, kind="stable")]
+    expected = ranking_sums(ranked, own, relevant, top, vote_k)
+    got = retrieval._ranking_sums_on_host(keys, need, gallery, own, relevant, top, vote_k)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    assert expected[-1] > 0 and expected[0] > 0
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_gpu_code_path_gives_the_host_results(monkeypatch, metric):
     # On a GPU, keys come from torch.addmm and selection from torch.topk; run that path on CPU tensors.

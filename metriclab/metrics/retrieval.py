@@ -24,8 +24,11 @@ OpenBLAS (twice torch's MKL speed on AMD). The ``k`` (or, for MAP@R, ``R``) near
 selected: on GPU by ``torch.topk``; on CPU by :mod:`metriclab.metrics.ranking` (numba: a per-row
 threshold placed from a sample of 512 keys, then a bucket sort of the keys under it), with
 chunks processed on worker threads. The metrics are then summed from the ranked classes by a
-compiled loop. Distances are exact up to float32 rounding of the expansion (about 1e-6 of the
-squared norms), so the chunk size may change them in the last digits.
+compiled loop. On the CPU, the metrics skip the full ranking: they need only whether each position
+holds the query's class, so a row's keys under the threshold are split by class, each list sorted by
+numpy and the two merged (rows where the lists share a key take the full ranking). Distances are
+exact up to float32 rounding of the expansion (about 1e-6 of the squared norms), so the chunk size
+may change them in the last digits.
 
 Speed: see BENCHMARKS.md (``eval``): on a 2-core AMD EPYC, 10k x 10k leave-one-out and 10k
 queries x 60k gallery (MAP@R ranks R ~ 1,000 and ~6,000 items per query) against
@@ -35,6 +38,7 @@ queries x 60k gallery (MAP@R ranks R ~ 1,000 and ~6,000 items per query) against
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -207,25 +211,84 @@ def _searcher(
     return search
 
 
+def _thresholds(keys: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sample, rank)``: sorted sampled keys of each row and the rank among them of the row's first threshold.
+
+    The threshold is a little above the row's expected ``need``-th key; the few rows it leaves short have
+    it raised by the kernels. No sample (take the whole row) for short rows.
+    """
+    m, n = keys.shape
+    if n <= 4 * SAMPLE:
+        return np.empty((m, 0), dtype=np.float32), np.ones(m, dtype=np.int64)
+    # np.sort of short rows runs in SIMD registers: cheaper than a partition of a longer sample
+    sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
+    expect = need * (SAMPLE / n)
+    return sample, np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
+
+
 def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``values`` at each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.metrics.ranking`).
 
-    Each row's threshold starts from a fixed random sample of its columns, a little above the
-    row's expected ``need``-th key; the few rows it leaves short have it raised. Keys equal to
-    the last one kept are all candidates, so ties are resolved exactly by the sort.
+    Each row's threshold starts from a fixed random sample of its columns (:func:`_thresholds`). Keys equal
+    to the last one kept are all candidates, so ties are resolved exactly by the sort.
     """
     from metriclab.metrics.ranking import nearest  # numba: imported when the CPU path first runs
 
-    m, n = keys.shape
-    sample = np.empty((m, 0), dtype=np.float32)  # no sample: take the whole row
-    rank = np.ones(m, dtype=np.int64)
-    if n > 4 * SAMPLE:
-        # np.sort of short rows runs in SIMD registers: cheaper than a partition of a longer sample
-        sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
-        expect = need * (SAMPLE / n)
-        rank = np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
+    sample, rank = _thresholds(keys, need)
     keys = np.ascontiguousarray(keys)  # the kernel reads rows 16 keys at a time
     return nearest(keys, sample, rank, need.astype(np.int64), values, int(need.max()))
+
+
+_scratch = threading.local()
+
+
+def _buffers(rows: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two float32 and one int32 ``(rows, width)`` arrays, this thread's from the last call when large enough.
+
+    Fresh arrays of this size cost a page fault per 4 kB on every chunk: about a fifth of the ranking.
+    """
+    held = getattr(_scratch, "arrays", None)
+    if held is None or held.size < 3 * rows * width:
+        held = _scratch.arrays = np.empty(3 * rows * width, np.float32)
+    three = held[: 3 * rows * width].reshape(3, rows, width)
+    return three[0], three[1], three[2].view(np.int32)
+
+
+def _ranking_sums_on_host(
+    keys: np.ndarray, need: np.ndarray, classes: np.ndarray, own: np.ndarray, relevant: np.ndarray,
+    top: np.ndarray, vote_k: int,
+) -> np.ndarray:  # fmt: skip
+    """:func:`metriclab.metrics.ranking.ranking_sums` of the rows of ``keys``, without ranking every neighbour.
+
+    The metrics need only whether each ranked position holds the query's class, and the classes of the
+    ``vote_k`` nearest: each row's candidates are split into keys of its own class and the others, both
+    sorted by numpy (float32 sorts about 4x faster than the int64 codes of a full ranking) and merged
+    (:func:`metriclab.metrics.ranking.merged_sums`). Rows whose candidates overflow the buffers take the
+    full ranking. The sums are the same.
+    """
+    from metriclab.metrics.ranking import merged_sums, nearest, ranking_sums, split_by_class
+
+    need = need.astype(np.int64)
+    sample, rank = _thresholds(keys, need)
+    keys = np.ascontiguousarray(keys)
+    rows = len(keys)
+    width = int(need.max()) * 3 // 2 + 64  # candidates beyond this take the full ranking
+    same, other, columns = _buffers(rows, width + 1)
+    counts = np.zeros((rows, 3), np.int64)
+    voters = np.empty((rows, vote_k), classes.dtype)
+    split_by_class(keys, sample, rank, need, classes, own, same, other, columns, counts, voters, vote_k)
+    same = same[:, : int(counts[:, 0].max()) + 1]  # + 1: an +inf sentinel after every row's keys
+    other = other[:, : int(counts[:, 1].max()) + 1]
+    same.sort(axis=1)
+    other.sort(axis=1)
+    skipped = np.zeros(rows, dtype=bool)
+    sums = np.zeros(2 * len(top) + 3)
+    merged_sums(keys, classes, same, other, columns, counts, voters, own, relevant, top, sums, skipped)
+    if skipped.any():
+        left = np.flatnonzero(skipped)
+        neighbours = nearest(keys[left], sample[left], rank[left], need[left], classes, int(need[left].max()))
+        sums += ranking_sums(neighbours, own[left], relevant[left], top, vote_k)
+    return sums
 
 
 def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
@@ -387,6 +450,9 @@ def retrieval_metrics(
     def score(start: int, stop: int) -> np.ndarray:
         _, keys = search(start, stop)
         span = slice(start, stop)
+        if _on_host(keys.device):
+            own, rel = q_ids[span], relevant[span]
+            return _ranking_sums_on_host(keys.numpy(), need[span], g_ids, own, rel, ks_clamped, vote_k)
         neighbours = _nearest(keys, need[span], g_ids)
         return ranking_sums(neighbours, q_ids[span], relevant[span], ks_clamped, vote_k)
 
