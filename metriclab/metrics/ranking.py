@@ -263,20 +263,21 @@ def split_by_class(keys, sample, rank, need, classes, own, same, other, columns,
     for r in range(rows):
         row = keys[r]
         # The threshold's rank in the sample: raised by a quarter while it keeps too few, then bisected
-        # between too few (lo) and too many for the buffers (hi); sample.shape[1] + 1 stands for +inf.
+        # between too few (lo) and too many for the buffers (hi); rank top_rank stands for +inf (every key).
         top_rank = sample.shape[1] + 1
-        lo, hi = 0, top_rank
+        unknown = top_rank + 1
+        lo, hi = 0, unknown
         rk = min(rank[r], top_rank)
         while True:
             thr = sample[r, rk - 1] if rk < top_rank else np.float32(np.inf)
             m = _candidates(row, thr, cc)
-            if m < need[r]:
+            if m < need[r] and rk < top_rank:
                 lo = rk
             elif m > width and rk - lo > 1:
                 hi = rk
             else:
                 break
-            rk = (lo + hi + 1) // 2 if hi < top_rank else min(lo + lo // 4 + 1, top_rank)
+            rk = (lo + hi + 1) // 2 if hi != unknown else min(lo + lo // 4 + 1, top_rank)
         if m > width:
             counts[r, 0] = -1
             continue
