@@ -30,6 +30,17 @@ def test_fast_recipe_trains_under_its_warmup_and_decay(tmp_path):
     assert Run(out).metrics["final"]["test_loo"]["precision@1"] > 0.5  # digits: 10 classes, chance is 0.1
 
 
+def test_cosface_recipe_trains_vgg_stages_with_a_cosface_loss(tmp_path):
+    out = tmp_path / "cosface"
+    args = ["--dataset", "digits", "--batch-size", "64", "--epochs", "2", "--warmup-steps", "5"]
+    result = run_recipe("fashion_mnist_cosface.py", *args, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = read_json(out / "config.json")
+    assert config["components"]["loss"]["name"] == "pml.CosFaceLoss"
+    assert config["recipe"]["encoder_args"]["convs_per_stage"] == 2
+    assert Run(out).metrics["final"]["test_loo"]["precision@1"] > 0.5  # digits: 10 classes, chance is 0.1
+
+
 @pytest.mark.slow  # three short trainings and pml's loop: about half a minute
 def test_quick_ttq_benchmark_writes_its_section(tmp_path, monkeypatch):
     monkeypatch.setenv("METRICLAB_BENCH_DIR", str(tmp_path / "work"))
