@@ -3,8 +3,8 @@ a query's ranking metrics from the classes of its ranked neighbours.
 
 :mod:`metriclab.metrics.retrieval` computes key rows (smaller = nearer) chunk by chunk and calls these on
 worker threads (the kernels release the GIL). Its CPU metrics use :func:`split_by_class` and
-:func:`merged_sums` (end of this file) and fall back to :func:`nearest` and :func:`ranking_sums` for rows
-where the order of equal keys matters. Order is by key, then by column, exactly: MAP@R of a
+:func:`merged_sums` (end of this file), and :func:`nearest` and :func:`ranking_sums` for the rare rows whose
+candidates overflow their buffers. Order is by key, then by column, exactly: MAP@R of a
 60k gallery ranks the R ~ 6,000 nearest of each query, so this sort is most of an evaluation.
 
 How a row is sorted: the keys up to a threshold (placed from a sorted sample of the row) are
@@ -246,8 +246,8 @@ def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
 # A query's ranking metrics only ask, position by position, whether the neighbour is of the query's class, and
 # the classes of its `vote_k` nearest. So the candidates are split into same-class and other-class keys, each
 # list sorted by numpy (AVX-512 sorts float32 about 4x faster than int64 codes), and the two merged: equal keys
-# of one list are interchangeable there. Rows where keys of the two lists are equal (where the column decides
-# the order), or with more candidates than the buffers hold, are left to `nearest` and `ranking_sums`.
+# of one list are interchangeable there, and equal keys of both lists are taken in column order. Rows with more
+# candidates than the buffers hold are left to `nearest` and `ranking_sums`.
 
 
 @_compiled
