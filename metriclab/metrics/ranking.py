@@ -200,6 +200,20 @@ def nearest(keys, sample, rank, need, values, width):
 
 
 @_compiled
+def _majority(ranked, vote_k):
+    """The most frequent class among ``ranked[:vote_k]``; among equally frequent ones, the one ranked nearest."""
+    best, best_score = 0, -1
+    for j in range(vote_k):
+        count = 0
+        for i in range(vote_k):
+            count += ranked[i] == ranked[j]
+        score = count * (vote_k + 1) - j  # count first, then the nearest position
+        if score > best_score:
+            best, best_score = j, score
+    return ranked[best]
+
+
+@_compiled
 def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
     """Sums over queries with ``relevant > 0`` of precision@t and hit@t (each ``t`` in ``top``), AP@R and
     R-precision, then the number of queries whose ``vote_k`` nearest vote their own class.
@@ -213,15 +227,7 @@ def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
     for row in range(neighbours.shape[0]):
         ranked = neighbours[row]
         own = query_ids[row]
-        best, best_score = 0, -1
-        for j in range(vote_k):
-            count = 0
-            for i in range(vote_k):
-                count += ranked[i] == ranked[j]
-            score = count * (vote_k + 1) - j  # count first, then the nearest position
-            if score > best_score:
-                best, best_score = j, score
-        sums[2 * k + 2] += ranked[best] == own
+        sums[2 * k + 2] += _majority(ranked, vote_k) == own
         r = relevant[row]
         if r == 0:
             continue
@@ -316,6 +322,16 @@ def split_by_class(keys, sample, rank, need, classes, own, same, other, columns,
 
 
 @_compiled
+def _take(is_same, a, b, i, hits, precision_sum, rr, prefix):
+    """Ranked position ``i`` goes to the same-class list (``is_same``) or the other: the merge's counters after it."""
+    hits += is_same
+    prefix[i + 1] = hits
+    if i < rr:
+        precision_sum += is_same * hits / (i + 1)
+    return a + is_same, b + 1 - is_same, i + 1, hits, precision_sum
+
+
+@_compiled
 def merged_sums(keys, classes, same, other, columns, counts, voters, own, relevant, top, sums, skipped):
     """:func:`ranking_sums` of rows split by :func:`split_by_class` (``same``/``other`` sorted), added to ``sums``.
 
@@ -330,15 +346,7 @@ def merged_sums(keys, classes, same, other, columns, counts, voters, own, releva
             skipped[r] = True
             continue
         mine = own[r]
-        best, best_score = 0, -1
-        for j in range(vote_k):
-            count = 0
-            for i in range(vote_k):
-                count += voters[r, i] == voters[r, j]
-            score = count * (vote_k + 1) - j
-            if score > best_score:
-                best, best_score = j, score
-        sums[2 * k + 2] += voters[r, best] == mine
+        sums[2 * k + 2] += _majority(voters[r], vote_k) == mine
         rr = relevant[r]
         if rr == 0:
             continue
@@ -357,23 +365,12 @@ def merged_sums(keys, classes, same, other, columns, counts, voters, own, releva
                 for j in range(counts[r, 2]):
                     c = columns[r, j]
                     if keys[r, c] == x and i < limit:
-                        is_same = classes[c] == mine
-                        a += is_same
-                        b += 1 - is_same
-                        hits += is_same
-                        prefix[i + 1] = hits
-                        if i < rr:
-                            precision_sum += is_same * hits / (i + 1)
-                        i += 1
+                        a, b, i, hits, precision_sum = _take(
+                            classes[c] == mine, a, b, i, hits, precision_sum, rr, prefix
+                        )
                 continue
             is_same = (x < y) | (b >= nb)  # branch-free; an exhausted list shows its +inf sentinel
-            a += is_same
-            b += 1 - is_same
-            hits += is_same
-            prefix[i + 1] = hits
-            if i < rr:
-                precision_sum += is_same * hits / (i + 1)
-            i += 1
+            a, b, i, hits, precision_sum = _take(is_same, a, b, i, hits, precision_sum, rr, prefix)
         sums[2 * k] += precision_sum / rr
         sums[2 * k + 1] += prefix[rr] / rr
         for t in range(k):
