@@ -132,7 +132,6 @@ class Inputs:
     images: torch.Tensor | None = None
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = ""
-    boxes: np.ndarray | None = None  # int64 (N, 4) crops (x1, y1, x2, y2; -1 where none) of a CSV's x_1..y_2
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -144,7 +143,7 @@ class Inputs:
         if self.images is not None:
             images = check_images(self.images, input_shape)
             return lambda start, stop: images[start:stop]
-        boxes = self.boxes
+        boxes = crop_boxes(self.columns)
         return lambda start, stop: load_images(
             self.paths[start:stop], input_shape, transform, None if boxes is None else boxes[start:stop]
         )
@@ -190,10 +189,17 @@ def _csv(path: Path) -> Inputs:
                 columns[name] = np.array([v.strip().lower() in ("1", "true", "yes") for v in values])
             else:
                 columns[name] = np.array(values)
-    boxes = _boxes(rows, path) if all(c in header for c in BOX_COLUMNS) else None
-    if boxes is not None:  # kept with the embeddings, so pictures of the items show the crop that was embedded
+    if all(c in header for c in BOX_COLUMNS):  # columns, so the embedding file keeps the crop that was embedded
+        boxes = _boxes(rows, path)
         columns |= {name: boxes[:, i] for i, name in enumerate(BOX_COLUMNS)}
-    return Inputs(paths, labels, columns=columns, source=f"CSV {path}", boxes=boxes)
+    return Inputs(paths, labels, columns=columns, source=f"CSV {path}")
+
+
+def crop_boxes(columns: dict[str, np.ndarray]) -> np.ndarray | None:
+    """int64 ``(N, 4)`` crops (x1, y1, x2, y2; -1 where none) from per-item ``x_1``..``y_2`` columns; None without."""
+    if not all(name in columns for name in BOX_COLUMNS):
+        return None
+    return np.stack([columns[name] for name in BOX_COLUMNS], axis=1).astype(np.int64)
 
 
 def _boxes(rows: list[dict], path: Path) -> np.ndarray:

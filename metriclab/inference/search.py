@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from metriclab.data.images import BOX_COLUMNS
 from metriclab.errors import MetricLabError
+from metriclab.inference.inputs import crop_boxes
 from metriclab.metrics.retrieval import METRICS, knn, retrieval_metrics
 from metriclab.runs import write_atomic
 
@@ -52,9 +52,7 @@ class EmbeddingSet:
 
     def boxes(self) -> np.ndarray | None:
         """int64 ``(N, 4)`` crops (x1, y1, x2, y2; -1 where none) the items were embedded with, None without crops."""
-        if not all(name in self.columns for name in BOX_COLUMNS):
-            return None
-        return np.stack([self.columns[name] for name in BOX_COLUMNS], axis=1).astype(np.int64)
+        return crop_boxes(self.columns)
 
 
 def _parquet():
