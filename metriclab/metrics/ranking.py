@@ -118,14 +118,33 @@ def _candidates(row, threshold, columns):
 
 
 @_compiled
-def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends):
-    # 1. candidates: every key up to the threshold, raised (rank doubled) until at least `need` are kept
+def _kept(row, sample, rank, need, width, cc):
+    """The columns of ``row``'s candidates in ``cc``, how many: every key up to a threshold from ``sample``.
+
+    The threshold's rank in the sorted ``sample`` starts at ``rank`` and doubles while fewer than ``need``
+    keys are under it (past the sample: +inf, every key); if then more than ``width`` are, it is bisected back
+    between too few and too many. More than ``width`` are returned only where no rank in between fits.
+    """
+    top_rank = sample.shape[0] + 1  # stands for +inf
+    unknown = top_rank + 1
+    lo, hi = 0, unknown
+    rk = min(rank, top_rank)
     while True:
-        thr = sample[rank - 1] if rank <= sample.shape[0] else np.float32(np.inf)
+        thr = sample[rk - 1] if rk < top_rank else np.float32(np.inf)
         m = _candidates(row, thr, cc)
-        if m >= need or thr == np.inf:
-            break
-        rank *= 2
+        if m < need and rk < top_rank:
+            lo = rk
+        elif m > width and rk - lo > 1:
+            hi = rk
+        else:
+            return m
+        rk = (lo + hi + 1) // 2 if hi != unknown else min(2 * rk, top_rank)
+
+
+@_compiled
+def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends):
+    # 1. candidates: every key up to the threshold, raised until at least `need` are kept
+    m = _kept(row, sample, rank, need, row.shape[0], cc)
     for i in range(m):
         ck[i] = row[cc[i]]
     lo = np.float32(np.inf)
@@ -268,22 +287,7 @@ def split_by_class(keys, sample, rank, need, classes, own, same, other, columns,
     best = np.empty(max(vote_k, 1), np.int64)  # the codes of the vote_k nearest so far, sorted
     for r in range(rows):
         row = keys[r]
-        # The threshold's rank in the sample: raised by a quarter while it keeps too few, then bisected
-        # between too few (lo) and too many for the buffers (hi); rank top_rank stands for +inf (every key).
-        top_rank = sample.shape[1] + 1
-        unknown = top_rank + 1
-        lo, hi = 0, unknown
-        rk = min(rank[r], top_rank)
-        while True:
-            thr = sample[r, rk - 1] if rk < top_rank else np.float32(np.inf)
-            m = _candidates(row, thr, cc)
-            if m < need[r] and rk < top_rank:
-                lo = rk
-            elif m > width and rk - lo > 1:
-                hi = rk
-            else:
-                break
-            rk = (lo + hi + 1) // 2 if hi != unknown else min(lo + lo // 4 + 1, top_rank)
+        m = _kept(row, sample[r], rank[r], need[r], width, cc)
         if m > width:
             counts[r, 0] = -1
             continue
