@@ -61,12 +61,22 @@ def convnet(
     channels: tuple[int, ...] = (32, 64, 128, 128, 128),
     batch_norm: bool = True,
     convs_per_stage: int = 1,
+    global_pool: str = "avg",
+    drop_rate: float = 0.0,
 ) -> nn.Module:
-    """Small ConvNet: stages of conv3x3-(BatchNorm)-ReLU, each ending in a 2x2 max-pool; global average pooling and
-    a linear embedding head. ``channels`` gives one stage each; ``convs_per_stage=2`` is the VGG-style stage."""
+    """Small ConvNet: stages of conv3x3-(BatchNorm)-ReLU, each ending in a 2x2 max-pool, then a linear embedding head.
+
+    ``channels`` gives one stage each; ``convs_per_stage=2`` is the VGG-style stage. The head sees the last map
+    averaged over its positions (``global_pool="avg"``) or whole (``"flatten"``: where each feature is, which
+    a centred dataset's classes tell apart by), after dropout of ``drop_rate`` (timm's names for both).
+    """
     _check(embedding_dim, input_shape)
     if convs_per_stage < 1:
         raise MetricLabError(f"convs_per_stage must be at least 1, got {convs_per_stage}; pass e.g. convs_per_stage=2")
+    if global_pool not in ("avg", "flatten"):
+        raise MetricLabError(f"global_pool must be 'avg' or 'flatten', got {global_pool!r}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise MetricLabError(f"drop_rate must be in [0, 1), got {drop_rate}; pass e.g. drop_rate=0.3")
     layers: list[nn.Module] = []
     size_in = input_shape[0]
     for size_out in channels:
@@ -81,7 +91,18 @@ def convnet(
         # ceil_mode keeps a 1x1 map at 1x1, so five stages also fit 8x8 inputs (28 -> 14 -> 7 -> 4 -> 2 -> 1).
         # Pooling before the ReLU gives the same outputs and gradients (max and ReLU commute) on a 4x smaller map.
         layers += [nn.MaxPool2d(2, ceil_mode=True), nn.ReLU()]
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(size_in, embedding_dim)]
+    features = size_in
+    if global_pool == "avg":
+        layers.append(nn.AdaptiveAvgPool2d(1))
+    else:
+        height, width = input_shape[1:]
+        for _ in channels:
+            height, width = -(-height // 2), -(-width // 2)  # each ceil-mode pool halves, rounding up
+        features *= height * width
+    layers.append(nn.Flatten())
+    if drop_rate:  # no module at 0: the default network keeps its layers' indices, so saved weights still load
+        layers.append(nn.Dropout(drop_rate))
+    layers.append(nn.Linear(features, embedding_dim))
     return nn.Sequential(*layers)
 
 

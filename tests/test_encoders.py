@@ -64,6 +64,34 @@ def test_convnet_stages_can_hold_two_convolutions_vgg_style():
         registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 28, 28), convs_per_stage=0)
 
 
+def test_convnet_head_can_see_the_whole_last_map_through_dropout():
+    shape = (1, 28, 28)  # three ceil-mode pools: 28 -> 14 -> 7 -> 4
+    encoder = registry.create(
+        "encoder",
+        "convnet",
+        embedding_dim=4,
+        input_shape=shape,
+        channels=(3, 5, 6),
+        global_pool="flatten",
+        drop_rate=0.5,
+    )
+    assert [type(m).__name__ for m in encoder[-3:]] == ["Flatten", "Dropout", "Linear"]
+    assert (encoder[-2].p, encoder[-1].in_features) == (0.5, 6 * 4 * 4)
+    images = torch.rand(2, *shape)
+    assert encoder(images).shape == (2, 4)
+    encoder.eval()
+    assert torch.equal(encoder(images), encoder(images))  # dropout acts in training only
+    # Without dropout the default head keeps its modules, so weights saved by earlier versions still load.
+    default = registry.create("encoder", "convnet", embedding_dim=4, input_shape=shape, channels=(3, 5, 6))
+    assert [type(m).__name__ for m in default[-3:]] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
+    for wrong, match in [
+        ({"global_pool": "max"}, "global_pool must be 'avg' or 'flatten'"),
+        ({"drop_rate": 1.0}, "drop_rate"),
+    ]:
+        with pytest.raises(MetricLabError, match=match):
+            registry.create("encoder", "convnet", embedding_dim=4, input_shape=shape, **wrong)
+
+
 def test_resnet18_is_adapted_to_small_single_channel_images():
     encoder = registry.create("encoder", "resnet18", embedding_dim=7, input_shape=(1, 28, 28))
     assert (encoder.conv1.in_channels, encoder.conv1.kernel_size, encoder.conv1.stride) == (1, (3, 3), (1, 1))

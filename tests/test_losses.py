@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.losses import MultiSimilarityLoss
+from pytorch_metric_learning.losses import CosFaceLoss, MultiSimilarityLoss
 
 from metriclab import registry
 from metriclab.errors import MetricLabError
@@ -113,6 +113,25 @@ def test_pml_loss_by_name():
     loss = registry.create("loss", "pml.MultiSimilarityLoss", alpha=3.0)
     assert isinstance(loss, MultiSimilarityLoss)
     assert loss(emb, labels).item() == pytest.approx(MultiSimilarityLoss(alpha=3.0)(emb, labels).item())
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cosface_smooths_the_targets_of_its_margin_logits(smoothing):
+    torch.manual_seed(0)
+    emb, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = registry.create("loss", "cosface", num_classes=3, embedding_size=4, margin=0.35, scale=30.0,
+                           label_smoothing=smoothing)  # fmt: skip
+    # CosFace's logits from the paper: scale * (cos(x, w_j) - margin on the true class), then cross-entropy.
+    cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(loss.W, dim=0)
+    logits = 30.0 * (cos - 0.35 * torch.nn.functional.one_hot(labels, 3))
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+    assert loss(emb, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    if smoothing == 0.0:  # unsmoothed, it is pml's own loss
+        pml = CosFaceLoss(num_classes=3, embedding_size=4, margin=0.35, scale=30.0)
+        pml.W.data.copy_(loss.W.data)
+        assert loss(emb, labels).item() == pytest.approx(pml(emb, labels).item(), rel=1e-6)
+    with pytest.raises(MetricLabError, match="label_smoothing must be in"):
+        registry.create("loss", "cosface", num_classes=3, embedding_size=4, label_smoothing=1.0)
 
 
 @pytest.mark.parametrize("name", ["contrastive", "triplet"])

@@ -36,7 +36,8 @@ def test_cosface_recipe_trains_vgg_stages_with_a_cosface_loss(tmp_path):
     result = run_recipe("fashion_mnist_cosface.py", *args, "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     config = read_json(out / "config.json")
-    assert config["components"]["loss"]["name"] == "pml.CosFaceLoss"
+    assert config["components"]["loss"]["name"] == "cosface"
+    assert config["components"]["loss"]["args"]["label_smoothing"] == 0.1
     assert config["recipe"]["encoder_args"]["convs_per_stage"] == 2
     assert Run(out).metrics["final"]["test_loo"]["precision@1"] > 0.5  # digits: 10 classes, chance is 0.1
 
