@@ -126,7 +126,6 @@ class CosFaceLoss(pml_losses.CosFaceLoss):
         super().__init__(*args, **kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise MetricLabError(f"label_smoothing must be in [0, 1), got {label_smoothing}; pass e.g. 0.1")
-        self.label_smoothing = label_smoothing
         self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=label_smoothing)
 
 

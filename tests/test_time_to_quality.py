@@ -15,31 +15,31 @@ from metriclab.runs import Run
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _train_on_digits(recipe: str, out: Path, *args: str) -> dict:
+    """Run ``recipe`` on the 8x8 digits (batch 64, 5 warm-up steps) into ``out``; its config.json once it learned."""
+    common = ["--dataset", "digits", "--batch-size", "64", "--warmup-steps", "5"]
+    result = run_recipe(recipe, *common, *args, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Run(out).metrics["final"]["test_loo"]["precision@1"] > 0.5  # digits: 10 classes, chance is 0.1
+    return read_json(out / "config.json")
+
+
 def test_fast_recipe_trains_under_its_warmup_and_decay(tmp_path):
     out = tmp_path / "fast"
-    args = ["--dataset", "digits", "--batch-size", "64", "--warmup-steps", "5", "--log-every", "1"]
-    result = run_recipe("fashion_mnist_fast.py", *args, "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    config = read_json(out / "config.json")
+    config = _train_on_digits("fashion_mnist_fast.py", out, "--log-every", "1")
     assert config["components"]["loss"]["name"] == "pml.NormalizedSoftmaxLoss"
     assert config["recipe"]["scheduler"] == "cosine" and config["recipe"]["metric"] == "cosine"
     lrs = [row["lr"] for row in Run(out).history()]
     peak = max(lrs)
     # Warm-up rises to the recipe's lr, then the cosine decay brings it down to almost nothing by the last step.
     assert lrs[0] < peak / 2 and lrs.index(peak) <= 6 and lrs[-1] < peak / 10, lrs
-    assert Run(out).metrics["final"]["test_loo"]["precision@1"] > 0.5  # digits: 10 classes, chance is 0.1
 
 
 def test_cosface_recipe_trains_vgg_stages_with_a_cosface_loss(tmp_path):
-    out = tmp_path / "cosface"
-    args = ["--dataset", "digits", "--batch-size", "64", "--epochs", "2", "--warmup-steps", "5"]
-    result = run_recipe("fashion_mnist_cosface.py", *args, "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    config = read_json(out / "config.json")
+    config = _train_on_digits("fashion_mnist_cosface.py", tmp_path / "cosface", "--epochs", "2")
     assert config["components"]["loss"]["name"] == "cosface"
     assert config["components"]["loss"]["args"]["label_smoothing"] == 0.1
     assert config["recipe"]["encoder_args"]["convs_per_stage"] == 2
-    assert Run(out).metrics["final"]["test_loo"]["precision@1"] > 0.5  # digits: 10 classes, chance is 0.1
 
 
 @pytest.mark.slow  # three short trainings and pml's loop: about half a minute
