@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from metriclab.errors import MetricLabError, did_you_mean
+from metriclab.runs import read_json_object
 
 # Component fields whose ``<name>_args`` dict belongs to them.
 COMPONENTS = (
@@ -205,24 +206,16 @@ class Recipe:
     def from_json(cls, path: str | Path) -> Recipe:
         """Read a recipe written by :meth:`to_json` (or a run's config.json)."""
         try:
-            data = json.loads(Path(path).read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise MetricLabError(
-                f"recipe file {path} is not UTF-8 text (byte {err.start}); pass a recipe JSON, e.g. a run's config.json"
-            ) from err
-        except FileNotFoundError as err:
-            raise MetricLabError(
-                f"recipe file {path} does not exist; pass the path of a recipe JSON, e.g. a run's config.json"
-            ) from err
-        except json.JSONDecodeError as err:
-            raise MetricLabError(f"recipe file {path} is not valid JSON ({err}); correct the file") from err
-        except OSError as err:
-            raise MetricLabError(f"cannot read recipe file {path} ({err.strerror}); pass a readable JSON file") from err
-        data = data.get("recipe", data) if isinstance(data, dict) else data
+            data = read_json_object(
+                Path(path), "correct the file, or pass another recipe JSON (e.g. a run's config.json)"
+            )
+        except MetricLabError as err:
+            raise MetricLabError(f"recipe file {err}") from err
+        data = data.get("recipe", data)
         if not isinstance(data, dict):
             raise MetricLabError(
-                f"recipe file {path} holds a JSON {type(data).__name__}, not an object of recipe fields; "
-                'write it as {"name": ..., "loss": ...} (e.g. with Recipe.to_json)'
+                f"recipe file {path}: its 'recipe' entry holds a JSON {type(data).__name__}, not an object of recipe "
+                'fields; write it as {"name": ..., "loss": ...} (e.g. with Recipe.to_json)'
             )
         try:
             return cls.from_dict(data)

@@ -164,6 +164,8 @@ def read_json_object(path: Path, fix: str) -> dict[str, Any]:
         ) from err
     except json.JSONDecodeError as err:
         raise MetricLabError(f"{path} is not valid JSON ({err}); {fix}") from err
+    except FileNotFoundError as err:
+        raise MetricLabError(f"{path} does not exist; {fix}") from err
     except OSError as err:
         raise MetricLabError(f"cannot read {path} ({err.strerror}); {fix}") from err
     if not isinstance(data, dict):

@@ -76,7 +76,7 @@ def test_a_malformed_option_value_is_cli_misuse(tmp_path, capsys):
         ('{"name": "x", "epochs": "three"}', ["'epochs' must be int, got 'three' (str)", "numbers unquoted"]),
         ('{"name": "x", "share_weights": "yes"}', ["'share_weights' must be bool", "true/false"]),
         ('{"recipe": {"lr": null}}', ["'lr' must be float, got None"]),
-        ('["mnist_siamese"]', ["holds a JSON list, not an object of recipe fields"]),
+        ('["mnist_siamese"]', ["recipe file", "holds a JSON list, not an object", "recipe JSON"]),
     ],
     ids=["syntax", "unknown-field", "wrong-type", "wrong-bool", "null", "not-an-object"],
 )
