@@ -25,7 +25,7 @@ SEEDS = 3
 TARGET = 0.92
 # For scale (a classifier's test accuracy, so only roughly comparable with a leave-one-out precision@1):
 # the benchmark table of Fashion-MNIST's README (github.com/zalandoresearch/fashion-mnist).
-PUBLISHED = "0.899 for \"AlexNet with Triplet loss\" in the benchmark table of Fashion-MNIST's own README"
+PUBLISHED = '0.899 for "AlexNet with Triplet loss" in the benchmark table of Fashion-MNIST\'s own README'
 
 
 def run(quick: bool = False, repeats: int | None = None, reuse: bool = False, log=print) -> tuple[str, dict[str, Any]]:
@@ -67,10 +67,11 @@ def _section(rows: dict[str, list[dict[str, Any]]], dataset: str, quick: bool) -
     lines += ["", f"| recipe | mean precision@1 | seeds at or above {TARGET} | mean MAP@R | median training s |"]
     lines += ["|---|---|---|---|---|"]
     for recipe, results in rows.items():
-        p1 = [r["precision@1"] for r in results]
+        p1, map_at_r = [r["precision@1"] for r in results], [r["map@r"] for r in results]
+        seconds = median([r["train_s"] for r in results])
         lines.append(
             f"| `{recipe}` | {sum(p1) / len(p1):.4f} | {sum(p >= TARGET for p in p1)} of {len(p1)} | "
-            f"{sum(r['map@r'] for r in results) / len(results):.4f} | {fmt(median([r['train_s'] for r in results]), 1)} |"
+            f"{sum(map_at_r) / len(map_at_r):.4f} | {fmt(seconds, 1)} |"
         )
     lines += ["", f"Published, for scale: {PUBLISHED}."]
     return "\n".join(lines) + "\n"
