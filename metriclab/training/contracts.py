@@ -41,6 +41,12 @@ def broken(kind: str, name: str, contract: str, problem: str) -> MetricLabError:
     )
 
 
+def ignored_transforms(recipe: Recipe, dataset: Any) -> list[str]:
+    """The transform options the recipe sets that ``dataset`` ignores, as flags (a resident dataset has none)."""
+    fields = ("train_transform", "train_transform_args", "test_transform", "test_transform_args")
+    return [] if is_streaming(dataset) else [f"--{f.replace('_', '-')}" for f in fields if getattr(recipe, f)]
+
+
 def check_dataset(recipe: Recipe, dataset: Any) -> None:
     """Raise MetricLabError unless the recipe's dataset keeps the :class:`Dataset` contract."""
 

@@ -140,6 +140,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     contracts.check_dataset(recipe, dataset)
     if dataset.notice:
         reporter.notice(dataset.notice)
+    if ignored := contracts.ignored_transforms(recipe, dataset):
+        reporter.notice(
+            f"{', '.join(ignored)} ignored: dataset '{recipe.dataset}' is held in memory as tensors, and its batches "
+            "are not transformed (transforms apply to datasets of image files: image-folder, csv)"
+        )
     model = contracts.build_checked_model(recipe, dataset.input_shape)
     model.fit_input_statistics(statistics_sample(dataset, recipe.num_workers))
     loss_fn, miner = build_objective(recipe, num_classes=len(dataset.classes), embedding_dim=model.embedding_dim)

@@ -62,6 +62,15 @@ def test_bad_recipe_options(tmp_path, capsys, args, words):
     assert not out.exists()  # a run that never started leaves no folder behind
 
 
+def test_transforms_on_a_resident_dataset_are_reported_as_ignored(tmp_path, capsys):
+    args = ["--train-transform", "random-resized-crop", "--test-transform-args", "crop_fraction=0.9"]
+    code, err = train_in_process(capsys, *DIGITS, *args, "--output-dir", str(tmp_path / "run"))
+    assert code == 0, err[-3000:]
+    assert "--train-transform, --test-transform-args ignored: dataset 'digits' is held in memory" in " ".join(
+        err.split()
+    )
+
+
 def test_a_malformed_option_value_is_cli_misuse(tmp_path, capsys):
     code, err = train_in_process(capsys, *DIGITS, "--lr", "abc", "--output-dir", str(tmp_path / "run"))
     assert code == 2 and "argument --lr: invalid float value: 'abc'" in err and "Traceback" not in err
