@@ -22,6 +22,7 @@ import itertools
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from metriclab.errors import MetricLabError
@@ -53,6 +54,24 @@ def mlp(*, embedding_dim: int, input_shape: tuple[int, int, int], hidden: tuple[
     return nn.Sequential(*layers)
 
 
+class GeneralizedMeanPool(nn.Module):
+    """GeM pooling (Radenović et al., 2018): ``mean(x ** p) ** (1 / p)`` over positions, ``p`` learned (init 3).
+
+    ``p = 1`` is average pooling and ``p -> inf`` max pooling. Computed in float32, so half-precision
+    activations cannot overflow in the power.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> ``(N, C, 1, 1)``."""
+        pooled = x.float().clamp(min=self.eps).pow(self.p).mean((2, 3), keepdim=True).pow(1.0 / self.p)
+        return pooled.to(x.dtype)
+
+
 @register_encoder("convnet")
 def convnet(
     *,
@@ -67,14 +86,15 @@ def convnet(
     """Small ConvNet: stages of conv3x3-(BatchNorm)-ReLU, each ending in a 2x2 max-pool, then a linear embedding head.
 
     ``channels`` gives one stage each; ``convs_per_stage=2`` is the VGG-style stage. The head sees the last map
-    averaged over its positions (``global_pool="avg"``) or whole (``"flatten"``: where each feature is, which
-    a centred dataset's classes tell apart by), after dropout of ``drop_rate`` (timm's names for both).
+    averaged over its positions (``global_pool="avg"``), pooled by a learned generalized mean (``"gem"``,
+    :class:`GeneralizedMeanPool`, the usual pooling of retrieval networks) or whole (``"flatten"``: where each
+    feature is, which a centred dataset's classes tell apart by), after dropout of ``drop_rate`` (timm's names).
     """
     _check(embedding_dim, input_shape)
     if convs_per_stage < 1:
         raise MetricLabError(f"convs_per_stage must be at least 1, got {convs_per_stage}; pass e.g. convs_per_stage=2")
-    if global_pool not in ("avg", "flatten"):
-        raise MetricLabError(f"global_pool must be 'avg' or 'flatten', got {global_pool!r}")
+    if global_pool not in ("avg", "gem", "flatten"):
+        raise MetricLabError(f"global_pool must be 'avg', 'gem' or 'flatten', got {global_pool!r}")
     if not 0.0 <= drop_rate < 1.0:
         raise MetricLabError(f"drop_rate must be in [0, 1), got {drop_rate}; pass e.g. drop_rate=0.3")
     layers: list[nn.Module] = []
@@ -92,8 +112,8 @@ def convnet(
         # Pooling before the ReLU gives the same outputs and gradients (max and ReLU commute) on a 4x smaller map.
         layers += [nn.MaxPool2d(2, ceil_mode=True), nn.ReLU()]
     features = size_in
-    if global_pool == "avg":
-        layers.append(nn.AdaptiveAvgPool2d(1))
+    if global_pool in ("avg", "gem"):
+        layers.append(nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else GeneralizedMeanPool())
     else:
         height, width = input_shape[1:]
         for _ in channels:

@@ -85,11 +85,31 @@ def test_convnet_head_can_see_the_whole_last_map_through_dropout():
     default = registry.create("encoder", "convnet", embedding_dim=4, input_shape=shape, channels=(3, 5, 6))
     assert [type(m).__name__ for m in default[-3:]] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
     for wrong, match in [
-        ({"global_pool": "max"}, "global_pool must be 'avg' or 'flatten'"),
+        ({"global_pool": "max"}, "global_pool must be 'avg', 'gem' or 'flatten'"),
         ({"drop_rate": 1.0}, "drop_rate"),
     ]:
         with pytest.raises(MetricLabError, match=match):
             registry.create("encoder", "convnet", embedding_dim=4, input_shape=shape, **wrong)
+
+
+def test_convnet_gem_pooling_is_a_learned_generalized_mean():
+    shape = (1, 28, 28)
+    encoder = registry.create(
+        "encoder", "convnet", embedding_dim=4, input_shape=shape, channels=(3, 5), global_pool="gem"
+    )
+    gem = encoder[-3]
+    assert type(gem).__name__ == "GeneralizedMeanPool" and float(gem.p) == 3.0
+    x = torch.rand(2, 5, 7, 7)
+    expected = (x.pow(3).sum((2, 3)) / 49).pow(1 / 3)
+    torch.testing.assert_close(gem(x).flatten(1), expected)
+    with torch.no_grad():
+        gem.p.fill_(1.0)
+    torch.testing.assert_close(gem(x), torch.nn.functional.adaptive_avg_pool2d(x, 1))  # p = 1: average pooling
+    # p is learned with the rest of the network, and half-precision inputs do not overflow in the power.
+    encoder(torch.rand(2, *shape)).sum().backward()
+    assert gem.p.grad is not None and gem.p.grad != 0
+    big = torch.full((1, 1, 2, 2), 300.0, dtype=torch.float16)
+    assert gem(big).dtype == torch.float16 and torch.isfinite(gem(big)).all()
 
 
 def test_resnet18_is_adapted_to_small_single_channel_images():

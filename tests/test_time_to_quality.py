@@ -40,6 +40,7 @@ def test_cosface_recipe_trains_vgg_stages_with_a_cosface_loss(tmp_path):
     assert config["components"]["loss"]["name"] == "cosface"
     assert config["components"]["loss"]["args"]["label_smoothing"] == 0.1
     assert config["recipe"]["encoder_args"]["convs_per_stage"] == 2
+    assert config["recipe"]["encoder_args"]["global_pool"] == "gem"
 
 
 @pytest.mark.slow  # three short trainings and pml's loop: about half a minute
