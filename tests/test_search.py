@@ -258,3 +258,31 @@ def test_knn_of_a_gallery_searched_in_blocks_equals_one_block(monkeypatch, metri
     assert torch.equal(whole[1], blocks[1]) and torch.equal(whole[0], blocks[0])
     if exclude_self:
         assert not (blocks[1] == torch.arange(len(gallery))[:, None]).any()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_retrieval_metrics_of_a_gallery_searched_in_blocks_equal_whole_rows(monkeypatch, metric, leave_one_out):
+    from metriclab.metrics import retrieval
+
+    rng = np.random.default_rng(0)
+    # 600 distinct points repeated across the 5,003 items, 3 points to a class, a third of the copies relabelled:
+    # ties everywhere, within and across blocks, broken by index, with labels that differ among the tied.
+    point = rng.integers(0, 600, 5003)
+    gallery = rng.standard_normal((600, 8)).astype(np.float32)[point]
+    labels = np.where(rng.random(5003) < 1 / 3, rng.integers(0, 200, 5003), point % 200)
+    args = (gallery, labels) if leave_one_out else (gallery[:700], labels[:700], gallery, labels)
+    kwargs = {"ks": (1, 3, 10), "metric": metric, "clustering": False, "chunk_size": 64, "device": "cpu"}
+    monkeypatch.setattr(retrieval, "GALLERY_BLOCK", 1000)
+    monkeypatch.setattr(retrieval, "BLOCKED_NEED", 0)  # whole rows, ranked by class-split lists
+    whole = retrieval.retrieval_metrics(*args, **kwargs)
+    monkeypatch.setattr(retrieval, "BLOCKED_NEED", 1024)
+    searched = []
+    blocked = retrieval._nearest_in_blocks
+    monkeypatch.setattr(retrieval, "_nearest_in_blocks", lambda *a: searched.append(a[1]) or blocked(*a))
+    blocks = retrieval.retrieval_metrics(*args, **kwargs)
+    assert searched  # the blocked path ran
+    assert whole.keys() == blocks.keys()
+    for key, value in whole.items():  # the same counts; sums may differ in their last bit (order of addition)
+        assert blocks[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    assert 0.05 < whole["precision@1"] < 0.95  # the ties made the order matter

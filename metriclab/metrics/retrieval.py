@@ -56,7 +56,8 @@ METRICS = ("euclidean", "cosine")
 CHUNK_BYTES = 256 * 2**20
 SAMPLE = 512  # keys per row sampled to place the selection threshold
 MAX_WORKERS = 4
-GALLERY_BLOCK = 1 << 16  # gallery columns per product in `knn` on the CPU (larger galleries are searched in blocks)
+GALLERY_BLOCK = 1 << 16  # gallery columns per product on the CPU (larger galleries are searched in blocks)
+BLOCKED_NEED = 1024  # `retrieval_metrics` searches a large gallery in blocks when no query needs more neighbours
 
 
 def _embeddings(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
@@ -319,6 +320,25 @@ def _nearest(keys: torch.Tensor, need: np.ndarray, values: np.ndarray | None = N
     return values[_select_by_topk(keys, int(need.max()))]
 
 
+def _nearest_in_blocks(
+    search: Callable[..., tuple[torch.Tensor, torch.Tensor]], start: int, stop: int, n_gallery: int, block: int, k: int
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """``(chunk, keys, columns)`` of the ``k`` nearest of queries ``start:stop``, the gallery searched ``block`` columns
+    at a time (CPU): each block's ``k`` best, merged by (key, column), so the result equals one whole-row search.
+    """
+    from metriclab.metrics.ranking import codes
+
+    found_keys, found_columns = [], []
+    for lo in range(0, n_gallery, block):
+        chunk, keys = search(start, stop, lo, min(lo + block, n_gallery))
+        columns = _nearest(keys, np.full(len(keys), min(k, keys.shape[1])))
+        found_keys.append(np.take_along_axis(keys.numpy(), columns, axis=1))
+        found_columns.append(columns.astype(np.int64) + lo)
+    merged_keys, merged_columns = np.concatenate(found_keys, axis=1), np.concatenate(found_columns, axis=1)
+    order = np.argsort(codes(merged_keys, merged_columns), axis=1)[:, :k]
+    return chunk, np.take_along_axis(merged_keys, order, axis=1), np.take_along_axis(merged_columns, order, axis=1)
+
+
 def knn(
     queries: Any,
     gallery: Any,
@@ -363,18 +383,8 @@ def knn(
             chunk, keys = search(start, stop)
             index = torch.from_numpy(_nearest(keys, np.full(len(keys), k))).to(dev)
             return chunk, keys.gather(1, index), index
-        from metriclab.metrics.ranking import codes
-
-        found_keys, found_columns = [], []
-        for lo in range(0, len(g), block):
-            chunk, keys = search(start, stop, lo, min(lo + block, len(g)))
-            columns = _nearest(keys, np.full(len(keys), min(k, keys.shape[1])))
-            found_keys.append(np.take_along_axis(keys.numpy(), columns, axis=1))
-            found_columns.append(columns.astype(np.int64) + lo)
-        merged_keys, merged_columns = np.concatenate(found_keys, axis=1), np.concatenate(found_columns, axis=1)
-        order = np.argsort(codes(merged_keys, merged_columns), axis=1)[:, :k]
-        values = torch.from_numpy(np.take_along_axis(merged_keys, order, axis=1))
-        return chunk, values, torch.from_numpy(np.take_along_axis(merged_columns, order, axis=1))
+        chunk, values, columns = _nearest_in_blocks(search, start, stop, len(g), block, k)
+        return chunk, torch.from_numpy(values), torch.from_numpy(columns)
 
     def select(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk, values, index = best(start, stop)
@@ -438,7 +448,11 @@ def retrieval_metrics(
     top = [min(int(k), n_ref) for k in ks]
     vote_k = min(knn_k, n_ref)
     need = np.maximum(max(*top, vote_k), relevant)
-    rows = _chunk_rows(len(g), int(need.max()), chunk_size)
+    # A large gallery whose queries need few neighbours each (R of ~10 in a product catalogue) is searched in
+    # blocks, as `knn` does: whole rows of a 1M gallery left chunks of 16 queries, whose products spent their time
+    # re-packing the gallery. Many neighbours (R of thousands) keep whole rows and the class-split ranking.
+    blocked = _on_host(dev) and len(g) > GALLERY_BLOCK and int(need.max()) <= BLOCKED_NEED
+    rows = _chunk_rows(GALLERY_BLOCK if blocked else len(g), int(need.max()), chunk_size)
 
     from metriclab.metrics.ranking import ranking_sums  # numba: imported on first use
 
@@ -448,8 +462,11 @@ def retrieval_metrics(
     ks_clamped = np.array(top, dtype=np.int64)
 
     def score(start: int, stop: int) -> np.ndarray:
-        _, keys = search(start, stop)
         span = slice(start, stop)
+        if blocked:
+            *_, columns = _nearest_in_blocks(search, start, stop, len(g), GALLERY_BLOCK, int(need.max()))
+            return ranking_sums(g_ids[columns], q_ids[span], relevant[span], ks_clamped, vote_k)
+        _, keys = search(start, stop)
         if _on_host(keys.device):
             own, rel = q_ids[span], relevant[span]
             return _ranking_sums_on_host(keys.numpy(), need[span], g_ids, own, rel, ks_clamped, vote_k)
