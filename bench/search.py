@@ -19,6 +19,7 @@ precision@1 and MAP@R are in the range of trained models (0.8-0.9 and 0.7-0.8) r
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -200,7 +201,13 @@ def _call(args: list[str], log, quick: bool, reuse: bool) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         result = {"failed": f"timed out after {TIMEOUT:,} s"}
     except RuntimeError as err:  # the child died: -9 is the kernel's out-of-memory killer on Linux
-        result = {"failed": "killed (out of memory)" if "failed (-9)" in str(err) else "failed"}
+        asked = re.search(r"tried to allocate (\d+) bytes", str(err))  # torch refused one allocation
+        if "failed (-9)" in str(err):
+            result = {"failed": "killed (out of memory)"}
+        elif asked:
+            result = {"failed": f"out of memory (one allocation of {int(asked.group(1)) / 2**30:,.0f} GiB refused)"}
+        else:
+            result = {"failed": "failed"}
     result |= {"load_before": before, "measured": time.strftime("%Y-%m-%d %H:%M")}
     saved = RUNS / (hashlib.sha1(json.dumps(list(args)).encode()).hexdigest()[:16] + ".json")
     RUNS.mkdir(parents=True, exist_ok=True)
