@@ -161,6 +161,12 @@ def _run_inline(args: Sequence[str], log: Callable[[str], None]) -> dict[str, An
     return result
 
 
+def rotated(items: Sequence[Any], turn: int) -> list[Any]:
+    """``items`` started at position ``turn`` (wrapping): who goes first changes from one repetition to the next."""
+    start = turn % len(items)
+    return [*items[start:], *items[:start]]
+
+
 def median(values: Sequence[float]) -> float:
     """The median of ``values`` (NaN when empty)."""
     return statistics.median(values) if values else float("nan")

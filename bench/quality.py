@@ -18,7 +18,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import ROOT, WORK, fmt, median, run_child
+from bench.measure import ROOT, WORK, fmt, median, rotated, run_child
 
 RECIPES = ("recipes/fashion_mnist_triplet.py", "recipes/fashion_mnist_cosface.py")
 SEEDS = 3
@@ -35,7 +35,7 @@ def run(quick: bool = False, repeats: int | None = None, reuse: bool = False, lo
     seeds = 1 if quick else (repeats or SEEDS)
     rows: dict[str, list[dict[str, Any]]] = {recipe: [] for recipe in RECIPES}
     for seed in range(seeds):
-        for recipe in RECIPES[seed % len(RECIPES) :] + RECIPES[: seed % len(RECIPES)]:
+        for recipe in rotated(RECIPES, seed):
             args = ["python", "bench/train_vs_pml.py", "worker", "metriclab", dataset, "--seed", str(seed)]
             args += ["--recipe", str(ROOT / recipe), "--epochs", "0", "--batch-size", "0"]
             args += ["--output-dir", str(WORK / "quality" / f"{Path(recipe).stem}-{seed}")]

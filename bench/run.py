@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import re
 import sys
@@ -99,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         started, load_start = time.strftime("%Y-%m-%d %H:%M %Z"), load()
         print(f"== {name} ({'quick' if args.quick else 'full'}; load {load_start})", flush=True)
         clock = time.perf_counter()
-        kwargs = {"repeats": args.repeats, "reuse": args.reuse} if name in ("train_vs_pml", "ttq", "quality") else {}
-        kwargs = {"reuse": args.reuse} if name == "loader" else kwargs
-        kwargs = {"reuse": args.reuse} if name == "search" else kwargs
+        # --repeats and --reuse go to the benchmarks whose run() takes them
+        accepted = inspect.signature(module.run).parameters
+        kwargs = {key: value for key, value in (("repeats", args.repeats), ("reuse", args.reuse)) if key in accepted}
         text, results = module.run(quick=args.quick, **kwargs)
         if text is None:
             print(f"   skipped '{name}': it needs hardware this machine lacks; its section of {output} is kept")

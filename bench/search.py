@@ -201,10 +201,9 @@ def _call(args: list[str], log, quick: bool, reuse: bool) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         result = {"failed": f"timed out after {TIMEOUT:,} s"}
     except RuntimeError as err:  # the child died: -9 is the kernel's out-of-memory killer on Linux
-        asked = re.search(r"tried to allocate (\d+) bytes", str(err))  # torch refused one allocation
         if "failed (-9)" in str(err):
             result = {"failed": "killed (out of memory)"}
-        elif asked:
+        elif asked := re.search(r"tried to allocate (\d+) bytes", str(err)):  # torch refused one allocation
             result = {"failed": f"out of memory (one allocation of {int(asked.group(1)) / 2**30:,.0f} GiB refused)"}
         else:
             result = {"failed": "failed"}

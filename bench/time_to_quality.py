@@ -21,7 +21,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import ROOT, WORK, fmt, median, run_child
+from bench.measure import ROOT, WORK, fmt, median, rotated, run_child
 
 TARGET = 0.85
 SEEDS = 3
@@ -68,7 +68,7 @@ def run(quick: bool = False, repeats: int | None = None, reuse: bool = False, lo
     entries = contenders(quick)
     rows: dict[str, list[dict[str, Any]]] = {c.label: [] for c in entries}
     for seed in range(seeds):
-        for c in entries[seed % len(entries) :] + entries[: seed % len(entries)]:
+        for c in rotated(entries, seed):
             args = ["python", "bench/train_vs_pml.py", "worker", c.impl, dataset, "--seed", str(seed)]
             args += ["--eval-every", str(c.eval_every), "--epochs", str(c.epochs)]
             if c.impl == "pml":  # its clock pauses while it scores, so it can stop where the curve ends
