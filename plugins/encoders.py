@@ -112,13 +112,13 @@ def convnet(
         # Pooling before the ReLU gives the same outputs and gradients (max and ReLU commute) on a 4x smaller map.
         layers += [nn.MaxPool2d(2, ceil_mode=True), nn.ReLU()]
     features = size_in
-    if global_pool in ("avg", "gem"):
-        layers.append(nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else GeneralizedMeanPool())
-    else:
+    if global_pool == "flatten":
         height, width = input_shape[1:]
         for _ in channels:
             height, width = -(-height // 2), -(-width // 2)  # each ceil-mode pool halves, rounding up
         features *= height * width
+    else:
+        layers.append(GeneralizedMeanPool() if global_pool == "gem" else nn.AdaptiveAvgPool2d(1))
     layers.append(nn.Flatten())
     if drop_rate:  # no module at 0: the default network keeps its layers' indices, so saved weights still load
         layers.append(nn.Dropout(drop_rate))

@@ -454,8 +454,9 @@ def retrieval_metrics(
     # A large gallery whose queries need few neighbours each (R of ~10 in a product catalogue) is searched in
     # blocks, as `knn` does: whole rows of a 1M gallery left chunks of 16 queries, whose products spent their time
     # re-packing the gallery. Many neighbours (R of thousands) keep whole rows and the class-split ranking.
-    blocked = _on_host(dev) and len(g) > GALLERY_BLOCK and int(need.max()) <= BLOCKED_NEED
-    rows = _chunk_rows(GALLERY_BLOCK if blocked else len(g), int(need.max()), chunk_size)
+    most = int(need.max())
+    blocked = _on_host(dev) and len(g) > GALLERY_BLOCK and most <= BLOCKED_NEED
+    rows = _chunk_rows(GALLERY_BLOCK if blocked else len(g), most, chunk_size)
 
     from metriclab.metrics.ranking import ranking_sums  # numba: imported on first use
 
@@ -467,7 +468,7 @@ def retrieval_metrics(
     def score(start: int, stop: int) -> np.ndarray:
         span = slice(start, stop)
         if blocked:
-            *_, columns = _nearest_in_blocks(search, start, stop, len(g), GALLERY_BLOCK, int(need.max()))
+            *_, columns = _nearest_in_blocks(search, start, stop, len(g), GALLERY_BLOCK, most)
             return ranking_sums(g_ids[columns], q_ids[span], relevant[span], ks_clamped, vote_k)
         _, keys = search(start, stop)
         if _on_host(keys.device):
