@@ -118,27 +118,41 @@ def _candidates(row, threshold, columns):
 
 
 @_compiled
+def _rank_threshold(sample, rk):
+    """The key at rank ``rk`` (1-based) of the sorted ``sample``; past the sample, +inf (every key)."""
+    return sample[rk - 1] if rk <= sample.shape[0] else np.float32(np.inf)
+
+
+@_compiled
+def _search_step(m, need, width, rk, lo, hi, top_rank):
+    """The threshold search after ``m`` keys were found under rank ``rk``: ``(next rank, lo, hi)``, rank 0 to stop.
+
+    The rank doubles while fewer than ``need`` keys are under it (``top_rank``: +inf, every key); if then more
+    than ``width`` are, it is bisected back between too few (``lo``) and too many (``hi``). More than ``width``
+    are kept only where no rank in between fits.
+    """
+    if m < need and rk < top_rank:
+        lo = rk
+    elif m > width and rk - lo > 1:
+        hi = rk
+    else:
+        return 0, lo, hi
+    return ((lo + hi + 1) // 2 if hi <= top_rank else min(2 * rk, top_rank)), lo, hi
+
+
+@_compiled
 def _kept(row, sample, rank, need, width, cc):
     """The columns of ``row``'s candidates in ``cc``, how many: every key up to a threshold from ``sample``.
 
-    The threshold's rank in the sorted ``sample`` starts at ``rank`` and doubles while fewer than ``need``
-    keys are under it (past the sample: +inf, every key); if then more than ``width`` are, it is bisected back
-    between too few and too many. More than ``width`` are returned only where no rank in between fits.
+    The threshold's rank in the sorted ``sample`` starts at ``rank`` (see :func:`_search_step`).
     """
-    top_rank = sample.shape[0] + 1  # stands for +inf
-    unknown = top_rank + 1
-    lo, hi = 0, unknown
-    rk = min(rank, top_rank)
+    top_rank = sample.shape[0] + 1
+    rk, lo, hi = min(rank, top_rank), 0, top_rank + 1
     while True:
-        thr = sample[rk - 1] if rk < top_rank else np.float32(np.inf)
-        m = _candidates(row, thr, cc)
-        if m < need and rk < top_rank:
-            lo = rk
-        elif m > width and rk - lo > 1:
-            hi = rk
-        else:
+        m = _candidates(row, _rank_threshold(sample, rk), cc)
+        rk, lo, hi = _search_step(m, need, width, rk, lo, hi, top_rank)
+        if rk == 0:
             return m
-        rk = (lo + hi + 1) // 2 if hi != unknown else min(2 * rk, top_rank)
 
 
 @_compiled
@@ -267,114 +281,218 @@ def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
     return sums
 
 
-# -- ranking metrics without ranking every neighbour ----------------------------------------------------------
+# -- ranking metrics from one sorted row of codes -------------------------------------------------------------
 # A query's ranking metrics only ask, position by position, whether the neighbour is of the query's class, and
-# the classes of its `vote_k` nearest. So the candidates are split into same-class and other-class keys, each
-# list sorted by numpy (AVX-512 sorts float32 about 4x faster than int64 codes), and the two merged: equal keys
-# of one list are interchangeable there, and equal keys of both lists are taken in column order. Rows with more
-# candidates than the buffers hold are left to `nearest` and `ranking_sums`.
+# the classes of its `vote_k` nearest. So each candidate becomes one float64 that sorts like (key, column) and
+# carries that answer in its last bit (:func:`_sortable`); numpy sorts rows of these (with AVX-512 where the CPU
+# has it, ~2x faster than int64 codes of the same order) and one pass over each sorted row sums the metrics.
+# Rows with more candidates than the buffers hold are left to `nearest` and `ranking_sums`.
+
+COLUMN_LIMIT = 1 << 28  # columns that fit a code: a float32 widened to float64 leaves 29 mantissa bits zero
+_SIGN = np.int64(-(1 << 63))
+_SMALLEST_NORMAL = np.int64(1 << 52)
+_LARGEST_EXPONENT = np.int64(0x7FE << 52)
+_INFINITE = np.int64(0x7FF << 52)  # the bits of +inf, exponent all ones
+INF_CODE = np.float64(np.inf)  # after a row's codes: sorts last
 
 
 @_compiled
-def split_by_class(keys, sample, rank, need, classes, own, same, other, columns, counts, voters, vote_k):
-    """Per row: the candidate keys (as in :func:`nearest`) of ``own[row]``'s class into ``same[row]``, the others
-    into ``other[row]``, the candidates' columns in order into ``columns[row]`` (``counts[row]`` = how many of
-    each, then all candidates; +inf after each list's keys) and the classes of the row's ``vote_k`` nearest, by key
-    then column, into ``voters[row]``. ``counts[row, 0] = -1`` marks a row whose candidates did not fit."""
+def _sortable(key, column, same):
+    """The int64 bits of a float64 that sorts like ``(key, column)`` and whose last bit is ``same``.
+
+    ``key``'s float64 gets ``column`` in the mantissa bits a float32 leaves zero (reversed under a
+    negative key, whose bits grow away from zero), then ``same``. A zero key takes the smallest
+    normal float64 and an infinite one the largest exponent, so no code is subnormal or NaN.
+    """
+    bits = np.float64(key + np.float32(0.0)).view(np.int64)  # + 0: -0.0 becomes +0.0, its equal
+    if bits == 0:
+        bits = _SMALLEST_NORMAL
+    elif (bits & _INFINITE) == _INFINITE:
+        bits = (bits & _SIGN) | _LARGEST_EXPONENT
+    low = column if bits >= 0 else COLUMN_LIMIT - 1 - column
+    return bits | (np.int64(low) << 1) | same
+
+
+@_compiled
+def _column(code):
+    """The column that :func:`_sortable` put in ``code``."""
+    low = (code >> 1) & (COLUMN_LIMIT - 1)
+    return low if code >= 0 else COLUMN_LIMIT - 1 - low
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
+    """``value`` in every lane of a ``vector``."""
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
+
+
+def _compress(builder: ir.IRBuilder, vector: ir.Value, mask: ir.Value, ptr: ir.Value, m: ir.Value) -> None:
+    """Store ``vector``'s lanes under ``mask`` at ``ptr[m:]``, packed, then garbage up to a whole vector.
+
+    The lanes are packed in a register and stored whole: a compressing store to memory is slow on Intel cores.
+    """
+    kind = vector.type
+    name = f"llvm.experimental.vector.compress.v{kind.count}{'f' if kind.element == ir.FloatType() else 'i'}32"
+    compress = cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind, mask.type, kind]), name)
+    packed = builder.call(compress, [vector, mask, ir.Constant(kind, ir.Undefined)])
+    builder.store(packed, builder.bitcast(builder.gep(ptr, [m]), kind.as_pointer()), align=4)
+
+
+@intrinsic
+def _keep16(typingctx, row, classes, start, threshold, mine, ck, cs, m):
+    """Of the columns ``start..start+15`` whose key is <= ``threshold``: the keys into ``ck[m:]`` and
+    ``column << 1 | (class == mine)`` into ``cs[m:]``; returns the new ``m``. Both are written 16 entries on."""
+    arrays = (row, classes, ck, cs)
+    if any(a.layout != "C" for a in arrays) or classes.dtype != types.int32 or mine != types.int32:
+        return None  # contiguous rows for the vector loads and stores, int32 classes
+    signature = types.int64(row, classes, start, threshold, mine, ck, cs, m)
+
+    def codegen(context, builder, sig, args):
+        row_v, classes_v, start_v, threshold_v, mine_v, ck_v, cs_v, m_v = args
+        keys_ptr, classes_ptr, ck_ptr, cs_ptr = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 5, 6)
+        )
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        vf, vi = ir.VectorType(f32, _LANES), ir.VectorType(i32, _LANES)
+        keys = builder.load(builder.bitcast(builder.gep(keys_ptr, [start_v]), vf.as_pointer()), align=4)
+        mask = builder.fcmp_ordered("<=", keys, _splat(builder, threshold_v, vf))
+        cls = builder.load(builder.bitcast(builder.gep(classes_ptr, [start_v]), vi.as_pointer()), align=4)
+        same = builder.zext(builder.icmp_signed("==", cls, _splat(builder, mine_v, vi)), vi)
+        columns = builder.add(_splat(builder, builder.trunc(start_v, i32), vi), ir.Constant(vi, list(range(_LANES))))
+        _compress(builder, keys, mask, ck_ptr, m_v)
+        coded = builder.or_(builder.shl(columns, ir.Constant(vi, [1] * _LANES)), same)
+        _compress(builder, coded, mask, cs_ptr, m_v)
+        lanes = ir.IntType(_LANES)
+        popcount = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(lanes, [lanes]), f"llvm.ctpop.i{_LANES}"
+        )
+        count = builder.call(popcount, [builder.bitcast(mask, lanes)])
+        return builder.add(m_v, builder.zext(count, ir.IntType(64)))
+
+    return signature, codegen
+
+
+@intrinsic
+def _code16(typingctx, ck, cs, start, out):
+    """:func:`_sortable` codes of ``ck[start:start+16]`` and ``cs[start:start+16]`` (as :func:`_keep16` wrote them)
+    into ``out[start:start+16]``."""
+    if any(a.layout != "C" for a in (ck, cs, out)):
+        return None
+    signature = types.void(ck, cs, start, out)
+
+    def codegen(context, builder, sig, args):
+        ck_v, cs_v, start_v, out_v = args
+        keys_ptr, cs_ptr, out_ptr = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 3))
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vf, vi, vq = (ir.VectorType(t, _LANES) for t in (ir.FloatType(), i32, i64))
+
+        def q(value: int) -> ir.Constant:
+            return ir.Constant(vq, [value] * _LANES)
+
+        keys = builder.load(builder.bitcast(builder.gep(keys_ptr, [start_v]), vf.as_pointer()), align=4)
+        keys = builder.fadd(keys, ir.Constant(vf, [0.0] * _LANES))  # -0.0 becomes +0.0, its equal
+        bits = builder.bitcast(builder.fpext(keys, ir.VectorType(ir.DoubleType(), _LANES)), vq)
+        bits = builder.select(builder.icmp_signed("==", bits, q(0)), q(int(_SMALLEST_NORMAL)), bits)
+        infinite = builder.icmp_signed("==", builder.and_(bits, q(int(_INFINITE))), q(int(_INFINITE)))
+        capped = builder.or_(builder.and_(bits, q(int(_SIGN))), q(int(_LARGEST_EXPONENT)))
+        bits = builder.select(infinite, capped, bits)
+        low = builder.load(builder.bitcast(builder.gep(cs_ptr, [start_v]), vi.as_pointer()), align=4)
+        low = builder.zext(low, vq)
+        low = builder.xor(low, builder.and_(builder.ashr(bits, q(63)), q((COLUMN_LIMIT - 1) << 1)))  # negative keys
+        builder.store(
+            builder.or_(bits, low), builder.bitcast(builder.gep(out_ptr, [start_v]), vq.as_pointer()), align=8
+        )
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@_compiled
+def _keep(row, threshold, classes, mine, ck, cs):
+    """:func:`_keep16` over all of ``row``: how many keys are <= ``threshold``."""
+    n = row.shape[0]
+    m = 0
+    done = 0
+    if _AVX512:
+        while done + _LANES <= n:
+            m = _keep16(row, classes, done, threshold, mine, ck, cs, m)
+            done += _LANES
+    for j in range(done, n):  # branch-free compaction: write always, advance when kept
+        ck[m] = row[j]
+        cs[m] = j << 1 | (classes[j] == mine)
+        m += row[j] <= threshold
+    return m
+
+
+@_compiled
+def class_codes(keys, sample, rank, need, classes, own, codes, counts):
+    """Per row: its candidates (as in :func:`nearest`) as :func:`_sortable` codes, the last bit saying whether the
+    column is of class ``own[row]`` (int32 classes), into ``codes[row]`` (int64 bits of float64s; +inf after them)
+    and how many into ``counts[row]``: -1 marks a row whose candidates did not fit or fall short of ``need[row]``
+    (NaN keys). ``codes`` needs 16 columns more than the widest row it may hold: vector stores run past a row."""
     rows, n = keys.shape
-    width = same.shape[1] - 1  # the last slot of each list stays +inf: a sentinel for the merge
-    cc = np.empty(n, np.int32)
-    best = np.empty(max(vote_k, 1), np.int64)  # the codes of the vote_k nearest so far, sorted
+    width = codes.shape[1] - _LANES
+    ck = np.empty(n + _LANES, np.float32)
+    cs = np.empty(n + _LANES, np.int32)
+    infinite = np.float64(INF_CODE).view(np.int64)
+    top_rank = sample.shape[1] + 1
     for r in range(rows):
         row = keys[r]
-        m = _kept(row, sample[r], rank[r], need[r], width, cc)
-        if m > width:
-            counts[r, 0] = -1
-            continue
         mine = own[r]
-        a = 0
-        b = 0
-        voted = 0
-        worst = np.float32(np.inf)  # the key of the vote_k-th nearest so far: farther keys cannot vote
-        for i in range(m):  # branch-free split: write to both lists, advance one
-            c = cc[i]
-            v = row[c]
-            s = classes[c] == mine
-            same[r, a] = v
-            other[r, b] = v
-            columns[r, i] = c
-            a += s
-            b += 1 - s
-            if v <= worst and vote_k:
-                code = _code(v, c)
-                if voted < vote_k or code < best[vote_k - 1]:
-                    y = min(voted, vote_k - 1)
-                    while y > 0 and best[y - 1] > code:
-                        best[y] = best[y - 1]
-                        y -= 1
-                    best[y] = code
-                    voted = min(voted + 1, vote_k)
-                    if voted == vote_k:
-                        worst = row[best[vote_k - 1] & 0xFFFFFFFF]
-        same[r, a:] = np.inf
-        other[r, b:] = np.inf
-        counts[r, 0] = a
-        counts[r, 1] = b
-        counts[r, 2] = m
-        for j in range(vote_k):
-            voters[r, j] = classes[best[j] & 0xFFFFFFFF]
+        rk, lo, hi = min(rank[r], top_rank), 0, top_rank + 1
+        while True:
+            m = _keep(row, _rank_threshold(sample[r], rk), classes, mine, ck, cs)
+            rk, lo, hi = _search_step(m, need[r], width, rk, lo, hi, top_rank)
+            if rk == 0:
+                break
+        out = codes[r]
+        if m > width or m < need[r] or n > COLUMN_LIMIT:
+            counts[r] = -1
+            m = 0
+        else:
+            counts[r] = m
+            done = 0
+            if _AVX512:
+                while done < m:
+                    _code16(ck, cs, done, out)
+                    done += _LANES
+            for i in range(done, m):
+                out[i] = _sortable(ck[i], cs[i] >> 1, np.int64(cs[i] & 1))
+        out[m:] = infinite
 
 
 @_compiled
-def _take(is_same, a, b, i, hits, precision_sum, rr, prefix):
-    """Ranked position ``i`` goes to the same-class list (``is_same``) or the other: the merge's counters after it."""
-    hits += is_same
-    prefix[i + 1] = hits
-    if i < rr:
-        precision_sum += is_same * hits / (i + 1)
-    return a + is_same, b + 1 - is_same, i + 1, hits, precision_sum
+def sorted_sums(codes, counts, classes, own, relevant, top, vote_k, sums, skipped):
+    """:func:`ranking_sums` of rows coded by :func:`class_codes` and sorted as float64, added to ``sums``.
 
-
-@_compiled
-def merged_sums(keys, classes, same, other, columns, counts, voters, own, relevant, top, sums, skipped):
-    """:func:`ranking_sums` of rows split by :func:`split_by_class` (``same``/``other`` sorted), added to ``sums``.
-
-    Where the heads of the two lists are equal, the column decides: that run of equal keys is taken
-    from the row's candidates in column order. Rows with ``counts[row, 0] < 0`` are marked in ``skipped``.
+    Rows with ``counts[row] < 0`` are marked in ``skipped``.
     """
     k = top.shape[0]
-    vote_k = voters.shape[1]
-    prefix = np.zeros(max(relevant.max(), top.max()) + 1, np.int64)  # same-class neighbours among the first i
-    for r in range(same.shape[0]):
-        if counts[r, 0] < 0:
+    most = top.max()
+    prefix = np.zeros(max(relevant.max(), most) + 1, np.int64)  # same-class neighbours among the first i
+    voters = np.empty(max(vote_k, 1), classes.dtype)
+    for r in range(codes.shape[0]):
+        if counts[r] < 0:
             skipped[r] = True
             continue
-        mine = own[r]
-        sums[2 * k + 2] += _majority(voters[r], vote_k) == mine
+        row = codes[r]
+        for j in range(vote_k):
+            voters[j] = classes[_column(row[j])]
+        sums[2 * k + 2] += _majority(voters, vote_k) == own[r]
         rr = relevant[r]
         if rr == 0:
             continue
-        na = counts[r, 0]
-        nb = counts[r, 1]
-        limit = max(rr, top.max())
-        a = 0
-        b = 0
-        i = 0
         hits = 0
         precision_sum = 0.0
-        while i < limit:
-            x = same[r, a]
-            y = other[r, b]
-            if x == y and a < na and b < nb:  # equal keys of both classes: in column order
-                for j in range(counts[r, 2]):
-                    c = columns[r, j]
-                    if keys[r, c] == x and i < limit:
-                        a, b, i, hits, precision_sum = _take(
-                            classes[c] == mine, a, b, i, hits, precision_sum, rr, prefix
-                        )
-                continue
-            is_same = (x < y) | (b >= nb)  # branch-free; an exhausted list shows its +inf sentinel
-            a, b, i, hits, precision_sum = _take(is_same, a, b, i, hits, precision_sum, rr, prefix)
+        for i in range(rr):  # branch-free: same-class neighbours are unpredictable
+            same = row[i] & 1
+            hits += same
+            prefix[i + 1] = hits
+            precision_sum += same * hits / (i + 1)
+        for i in range(rr, most):
+            hits += row[i] & 1
+            prefix[i + 1] = hits
         sums[2 * k] += precision_sum / rr
         sums[2 * k + 1] += prefix[rr] / rr
         for t in range(k):

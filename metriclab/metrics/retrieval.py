@@ -246,48 +246,44 @@ def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray)
 _scratch = threading.local()
 
 
-def _buffers(rows: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Two float32 and one int32 ``(rows, width)`` arrays, this thread's from the last call when large enough.
+def _buffer(rows: int, width: int) -> np.ndarray:
+    """A float64 ``(rows, width)`` array, this thread's from the last call when large enough.
 
-    Fresh arrays of this size cost a page fault per 4 kB on every chunk: about a fifth of the ranking.
+    A fresh array of this size costs a page fault per 4 kB on every chunk: about a fifth of the ranking.
     """
-    held = getattr(_scratch, "arrays", None)
-    if held is None or held.size < 3 * rows * width:
-        held = _scratch.arrays = np.empty(3 * rows * width, np.float32)
-    three = held[: 3 * rows * width].reshape(3, rows, width)
-    return three[0], three[1], three[2].view(np.int32)
+    held = getattr(_scratch, "codes", None)
+    if held is None or held.size < rows * width:
+        held = _scratch.codes = np.empty(rows * width, np.float64)
+    return held[: rows * width].reshape(rows, width)
 
 
 def _ranking_sums_on_host(
     keys: np.ndarray, need: np.ndarray, classes: np.ndarray, own: np.ndarray, relevant: np.ndarray,
     top: np.ndarray, vote_k: int,
 ) -> np.ndarray:  # fmt: skip
-    """:func:`metriclab.metrics.ranking.ranking_sums` of the rows of ``keys``, without ranking every neighbour.
+    """:func:`metriclab.metrics.ranking.ranking_sums` of the rows of ``keys``, without ranking the neighbours' columns.
 
     The metrics need only whether each ranked position holds the query's class, and the classes of the
-    ``vote_k`` nearest: each row's candidates are split into keys of its own class and the others, both
-    sorted by numpy (float32 sorts about 4x faster than the int64 codes of a full ranking) and merged
-    (:func:`metriclab.metrics.ranking.merged_sums`). Rows whose candidates overflow the buffers take the
+    ``vote_k`` nearest: each row's candidates become float64 codes that sort by (key, column) and end in
+    that bit (:func:`metriclab.metrics.ranking.class_codes`), numpy sorts them, and one pass sums each row
+    (:func:`metriclab.metrics.ranking.sorted_sums`). Rows whose candidates overflow the buffer take the
     full ranking. The sums are the same.
     """
-    from metriclab.metrics.ranking import merged_sums, nearest, ranking_sums, split_by_class
+    from metriclab.metrics.ranking import class_codes, nearest, ranking_sums, sorted_sums
 
     need = need.astype(np.int64)
     sample, rank = _thresholds(keys, need)
     keys = np.ascontiguousarray(keys)
     rows = len(keys)
-    width = int(need.max()) * 3 // 2 + 64  # candidates beyond this take the full ranking
-    same, other, columns = _buffers(rows, width + 1)
-    counts = np.zeros((rows, 3), np.int64)
-    voters = np.empty((rows, vote_k), classes.dtype)
-    split_by_class(keys, sample, rank, need, classes, own, same, other, columns, counts, voters, vote_k)
-    same = same[:, : int(counts[:, 0].max()) + 1]  # + 1: an +inf sentinel after every row's keys
-    other = other[:, : int(counts[:, 1].max()) + 1]
-    same.sort(axis=1)
-    other.sort(axis=1)
+    # rows with more candidates than need * 1.5 + 64 take the full ranking; + 16: room for vector stores
+    codes = _buffer(rows, int(need.max()) * 3 // 2 + 64 + 16)
+    counts = np.zeros(rows, np.int64)
+    class_codes(keys, sample, rank, need, classes, own, codes.view(np.int64), counts)
+    codes = codes[:, : max(int(counts.max()), 1)]
+    codes.sort(axis=1)
     skipped = np.zeros(rows, dtype=bool)
     sums = np.zeros(2 * len(top) + 3)
-    merged_sums(keys, classes, same, other, columns, counts, voters, own, relevant, top, sums, skipped)
+    sorted_sums(codes.view(np.int64), counts, classes, own, relevant, top, vote_k, sums, skipped)
     if skipped.any():
         left = np.flatnonzero(skipped)
         neighbours = nearest(keys[left], sample[left], rank[left], need[left], classes, int(need[left].max()))
