@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,29 +122,29 @@ def test_rows_whose_sampled_threshold_keeps_too_few_are_redone():
         np.testing.assert_array_equal(got[row, : need[row]], expected[row, : need[row]])
 
 
-@pytest.mark.parametrize("case", ["distinct", "tied", "too-few-sampled"])
-def test_ranking_sums_from_split_lists_equal_those_of_the_full_ranking(case):
-    """The CPU metrics sort same-class and other-class keys apart and merge them: where the two lists share a key
-    the column decides, and rows whose threshold had to be raised past the buffers take the full ranking."""
+@pytest.mark.parametrize("case", ["distinct", "tied", "too-few-sampled", "too-many-sampled"])
+def test_ranking_sums_from_sorted_codes_equal_those_of_the_full_ranking(case):
+    """The CPU metrics keep each row's keys under a sampled threshold, code them with their column and class bit
+    and sort the codes: equal keys in column order, -0.0 equal to 0.0; a threshold that kept too few is raised,
+    one that kept too many is bisected back, and rows where no threshold fits take the full ranking."""
     from metriclab.metrics.ranking import ranking_sums
 
     rng = np.random.default_rng(3)
-    rows, n, classes = 60, 4000, 6
+    rows, n, classes = 60, 4003, 6  # not a multiple of 16: the vector kernels' tails run too
     gallery = rng.integers(0, classes, n).astype(np.int32)
     own = rng.integers(0, classes + 1, rows).astype(np.int32)  # class 6 has no gallery item: R = 0
     keys = rng.normal(size=(rows, n)).astype(np.float32)
+    columns = retrieval._sample_columns(n)
     if case == "tied":
-        keys = np.round(keys * 4).astype(np.float32)  # hundreds of copies of each value, -0.0 beside 0.0
-    if case == "too-few-sampled":
-        sampled = np.zeros(n, dtype=bool)
-        sampled[np.random.default_rng(0).choice(n, retrieval.SAMPLE, replace=False)] = True
-        keys[:, sampled] -= 100
+        keys = np.round(keys * 4).astype(np.float32)  # hundreds of copies of each value
+        keys[keys == 0] = rng.choice([-0.0, 0.0], size=int((keys == 0).sum()))
+    if case.endswith("sampled"):  # the sampled keys are the nearest (or farthest) of every row
+        keys[:, columns] += -100 if case == "too-few-sampled" else 100
     keys[np.arange(rows), rng.integers(0, n, rows)] = np.inf  # leave-one-out's own column
     relevant = np.minimum(np.bincount(gallery, minlength=classes + 1)[own], n - 1)
     top, vote_k = np.array([1, 10, 3], dtype=np.int64), 5
     need = np.maximum(np.maximum(top.max(), vote_k), relevant)
-    ranked = gallery[np.argsort(keys, axis=1, kind="stable")]
-    expected = ranking_sums(ranked, own, relevant, top, vote_k)
+    expected = ranking_sums(gallery[np.argsort(keys, axis=1, kind="stable")], own, relevant, top, vote_k)
     got = retrieval._ranking_sums_on_host(keys, need, gallery, own, relevant, top, vote_k)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
     assert expected[-1] > 0 and expected[0] > 0
@@ -435,3 +439,33 @@ def test_evaluate_embeddings_sections_and_input_types():
     without_train = evaluate_embeddings(None, None, test, test_labels, ks=(1, 5), num_pairs=500)
     assert set(without_train) == {"test_loo", "verification"}
     assert without_train["test_loo"] == from_numpy["test_loo"]
+
+
+@pytest.mark.slow  # compiles every ranking kernel again for a generic CPU: ~30 s
+def test_cpus_without_avx512_take_the_plain_loops_to_the_same_results(tmp_path):
+    """The vector kernels run only where numba compiles for AVX-512; NUMBA_CPU_NAME=generic compiles the loops that
+    every x86 CPU runs. Both must rank alike (ties, tails of rows not a multiple of 16, both metrics)."""
+    script = """
+import json, sys
+import numpy as np
+from metriclab.metrics import simd
+from metriclab.metrics.retrieval import knn, retrieval_metrics
+rng = np.random.default_rng(0)
+x = np.round(rng.normal(size=(3001, 8)) * 2).astype(np.float32)  # many equal distances
+y = rng.integers(0, 5, 3001)
+out = {"avx512": simd.AVX512, "knn": knn(x[:40], x, 9)[1].tolist()}
+for metric in ("cosine", "euclidean"):
+    out[metric] = retrieval_metrics(x, y, x[::2], y[::2], metric=metric, clustering=False)
+print(json.dumps(out))
+"""
+
+    def run(env: dict[str, str]) -> dict:
+        done = subprocess.run([sys.executable, "-c", script], env=os.environ | env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    host = run({})
+    generic = run({"NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "numba")})
+    assert generic.pop("avx512") is False
+    host.pop("avx512")
+    assert generic == host

@@ -2,12 +2,13 @@
 a query's ranking metrics from the classes of its ranked neighbours.
 
 :mod:`metriclab.metrics.retrieval` computes key rows (smaller = nearer) chunk by chunk and calls these on
-worker threads (the kernels release the GIL). Its CPU metrics use :func:`split_by_class` and
-:func:`merged_sums` (end of this file), and :func:`nearest` and :func:`ranking_sums` for the rare rows whose
+worker threads (the kernels release the GIL). Its CPU metrics use :func:`class_codes` and
+:func:`sorted_sums` (end of this file), and :func:`nearest` and :func:`ranking_sums` for the rare rows whose
 candidates overflow their buffers. Order is by key, then by column, exactly: MAP@R of a
 60k gallery ranks the R ~ 6,000 nearest of each query, so this sort is most of an evaluation.
+The loops over a row's keys run 16 keys at a time where the CPU has AVX-512 (:mod:`metriclab.metrics.simd`).
 
-How a row is sorted: the keys up to a threshold (placed from a sorted sample of the row) are
+How :func:`nearest` sorts a row: the keys up to a threshold (placed from a sorted sample of the row) are
 compacted in column order, dealt into about one bucket per key by a linear map of the key between
 the smallest and largest kept (monotone, so bucket order is key order), and each bucket is sorted
 by insertion as int64 ``(key, column)`` codes (numpy's sort past 32 codes). Buckets after the one
@@ -23,12 +24,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import llvmlite.binding as llvm
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.core.extending import intrinsic
+from numba import njit
+
+from metriclab.metrics.simd import (
+    AVX512,
+    COLUMN_LIMIT,
+    INFINITE,
+    LANES,
+    LARGEST_EXPONENT,
+    SIGN,
+    SMALLEST_NORMAL,
+    code16,
+    columns16,
+    keep16,
+)
 
 INSERTION_MAX = 32  # larger buckets (many equal or crowded keys) are sorted by np.sort
 
@@ -60,57 +70,16 @@ def codes(values, columns):
     return out
 
 
-_LANES = 16
-# Compiled for the host CPU: with AVX-512, `vcompressps`-style stores keep a row's candidates 16 keys at a
-# time (13 us for a 60k-key row on a Xeon, against 75-100 us for the scalar loop, which every CPU can run).
-_AVX512 = "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
-
-
-@intrinsic
-def _compress16(typingctx, row, start, threshold, out, m):
-    """Store the columns ``start..start+15`` whose key is <= ``threshold`` at ``out[m:]``; returns the new ``m``."""
-    if row.layout != "C" or out.layout != "C":
-        return None  # the vector load and store need contiguous rows
-    signature = types.int64(row, start, threshold, out, m)
-
-    def codegen(context, builder, sig, args):
-        row_v, start_v, threshold_v, out_v, m_v = args
-        keys_ptr = context.make_array(sig.args[0])(context, builder, row_v).data
-        out_ptr = context.make_array(sig.args[3])(context, builder, out_v).data
-        f32, i32 = ir.FloatType(), ir.IntType(32)
-        vf, vi = ir.VectorType(f32, _LANES), ir.VectorType(i32, _LANES)
-        zeros = ir.Constant(vi, [0] * _LANES)
-
-        def splat(value: ir.Value, vector: ir.VectorType) -> ir.Value:
-            one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
-
-        keys = builder.load(builder.bitcast(builder.gep(keys_ptr, [start_v]), vf.as_pointer()), align=4)
-        mask = builder.fcmp_ordered("<=", keys, splat(threshold_v, vf))
-        columns = builder.add(splat(builder.trunc(start_v, i32), vi), ir.Constant(vi, list(range(_LANES))))
-        store_type = ir.FunctionType(ir.VoidType(), [vi, i32.as_pointer(), mask.type])
-        store = cgutils.get_or_insert_function(builder.module, store_type, f"llvm.masked.compressstore.v{_LANES}i32")
-        builder.call(store, [columns, builder.gep(out_ptr, [m_v]), mask])
-        bits = ir.IntType(_LANES)
-        popcount = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
-        )
-        count = builder.call(popcount, [builder.bitcast(mask, bits)])
-        return builder.add(m_v, builder.zext(count, ir.IntType(64)))
-
-    return signature, codegen
-
-
 @_compiled
 def _candidates(row, threshold, columns):
     """Writes the columns of ``row``'s keys <= ``threshold`` to ``columns`` in order; returns how many."""
     n = row.shape[0]
     m = 0
     done = 0
-    if _AVX512:
-        while done + _LANES <= n:
-            m = _compress16(row, done, threshold, columns, m)
-            done += _LANES
+    if AVX512:  # 13 us for a 60k-key row on a Xeon, against 75-100 us for the loop below
+        while done + LANES <= n:
+            m = columns16(row, done, threshold, columns, m)
+            done += LANES
     for j in range(done, n):  # branch-free compaction: write always, advance when kept
         columns[m] = j
         m += row[j] <= threshold
@@ -284,189 +253,97 @@ def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
 # -- ranking metrics from one sorted row of codes -------------------------------------------------------------
 # A query's ranking metrics only ask, position by position, whether the neighbour is of the query's class, and
 # the classes of its `vote_k` nearest. So each candidate becomes one float64 that sorts like (key, column) and
-# carries that answer in its last bit (:func:`_sortable`); numpy sorts rows of these (with AVX-512 where the CPU
-# has it, ~2x faster than int64 codes of the same order) and one pass over each sorted row sums the metrics.
-# Rows with more candidates than the buffers hold are left to `nearest` and `ranking_sums`.
+# carries that answer in its last bit (:mod:`metriclab.metrics.simd` describes the code); numpy sorts rows of these
+# (with AVX-512 where the CPU has it, ~2x faster than int64 codes of the same order) and one pass over each sorted
+# row sums the metrics. A row's candidates are first kept as (key, tag) pairs, the tag being
+# ``column << 1 | same class``, then coded (:func:`class_codes`).
 
-COLUMN_LIMIT = 1 << 28  # columns that fit a code: a float32 widened to float64 leaves 29 mantissa bits zero
-_SIGN = np.int64(-(1 << 63))
-_SMALLEST_NORMAL = np.int64(1 << 52)
-_LARGEST_EXPONENT = np.int64(0x7FE << 52)
-_INFINITE = np.int64(0x7FF << 52)  # the bits of +inf, exponent all ones
 INF_CODE = np.float64(np.inf)  # after a row's codes: sorts last
+_INF_BITS = np.float64(np.inf).view(np.int64)
 
 
 @_compiled
-def _sortable(key, column, same):
-    """The int64 bits of a float64 that sorts like ``(key, column)`` and whose last bit is ``same``.
-
-    ``key``'s float64 gets ``column`` in the mantissa bits a float32 leaves zero (reversed under a
-    negative key, whose bits grow away from zero), then ``same``. A zero key takes the smallest
-    normal float64 and an infinite one the largest exponent, so no code is subnormal or NaN.
-    """
+def _sortable(key, tag):
+    """The int64 bits of the code of ``key`` with ``tag`` (:mod:`metriclab.metrics.simd`), one at a time."""
     bits = np.float64(key + np.float32(0.0)).view(np.int64)  # + 0: -0.0 becomes +0.0, its equal
     if bits == 0:
-        bits = _SMALLEST_NORMAL
-    elif (bits & _INFINITE) == _INFINITE:
-        bits = (bits & _SIGN) | _LARGEST_EXPONENT
-    low = column if bits >= 0 else COLUMN_LIMIT - 1 - column
-    return bits | (np.int64(low) << 1) | same
+        bits = SMALLEST_NORMAL
+    elif (bits & INFINITE) == INFINITE:
+        bits = (bits & SIGN) | LARGEST_EXPONENT
+    low = np.int64(tag)
+    if bits < 0:
+        low ^= (COLUMN_LIMIT - 1) << 1
+    return bits | low
 
 
 @_compiled
 def _column(code):
-    """The column that :func:`_sortable` put in ``code``."""
+    """The column in ``code``."""
     low = (code >> 1) & (COLUMN_LIMIT - 1)
     return low if code >= 0 else COLUMN_LIMIT - 1 - low
 
 
-def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
-    """``value`` in every lane of a ``vector``."""
-    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
-    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
-
-
-def _compress(builder: ir.IRBuilder, vector: ir.Value, mask: ir.Value, ptr: ir.Value, m: ir.Value) -> None:
-    """Store ``vector``'s lanes under ``mask`` at ``ptr[m:]``, packed, then garbage up to a whole vector.
-
-    The lanes are packed in a register and stored whole: a compressing store to memory is slow on Intel cores.
-    """
-    kind = vector.type
-    name = f"llvm.experimental.vector.compress.v{kind.count}{'f' if kind.element == ir.FloatType() else 'i'}32"
-    compress = cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind, mask.type, kind]), name)
-    packed = builder.call(compress, [vector, mask, ir.Constant(kind, ir.Undefined)])
-    builder.store(packed, builder.bitcast(builder.gep(ptr, [m]), kind.as_pointer()), align=4)
-
-
-@intrinsic
-def _keep16(typingctx, row, classes, start, threshold, mine, ck, cs, m):
-    """Of the columns ``start..start+15`` whose key is <= ``threshold``: the keys into ``ck[m:]`` and
-    ``column << 1 | (class == mine)`` into ``cs[m:]``; returns the new ``m``. Both are written 16 entries on."""
-    arrays = (row, classes, ck, cs)
-    if any(a.layout != "C" for a in arrays) or classes.dtype != types.int32 or mine != types.int32:
-        return None  # contiguous rows for the vector loads and stores, int32 classes
-    signature = types.int64(row, classes, start, threshold, mine, ck, cs, m)
-
-    def codegen(context, builder, sig, args):
-        row_v, classes_v, start_v, threshold_v, mine_v, ck_v, cs_v, m_v = args
-        keys_ptr, classes_ptr, ck_ptr, cs_ptr = (
-            context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 5, 6)
-        )
-        f32, i32 = ir.FloatType(), ir.IntType(32)
-        vf, vi = ir.VectorType(f32, _LANES), ir.VectorType(i32, _LANES)
-        keys = builder.load(builder.bitcast(builder.gep(keys_ptr, [start_v]), vf.as_pointer()), align=4)
-        mask = builder.fcmp_ordered("<=", keys, _splat(builder, threshold_v, vf))
-        cls = builder.load(builder.bitcast(builder.gep(classes_ptr, [start_v]), vi.as_pointer()), align=4)
-        same = builder.zext(builder.icmp_signed("==", cls, _splat(builder, mine_v, vi)), vi)
-        columns = builder.add(_splat(builder, builder.trunc(start_v, i32), vi), ir.Constant(vi, list(range(_LANES))))
-        _compress(builder, keys, mask, ck_ptr, m_v)
-        coded = builder.or_(builder.shl(columns, ir.Constant(vi, [1] * _LANES)), same)
-        _compress(builder, coded, mask, cs_ptr, m_v)
-        lanes = ir.IntType(_LANES)
-        popcount = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(lanes, [lanes]), f"llvm.ctpop.i{_LANES}"
-        )
-        count = builder.call(popcount, [builder.bitcast(mask, lanes)])
-        return builder.add(m_v, builder.zext(count, ir.IntType(64)))
-
-    return signature, codegen
-
-
-@intrinsic
-def _code16(typingctx, ck, cs, start, out):
-    """:func:`_sortable` codes of ``ck[start:start+16]`` and ``cs[start:start+16]`` (as :func:`_keep16` wrote them)
-    into ``out[start:start+16]``."""
-    if any(a.layout != "C" for a in (ck, cs, out)):
-        return None
-    signature = types.void(ck, cs, start, out)
-
-    def codegen(context, builder, sig, args):
-        ck_v, cs_v, start_v, out_v = args
-        keys_ptr, cs_ptr, out_ptr = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 3))
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        vf, vi, vq = (ir.VectorType(t, _LANES) for t in (ir.FloatType(), i32, i64))
-
-        def q(value: int) -> ir.Constant:
-            return ir.Constant(vq, [value] * _LANES)
-
-        keys = builder.load(builder.bitcast(builder.gep(keys_ptr, [start_v]), vf.as_pointer()), align=4)
-        keys = builder.fadd(keys, ir.Constant(vf, [0.0] * _LANES))  # -0.0 becomes +0.0, its equal
-        bits = builder.bitcast(builder.fpext(keys, ir.VectorType(ir.DoubleType(), _LANES)), vq)
-        bits = builder.select(builder.icmp_signed("==", bits, q(0)), q(int(_SMALLEST_NORMAL)), bits)
-        infinite = builder.icmp_signed("==", builder.and_(bits, q(int(_INFINITE))), q(int(_INFINITE)))
-        capped = builder.or_(builder.and_(bits, q(int(_SIGN))), q(int(_LARGEST_EXPONENT)))
-        bits = builder.select(infinite, capped, bits)
-        low = builder.load(builder.bitcast(builder.gep(cs_ptr, [start_v]), vi.as_pointer()), align=4)
-        low = builder.zext(low, vq)
-        low = builder.xor(low, builder.and_(builder.ashr(bits, q(63)), q((COLUMN_LIMIT - 1) << 1)))  # negative keys
-        builder.store(
-            builder.or_(bits, low), builder.bitcast(builder.gep(out_ptr, [start_v]), vq.as_pointer()), align=8
-        )
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
 @_compiled
-def _keep(row, threshold, classes, mine, ck, cs):
-    """:func:`_keep16` over all of ``row``: how many keys are <= ``threshold``."""
+def _keep(row, threshold, classes, mine, keys, tags):
+    """Writes ``row``'s keys <= ``threshold`` to ``keys`` and their tags (``column << 1 | (classes[column] ==
+    mine)``) to ``tags`` in column order; returns how many. Both need 16 entries of room past the last kept."""
     n = row.shape[0]
     m = 0
     done = 0
-    if _AVX512:
-        while done + _LANES <= n:
-            m = _keep16(row, classes, done, threshold, mine, ck, cs, m)
-            done += _LANES
+    if AVX512:
+        while done + LANES <= n:
+            m = keep16(row, classes, done, threshold, mine, keys, tags, m)
+            done += LANES
     for j in range(done, n):  # branch-free compaction: write always, advance when kept
-        ck[m] = row[j]
-        cs[m] = j << 1 | (classes[j] == mine)
+        keys[m] = row[j]
+        tags[m] = j << 1 | (classes[j] == mine)
         m += row[j] <= threshold
     return m
 
 
 @_compiled
+def _code_row(keys, tags, m, out):
+    """The codes of ``keys[:m]`` and ``tags[:m]`` into ``out[:m]``, +inf after them."""
+    done = 0
+    if AVX512:
+        while done < m:
+            code16(keys, tags, done, out)
+            done += LANES
+    for i in range(done, m):
+        out[i] = _sortable(keys[i], tags[i])
+    out[m:] = _INF_BITS
+
+
+@_compiled
 def class_codes(keys, sample, rank, need, classes, own, codes, counts):
-    """Per row: its candidates (as in :func:`nearest`) as :func:`_sortable` codes, the last bit saying whether the
-    column is of class ``own[row]`` (int32 classes), into ``codes[row]`` (int64 bits of float64s; +inf after them)
-    and how many into ``counts[row]``: -1 marks a row whose candidates did not fit or fall short of ``need[row]``
-    (NaN keys). ``codes`` needs 16 columns more than the widest row it may hold: vector stores run past a row."""
+    """Per row: its candidates (the keys under a threshold found from ``sample`` and ``rank`` as :func:`nearest`
+    finds it) as codes whose flag says whether the column is of class ``own[row]`` (int32 classes), into
+    ``codes[row]`` (int64 bits of float64s; +inf after them), and how many into ``counts[row]``: -1 where no
+    threshold keeps between ``need[row]`` and the width of ``codes`` - 16 (many equal keys, or NaN keys)."""
     rows, n = keys.shape
-    width = codes.shape[1] - _LANES
-    ck = np.empty(n + _LANES, np.float32)
-    cs = np.empty(n + _LANES, np.int32)
-    infinite = np.float64(INF_CODE).view(np.int64)
+    width = codes.shape[1] - LANES
+    kept = np.empty(n + LANES, np.float32)
+    tags = np.empty(n + LANES, np.int32)
     top_rank = sample.shape[1] + 1
     for r in range(rows):
-        row = keys[r]
-        mine = own[r]
         rk, lo, hi = min(rank[r], top_rank), 0, top_rank + 1
         while True:
-            m = _keep(row, _rank_threshold(sample[r], rk), classes, mine, ck, cs)
+            m = _keep(keys[r], _rank_threshold(sample[r], rk), classes, own[r], kept, tags)
             rk, lo, hi = _search_step(m, need[r], width, rk, lo, hi, top_rank)
             if rk == 0:
                 break
-        out = codes[r]
-        if m > width or m < need[r] or n > COLUMN_LIMIT:
+        if m < need[r] or m > width or n > COLUMN_LIMIT:
             counts[r] = -1
             m = 0
         else:
             counts[r] = m
-            done = 0
-            if _AVX512:
-                while done < m:
-                    _code16(ck, cs, done, out)
-                    done += _LANES
-            for i in range(done, m):
-                out[i] = _sortable(ck[i], cs[i] >> 1, np.int64(cs[i] & 1))
-        out[m:] = infinite
+        _code_row(kept, tags, m, codes[r])
 
 
 @_compiled
 def sorted_sums(codes, counts, classes, own, relevant, top, vote_k, sums, skipped):
-    """:func:`ranking_sums` of rows coded by :func:`class_codes` and sorted as float64, added to ``sums``.
-
-    Rows with ``counts[row] < 0`` are marked in ``skipped``.
+    """:func:`ranking_sums` of rows coded by :func:`class_codes` and sorted as float64,
+    added to ``sums``. Rows with ``counts[row] < 0`` are marked in ``skipped``.
     """
     k = top.shape[0]
     most = top.max()

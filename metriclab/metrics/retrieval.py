@@ -25,8 +25,8 @@ selected: on GPU by ``torch.topk``; on CPU by :mod:`metriclab.metrics.ranking` (
 threshold placed from a sample of 512 keys, then a bucket sort of the keys under it), with
 chunks processed on worker threads. The metrics are then summed from the ranked classes by a
 compiled loop. On the CPU, the metrics skip the full ranking: they need only whether each position
-holds the query's class, so a row's keys under the threshold are split by class, each list sorted by
-numpy and the two merged (equal keys of the two lists in column order). A gallery above
+holds the query's class, so each of a row's keys under the threshold becomes a float64 that sorts
+by (key, gallery index) and carries that bit, numpy sorts them, and one pass sums the metrics. A gallery above
 ``GALLERY_BLOCK`` items is searched in blocks of that many columns by ``knn``, and by the metrics
 when no query needs more than ``BLOCKED_NEED`` neighbours: each block's nearest are kept and merged
 by (key, index), so blocks give the same neighbours as whole rows. Distances are
@@ -40,6 +40,7 @@ queries x 60k gallery (MAP@R ranks R ~ 1,000 and ~6,000 items per query) against
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -215,8 +216,17 @@ def _searcher(
     return search
 
 
+@functools.cache
+def _sample_columns(n: int) -> np.ndarray:
+    """The ``SAMPLE`` columns (sorted, fixed random) of ``n`` whose keys place each row's selection threshold."""
+    columns = np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))
+    columns.flags.writeable = False
+    return columns
+
+
 def _thresholds(keys: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(sample, rank)``: sorted sampled keys of each row and the rank among them of the row's first threshold.
+    """``(sample, rank)``: each row's sorted keys at the :func:`_sample_columns` and the rank among them of the
+    row's first threshold.
 
     The threshold is a little above the row's expected ``need``-th key; the few rows it leaves short have
     it raised by the kernels. No sample (take the whole row) for short rows.
@@ -224,9 +234,10 @@ def _thresholds(keys: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndar
     m, n = keys.shape
     if n <= 4 * SAMPLE:
         return np.empty((m, 0), dtype=np.float32), np.ones(m, dtype=np.int64)
+    columns = _sample_columns(n)
     # np.sort of short rows runs in SIMD registers: cheaper than a partition of a longer sample
-    sample = np.sort(keys[:, np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))], axis=1)
-    expect = need * (SAMPLE / n)
+    sample = np.sort(keys[:, columns], axis=1)
+    expect = need * (len(columns) / n)
     return sample, np.ceil(expect + 2 * np.sqrt(expect) + 2).astype(np.int64)  # ~2 sigma above the expectation
 
 
@@ -261,22 +272,23 @@ def _ranking_sums_on_host(
     keys: np.ndarray, need: np.ndarray, classes: np.ndarray, own: np.ndarray, relevant: np.ndarray,
     top: np.ndarray, vote_k: int,
 ) -> np.ndarray:  # fmt: skip
-    """:func:`metriclab.metrics.ranking.ranking_sums` of the rows of ``keys``, without ranking the neighbours' columns.
+    """:func:`metriclab.metrics.ranking.ranking_sums` of the rows of ``keys``, without ranking their neighbours.
 
     The metrics need only whether each ranked position holds the query's class, and the classes of the
-    ``vote_k`` nearest: each row's candidates become float64 codes that sort by (key, column) and end in
-    that bit (:func:`metriclab.metrics.ranking.class_codes`), numpy sorts them, and one pass sums each row
+    ``vote_k`` nearest: each row's candidates (keys under a threshold placed from a sample of its keys)
+    become float64 codes that sort by (key, column) and end in that bit
+    (:func:`metriclab.metrics.ranking.class_codes`), numpy sorts them, and one pass sums each row
     (:func:`metriclab.metrics.ranking.sorted_sums`). Rows whose candidates overflow the buffer take the
     full ranking. The sums are the same.
     """
-    from metriclab.metrics.ranking import class_codes, nearest, ranking_sums, sorted_sums
+    from metriclab.metrics.ranking import LANES, class_codes, nearest, ranking_sums, sorted_sums
 
     need = need.astype(np.int64)
     sample, rank = _thresholds(keys, need)
     keys = np.ascontiguousarray(keys)
     rows = len(keys)
-    # rows with more candidates than need * 1.5 + 64 take the full ranking; + 16: room for vector stores
-    codes = _buffer(rows, int(need.max()) * 3 // 2 + 64 + 16)
+    # rows with more candidates than need * 1.5 + 64 take the full ranking; + LANES: room for vector stores
+    codes = _buffer(rows, int(need.max()) * 3 // 2 + 64 + LANES)
     counts = np.zeros(rows, np.int64)
     class_codes(keys, sample, rank, need, classes, own, codes.view(np.int64), counts)
     codes = codes[:, : max(int(counts.max()), 1)]
@@ -449,7 +461,7 @@ def retrieval_metrics(
     need = np.maximum(max(*top, vote_k), relevant)
     # A large gallery whose queries need few neighbours each (R of ~10 in a product catalogue) is searched in
     # blocks, as `knn` does: whole rows of a 1M gallery left chunks of 16 queries, whose products spent their time
-    # re-packing the gallery. Many neighbours (R of thousands) keep whole rows and the class-split ranking.
+    # re-packing the gallery. Many neighbours (R of thousands) keep whole rows and the coded ranking.
     most = int(need.max())
     blocked = _on_host(dev) and len(g) > GALLERY_BLOCK and most <= BLOCKED_NEED
     rows = _chunk_rows(GALLERY_BLOCK if blocked else len(g), most, chunk_size)
