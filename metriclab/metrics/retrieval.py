@@ -60,11 +60,13 @@ METRICS = ("euclidean", "cosine")
 CHUNK_BYTES = 256 * 2**20
 SAMPLE = 512  # keys per row sampled to place the selection threshold
 MAX_WORKERS = 4
-# The CPU reads each chunk's key rows again after the product writes them: chunks of ~12 MiB of keys were read
-# back from the cache, larger ones from memory (10k x 60k MAP@R: 48-row chunks 1.06 s, 124 rows 1.26 s; 10k x 10k
-# leave-one-out: 256-384 rows 0.16 s, 745 rows 0.19 s; 2-core Xeon). Not fewer rows than this: a product re-packs
-# its gallery operand for each chunk.
-CACHED_KEY_BYTES = 12 * 2**20
+# The CPU reads each chunk's key rows again after the product writes them: for 64-D embeddings, chunks of ~12 MiB
+# of keys were read back from the cache, larger ones from memory (10k x 60k MAP@R: 48-row chunks 1.06 s, 124 rows
+# 1.26 s; 10k x 10k leave-one-out: 256-384 rows 0.16 s, 745 rows 0.19 s; 2-core Xeon). Wider embeddings want
+# proportionally larger chunks: a product re-packs its whole gallery operand for each chunk, and that grows with the
+# width (60k leave-one-out, R ~ 10: 128-D best at 104-208 rows, 8.1-8.2 s against 9.2 s at 52; 256-D at 160-208
+# rows, 11.2 s against 16.4 s at 52).
+CACHED_KEY_BYTES = 12 * 2**20  # per 64 dimensions
 MIN_CACHED_ROWS = 32
 GALLERY_BLOCK = 1 << 16  # gallery columns per product on the CPU (larger galleries are searched in blocks)
 BLOCKED_NEED = 1024  # `retrieval_metrics` searches a large gallery in blocks when no query needs more neighbours
@@ -113,9 +115,9 @@ def _workers() -> int:
     return max(1, min(torch.get_num_threads(), MAX_WORKERS))
 
 
-def _chunk_rows(n_gallery: int, k: int, chunk_size: int | None, cached: bool = False) -> int:
-    """Queries per chunk: ``chunk_size`` if given, else as many as fit in ``CHUNK_BYTES``; with ``cached`` (the CPU
-    selects from whole key rows), no more than ``CACHED_KEY_BYTES`` of keys."""
+def _chunk_rows(n_gallery: int, k: int, chunk_size: int | None, dim: int | None = None) -> int:
+    """Queries per chunk: ``chunk_size`` if given, else as many as fit in ``CHUNK_BYTES``; with ``dim`` (the CPU
+    selects from whole key rows of ``dim``-D embeddings), no more than ``CACHED_KEY_BYTES`` of keys per 64-D."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise MetricLabError(f"chunk_size must be a positive integer, got {chunk_size}")
@@ -126,7 +128,9 @@ def _chunk_rows(n_gallery: int, k: int, chunk_size: int | None, cached: bool = F
     # float32 products, whose rounding may depend on a product's shape) are the same in every process.
     workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS))
     rows = max(1, CHUNK_BYTES // workers // (8 * n_gallery + 100 * k))
-    return min(rows, max(MIN_CACHED_ROWS, CACHED_KEY_BYTES // (4 * n_gallery))) if cached else rows
+    if dim is None:
+        return rows
+    return min(rows, max(MIN_CACHED_ROWS, CACHED_KEY_BYTES * max(dim, 64) // 64 // (4 * n_gallery)))
 
 
 def _chunks(n: int, rows: int, distributed: bool = False) -> list[tuple[int, int]]:
@@ -393,7 +397,7 @@ def knn(
     # of every block: the chunks stay large (a product re-packs its whole gallery operand, so 16-query chunks of a
     # 1M gallery spent more time packing than multiplying) and the k-best lists merge exactly by (key, index).
     block = len(g) if len(g) <= GALLERY_BLOCK or not _on_host(dev) else GALLERY_BLOCK
-    rows = _chunk_rows(block, k, chunk_size, cached=_on_host(dev) and block == len(g))
+    rows = _chunk_rows(block, k, chunk_size, dim=q.shape[1] if _on_host(dev) and block == len(g) else None)
 
     search = _searcher(q, g, metric, exclude_self)
 
@@ -472,7 +476,8 @@ def retrieval_metrics(
     # re-packing the gallery. Many neighbours (R of thousands) keep whole rows and the coded ranking.
     most = int(need.max())
     blocked = _on_host(dev) and len(g) > GALLERY_BLOCK and most <= BLOCKED_NEED
-    rows = _chunk_rows(GALLERY_BLOCK if blocked else len(g), most, chunk_size, cached=_on_host(dev) and not blocked)
+    whole = _on_host(dev) and not blocked
+    rows = _chunk_rows(GALLERY_BLOCK if blocked else len(g), most, chunk_size, dim=q.shape[1] if whole else None)
 
     from metriclab.metrics.ranking import ranking_sums  # numba: imported on first use
 
