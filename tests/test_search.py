@@ -254,15 +254,20 @@ def test_knn_of_a_gallery_searched_in_blocks_equals_one_block(monkeypatch, metri
     queries = gallery if exclude_self else gallery[:700]
     whole = knn(queries, gallery, 9, metric=metric, exclude_self=exclude_self, chunk_size=64, device="cpu")
     monkeypatch.setattr(retrieval, "GALLERY_BLOCK", 1000)
+    searched = []
+    blocked = retrieval._nearest_in_blocks
+    monkeypatch.setattr(retrieval, "_nearest_in_blocks", lambda *a: searched.append(a[4]) or blocked(*a))
     blocks = knn(queries, gallery, 9, metric=metric, exclude_self=exclude_self, chunk_size=64, device="cpu")
+    assert set(searched) == {1000}  # blocks of 1,000 columns
     assert torch.equal(whole[1], blocks[1]) and torch.equal(whole[0], blocks[0])
     if exclude_self:
         assert not (blocks[1] == torch.arange(len(gallery))[:, None]).any()
 
 
+@pytest.mark.parametrize("block", ["GALLERY_BLOCK", "SMALL_BLOCK"])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("leave_one_out", [False, True])
-def test_retrieval_metrics_of_a_gallery_searched_in_blocks_equal_whole_rows(monkeypatch, metric, leave_one_out):
+def test_retrieval_metrics_of_a_gallery_searched_in_blocks_equal_whole_rows(monkeypatch, metric, leave_one_out, block):
     from metriclab.metrics import retrieval
 
     rng = np.random.default_rng(0)
@@ -273,10 +278,11 @@ def test_retrieval_metrics_of_a_gallery_searched_in_blocks_equal_whole_rows(monk
     labels = np.where(rng.random(5003) < 1 / 3, rng.integers(0, 200, 5003), point % 200)
     args = (gallery, labels) if leave_one_out else (gallery[:700], labels[:700], gallery, labels)
     kwargs = {"ks": (1, 3, 10), "metric": metric, "clustering": False, "chunk_size": 64, "device": "cpu"}
-    monkeypatch.setattr(retrieval, "GALLERY_BLOCK", 1000)
-    monkeypatch.setattr(retrieval, "BLOCKED_NEED", 0)  # whole rows, ranked by class-split lists
-    whole = retrieval.retrieval_metrics(*args, **kwargs)
-    monkeypatch.setattr(retrieval, "BLOCKED_NEED", 1024)
+    monkeypatch.setattr(retrieval, block, 1000)  # blocks of 1,000 columns for the needs below
+    monkeypatch.setattr(retrieval, "BLOCKED_NEED", 0)
+    monkeypatch.setattr(retrieval, "SMALL_NEED", 0)
+    whole = retrieval.retrieval_metrics(*args, **kwargs)  # whole rows, ranked by sorted codes
+    monkeypatch.setattr(retrieval, "BLOCKED_NEED" if block == "GALLERY_BLOCK" else "SMALL_NEED", 1024)
     searched = []
     blocked = retrieval._nearest_in_blocks
     monkeypatch.setattr(retrieval, "_nearest_in_blocks", lambda *a: searched.append(a[1]) or blocked(*a))
