@@ -26,10 +26,12 @@ threshold placed from a sample of 512 keys, then a bucket sort of the keys under
 chunks processed on worker threads. The metrics are then summed from the ranked classes by a
 compiled loop. On the CPU, the metrics skip the full ranking: they need only whether each position
 holds the query's class, so each of a row's keys under the threshold becomes a float64 that sorts
-by (key, gallery index) and carries that bit, numpy sorts them, and one pass sums the metrics. A gallery above
-``GALLERY_BLOCK`` items is searched in blocks of that many columns by ``knn``, and by the metrics
-when no query needs more than ``BLOCKED_NEED`` neighbours: each block's nearest are kept and merged
-by (key, index), so blocks give the same neighbours as whole rows. Distances are
+by (key, gallery index) and carries that bit, numpy sorts them, and one pass sums the metrics. Chunks
+of whole rows are sized so that their keys stay in the cache. A gallery above ``GALLERY_BLOCK`` items
+is searched in blocks of that many columns by ``knn``, and by the metrics when no query needs more
+than ``BLOCKED_NEED`` neighbours (blocks of ``SMALL_BLOCK`` above that size when none needs more than
+``SMALL_NEED``): each block's nearest are kept and merged by (key, index), so blocks give the same
+neighbours as whole rows. Distances are
 exact up to float32 rounding of the expansion (about 1e-6 of the squared norms), so the chunk size
 may change them in the last digits.
 
