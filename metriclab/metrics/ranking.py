@@ -216,6 +216,31 @@ def _majority(ranked, vote_k):
 
 
 @_compiled
+def _add_ranked(ranked, mask, want, r, top, prefix, sums):
+    """Adds one query's precision@t and hit@t (each ``t`` in ``top``), AP@R and R-precision (``r`` > 0) to ``sums``.
+
+    Position ``i`` holds a neighbour of the query's class where ``ranked[i] & mask == want``; ``ranked`` has at
+    least ``max(top, r)`` positions and ``prefix`` room for as many plus one.
+    """
+    k = top.shape[0]
+    hits = 0
+    precision_sum = 0.0
+    for i in range(r):  # branch-free: same-class neighbours are unpredictable
+        same = (ranked[i] & mask) == want
+        hits += same
+        prefix[i + 1] = hits
+        precision_sum += same * hits / (i + 1)
+    for i in range(r, top.max()):
+        hits += (ranked[i] & mask) == want
+        prefix[i + 1] = hits
+    sums[2 * k] += precision_sum / r
+    sums[2 * k + 1] += prefix[r] / r
+    for t in range(k):
+        sums[t] += prefix[top[t]] / top[t]
+        sums[k + t] += prefix[top[t]] > 0
+
+
+@_compiled
 def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
     """Sums over queries with ``relevant > 0`` of precision@t and hit@t (each ``t`` in ``top``), AP@R and
     R-precision, then the number of queries whose ``vote_k`` nearest vote their own class.
@@ -226,27 +251,13 @@ def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
     """
     k = top.shape[0]
     sums = np.zeros(2 * k + 3)
+    prefix = np.zeros(max(relevant.max(), top.max()) + 1, np.int64)
     for row in range(neighbours.shape[0]):
         ranked = neighbours[row]
         own = query_ids[row]
         sums[2 * k + 2] += _majority(ranked, vote_k) == own
-        r = relevant[row]
-        if r == 0:
-            continue
-        for t in range(k):
-            hits = 0
-            for i in range(top[t]):
-                hits += ranked[i] == own
-            sums[t] += hits / top[t]
-            sums[k + t] += hits > 0
-        hits = 0
-        precision_sum = 0.0
-        for i in range(r):  # branch-free: same-class neighbours are unpredictable
-            same = ranked[i] == own
-            hits += same
-            precision_sum += same * hits / (i + 1)
-        sums[2 * k] += precision_sum / r
-        sums[2 * k + 1] += hits / r
+        if relevant[row] > 0:
+            _add_ranked(ranked, -1, own, relevant[row], top, prefix, sums)  # mask -1: the whole class id
     return sums
 
 
@@ -258,8 +269,7 @@ def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
 # row sums the metrics. A row's candidates are first kept as (key, tag) pairs, the tag being
 # ``column << 1 | same class``, then coded (:func:`class_codes`).
 
-INF_CODE = np.float64(np.inf)  # after a row's codes: sorts last
-_INF_BITS = np.float64(np.inf).view(np.int64)
+_INF_BITS = np.float64(np.inf).view(np.int64)  # after a row's codes: sorts last
 
 
 @_compiled
@@ -346,8 +356,7 @@ def sorted_sums(codes, counts, classes, own, relevant, top, vote_k, sums, skippe
     added to ``sums``. Rows with ``counts[row] < 0`` are marked in ``skipped``.
     """
     k = top.shape[0]
-    most = top.max()
-    prefix = np.zeros(max(relevant.max(), most) + 1, np.int64)  # same-class neighbours among the first i
+    prefix = np.zeros(max(relevant.max(), top.max()) + 1, np.int64)  # same-class neighbours among the first i
     voters = np.empty(max(vote_k, 1), classes.dtype)
     for r in range(codes.shape[0]):
         if counts[r] < 0:
@@ -357,22 +366,6 @@ def sorted_sums(codes, counts, classes, own, relevant, top, vote_k, sums, skippe
         for j in range(vote_k):
             voters[j] = classes[_column(row[j])]
         sums[2 * k + 2] += _majority(voters, vote_k) == own[r]
-        rr = relevant[r]
-        if rr == 0:
-            continue
-        hits = 0
-        precision_sum = 0.0
-        for i in range(rr):  # branch-free: same-class neighbours are unpredictable
-            same = row[i] & 1
-            hits += same
-            prefix[i + 1] = hits
-            precision_sum += same * hits / (i + 1)
-        for i in range(rr, most):
-            hits += row[i] & 1
-            prefix[i + 1] = hits
-        sums[2 * k] += precision_sum / rr
-        sums[2 * k + 1] += prefix[rr] / rr
-        for t in range(k):
-            sums[t] += prefix[top[t]] / top[t]
-            sums[k + t] += prefix[top[t]] > 0
+        if relevant[r] > 0:
+            _add_ranked(row, 1, 1, relevant[r], top, prefix, sums)  # the flag bit: of the query's class
     return sums
