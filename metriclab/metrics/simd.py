@@ -68,6 +68,19 @@ def _count(builder: ir.IRBuilder, mask: ir.Value, m: ir.Value) -> ir.Value:
     return builder.add(m, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), _I64))
 
 
+def _under(
+    builder: ir.IRBuilder, keys_ptr: ir.Value, start: ir.Value, threshold: ir.Value
+) -> tuple[ir.Value, ir.Value]:
+    """``(keys, mask)``: the 16 keys from ``keys_ptr[start]`` and which of them are <= ``threshold``."""
+    keys = _load(builder, keys_ptr, start, _VF)
+    return keys, builder.fcmp_ordered("<=", keys, _splat(builder, threshold, _VF))
+
+
+def _columns(builder: ir.IRBuilder, start: ir.Value) -> ir.Value:
+    """The int32 columns ``start..start+15``."""
+    return builder.add(_splat(builder, builder.trunc(start, _I32), _VI), ir.Constant(_VI, list(range(LANES))))
+
+
 def _data(context, builder, sig, args, *which: int) -> list[ir.Value]:
     """The data pointers of the array arguments at positions ``which``."""
     return [context.make_array(sig.args[i])(context, builder, args[i]).data for i in which]
@@ -87,9 +100,8 @@ def columns16(typingctx, row, start, threshold, out, m):
     def codegen(context, builder, sig, args):
         _, start_v, threshold_v, _, m_v = args
         keys_ptr, out_ptr = _data(context, builder, sig, args, 0, 3)
-        mask = builder.fcmp_ordered("<=", _load(builder, keys_ptr, start_v, _VF), _splat(builder, threshold_v, _VF))
-        columns = builder.add(_splat(builder, builder.trunc(start_v, _I32), _VI), ir.Constant(_VI, list(range(LANES))))
-        _pack(builder, columns, mask, out_ptr, m_v)
+        _, mask = _under(builder, keys_ptr, start_v, threshold_v)
+        _pack(builder, _columns(builder, start_v), mask, out_ptr, m_v)
         return _count(builder, mask, m_v)
 
     return signature, codegen
@@ -106,12 +118,11 @@ def keep16(typingctx, row, classes, start, threshold, mine, keys, tags, m):
     def codegen(context, builder, sig, args):
         _, _, start_v, threshold_v, mine_v, _, _, m_v = args
         row_ptr, classes_ptr, keys_ptr, tags_ptr = _data(context, builder, sig, args, 0, 1, 5, 6)
-        values = _load(builder, row_ptr, start_v, _VF)
-        mask = builder.fcmp_ordered("<=", values, _splat(builder, threshold_v, _VF))
+        values, mask = _under(builder, row_ptr, start_v, threshold_v)
         same = builder.zext(
             builder.icmp_signed("==", _load(builder, classes_ptr, start_v, _VI), _splat(builder, mine_v, _VI)), _VI
         )
-        columns = builder.add(_splat(builder, builder.trunc(start_v, _I32), _VI), ir.Constant(_VI, list(range(LANES))))
+        columns = _columns(builder, start_v)
         _pack(builder, values, mask, keys_ptr, m_v)
         _pack(builder, builder.or_(builder.shl(columns, ir.Constant(_VI, [1] * LANES)), same), mask, tags_ptr, m_v)
         return _count(builder, mask, m_v)
