@@ -285,9 +285,9 @@ def test_retrieval_metrics_of_a_gallery_searched_in_blocks_equal_whole_rows(monk
     monkeypatch.setattr(retrieval, "BLOCKED_NEED" if block == "GALLERY_BLOCK" else "SMALL_NEED", 1024)
     searched = []
     blocked = retrieval._nearest_in_blocks
-    monkeypatch.setattr(retrieval, "_nearest_in_blocks", lambda *a: searched.append(a[1]) or blocked(*a))
+    monkeypatch.setattr(retrieval, "_nearest_in_blocks", lambda *a: searched.append(a[4]) or blocked(*a))
     blocks = retrieval.retrieval_metrics(*args, **kwargs)
-    assert searched  # the blocked path ran
+    assert set(searched) == {1000}  # the blocked path ran, in blocks of 1,000 columns
     assert whole.keys() == blocks.keys()
     for key, value in whole.items():  # the same counts; sums may differ in their last bit (order of addition)
         assert blocks[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
