@@ -164,6 +164,27 @@ def test_gpu_code_path_gives_the_host_results(monkeypatch, metric):
     torch.testing.assert_close(distances, host_knn[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("intel", [False, True])
+def test_both_cpu_product_libraries_give_the_brute_force_neighbours(monkeypatch, intel):
+    # Intel CPUs multiply the keys with torch (MKL), others with numpy (OpenBLAS); run both here.
+    monkeypatch.setattr(retrieval, "_intel_cpu", lambda: intel)
+    products = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **kw: products.append(1) or mm(*a, **kw))
+    threads = torch.get_num_threads()
+    gallery, _ = blobs(3001, 5, dim=8, seed=6)
+    queries, _ = blobs(60, 5, dim=8, seed=7)
+    for metric in ("euclidean", "cosine"):
+        d = pairwise(queries, gallery, metric)
+        expected = np.argsort(d, axis=1, kind="stable")[:, :30]
+        for chunk in (None, 7):
+            distances, indices = knn(queries, gallery, 30, metric=metric, chunk_size=chunk)
+            np.testing.assert_array_equal(indices.numpy(), expected)
+            np.testing.assert_allclose(distances.numpy(), np.take_along_axis(d, expected, 1), rtol=1e-4, atol=1e-4)
+    assert bool(products) == (intel and torch.backends.mkl.is_available())
+    assert torch.get_num_threads() == threads  # the workers' share of torch's threads is given back
+
+
 def test_knn_orders_ties_by_index_and_excludes_only_self():
     base = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]], dtype=np.float32)
     gallery = base[[3, 1, 0, 2, 0, 1, 0, 2]]  # 0 at rows 2, 4, 6; 1 at rows 1, 5; 2 at rows 3, 7
