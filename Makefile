@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@echo "compiling UMAP's numba kernels into the cache once, so no 'metriclab compare' needs to"
 	$(BIN)/python -c "from metriclab.viz.projections import compile_umap; compile_umap()"
+	$(BIN)/python -m metriclab.metrics.kernels
 	touch $@
 
 demo: setup

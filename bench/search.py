@@ -100,7 +100,7 @@ def _measure(impl: str, case: str, path: Path) -> dict[str, Any]:
     metric = (QUICK if "quick" in path.name else CASES)[case][4]
     start = time.perf_counter()
     if impl == "metriclab":
-        import metriclab.metrics.ranking  # noqa: F401  (numba)
+        import metriclab.metrics.kernels  # noqa: F401
         from metriclab.metrics.retrieval import retrieval_metrics
     elif impl == "faiss":
         import faiss

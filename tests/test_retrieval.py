@@ -127,7 +127,7 @@ def test_ranking_sums_from_sorted_codes_equal_those_of_the_full_ranking(case):
     """The CPU metrics keep each row's keys under a sampled threshold, code them with their column and class bit
     and sort the codes: equal keys in column order, -0.0 equal to 0.0; a threshold that kept too few is raised,
     one that kept too many is bisected back, and rows where no threshold fits take the full ranking."""
-    from metriclab.metrics.ranking import ranking_sums
+    from metriclab.metrics.kernels import ranking_sums
 
     rng = np.random.default_rng(3)
     rows, n, classes = 60, 4003, 6  # not a multiple of 16: the vector kernels' tails run too
@@ -465,16 +465,17 @@ def test_evaluate_embeddings_sections_and_input_types():
 @pytest.mark.slow  # compiles every ranking kernel again for a generic CPU: ~30 s
 def test_cpus_without_avx512_take_the_plain_loops_to_the_same_results(tmp_path):
     """The vector kernels run only where numba compiles for AVX-512; NUMBA_CPU_NAME=generic compiles the loops that
-    every x86 CPU runs. Both must rank alike (ties, tails of rows not a multiple of 16, both metrics)."""
+    every x86 CPU runs (numba's dispatchers and the native object both). Both must rank alike (ties, tails of rows
+    not a multiple of 16, both metrics)."""
     script = """
 import json, sys
 import numpy as np
-from metriclab.metrics import simd
+from metriclab.metrics import kernels, simd
 from metriclab.metrics.retrieval import knn, retrieval_metrics
 rng = np.random.default_rng(0)
 x = np.round(rng.normal(size=(3001, 8)) * 2).astype(np.float32)  # many equal distances
 y = rng.integers(0, 5, 3001)
-out = {"avx512": simd.AVX512, "knn": knn(x[:40], x, 9)[1].tolist()}
+out = {"avx512": simd.AVX512, "knn": knn(x[:40], x, 9)[1].tolist(), "native": kernels.native()}
 for metric in ("cosine", "euclidean"):
     out[metric] = retrieval_metrics(x, y, x[::2], y[::2], metric=metric, clustering=False)
 print(json.dumps(out))
@@ -486,7 +487,7 @@ print(json.dumps(out))
         return json.loads(done.stdout.splitlines()[-1])
 
     host = run({})
-    generic = run({"NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "numba")})
+    generic = run({"NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path), "METRICLAB_CACHE": str(tmp_path)})
     assert generic.pop("avx512") is False
     host.pop("avx512")
     assert generic == host

@@ -1,1 +1,2 @@
-"""Scores of embeddings: retrieval, verification and clustering metrics (``retrieval``), exact ranking (``ranking``)."""
+"""Scores of embeddings: retrieval, verification and clustering metrics (``retrieval``), exact ranking
+(``ranking``, compiled by numba) and its native loading (``kernels``)."""

@@ -11,13 +11,15 @@ The loops over a row's keys run 16 keys at a time where the CPU has AVX-512 (:mo
 How :func:`nearest` sorts a row: the keys up to a threshold (placed from a sorted sample of the row) are
 compacted in column order, dealt into about one bucket per key by a linear map of the key between
 the smallest and largest kept (monotone, so bucket order is key order), and each bucket is sorted
-by insertion as int64 ``(key, column)`` codes (numpy's sort past 32 codes). Buckets after the one
+by insertion as int64 ``(key, column)`` codes (by a heap sort past 32 codes). Buckets after the one
 that completes the row's ``need`` are never filled. A row of 60k keys with 6,000 needed takes
 ~150 us on a 2-core AMD EPYC, against ~300-400 us for numpy's sort of the same codes.
 
-Compiled code is cached on disk (numba's ``cache=True``, beside this file or in numba's user cache):
-the first call in a fresh environment compiles for ~6 s; later processes load it at their first
-call (~0.3 s, mostly numba initialising itself).
+Callers reach these kernels through :mod:`metriclab.metrics.kernels`, which compiles the exported ones
+(:data:`metriclab.metrics.kernels.SIGNATURES`) once into a native object and loads that without numba: numba's
+own set-up at a process's first compiled call takes 0.3-0.7 s. The kernels therefore allocate nothing (callers
+pass outputs and scratch) and raise nothing (``error_model="numpy"``). numba's dispatchers, cached on disk
+(``cache=True``), remain the fallback.
 """
 
 from __future__ import annotations
@@ -40,15 +42,15 @@ from metriclab.metrics.simd import (
     keep16,
 )
 
-INSERTION_MAX = 32  # larger buckets (many equal or crowded keys) are sorted by np.sort
+INSERTION_MAX = 32  # larger buckets (many equal or crowded keys) are heap-sorted
 
 
 def _compiled(func: Callable) -> Callable:
     """``func`` compiled by numba, releasing the GIL, cached on disk where numba finds a writable place."""
     try:
-        return njit(nogil=True, cache=True)(func)
+        return njit(nogil=True, cache=True, error_model="numpy")(func)
     except RuntimeError:  # numba found no writable cache directory: compile in each process instead
-        return njit(nogil=True)(func)
+        return njit(nogil=True, error_model="numpy")(func)
 
 
 @_compiled
@@ -61,13 +63,40 @@ def _code(key, column):
 
 
 @_compiled
-def codes(values, columns):
-    """:func:`_code` of each ``(values[i, j], columns[i, j])``: sorting a row of these sorts it by key, then column."""
-    out = np.empty(values.shape, np.int64)
+def codes(values, columns, out):
+    """:func:`_code` of each ``(values[i, j], columns[i, j])`` into ``out``: sorting a row of these sorts it by key,
+    then column."""
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             out[i, j] = _code(values[i, j], columns[i, j])
-    return out
+
+
+@_compiled
+def _sift(codes, start, root, end):
+    """Moves ``codes[start + root]`` down the max-heap ``codes[start:end]`` (children of i: 2i + 1, 2i + 2)."""
+    value = codes[start + root]
+    while True:
+        child = 2 * root + 1
+        if start + child >= end:
+            break
+        if start + child + 1 < end and codes[start + child + 1] > codes[start + child]:
+            child += 1
+        if codes[start + child] <= value:
+            break
+        codes[start + root] = codes[start + child]
+        root = child
+    codes[start + root] = value
+
+
+@_compiled
+def _heapsort(codes, start, end):
+    """Sorts ``codes[start:end]`` in place (large buckets: many equal or crowded keys), allocating nothing."""
+    n = end - start
+    for root in range(n // 2 - 1, -1, -1):
+        _sift(codes, start, root, end)
+    for last in range(end - 1, start, -1):
+        codes[start], codes[last] = codes[last], codes[start]
+        _sift(codes, start, 0, last)
 
 
 @_compiled
@@ -165,7 +194,7 @@ def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends)
     for b in range(last + 1):
         end = ends[b]
         if end - start > INSERTION_MAX:
-            codes[start:end] = np.sort(codes[start:end])
+            _heapsort(codes, start, end)
         else:
             for x in range(start + 1, end):
                 c = codes[x]
@@ -180,25 +209,20 @@ def _sort_row(row, sample, rank, need, values, out, ck, cc, bucket, codes, ends)
 
 
 @_compiled
-def nearest(keys, sample, rank, need, values, width):
-    """``values`` of the columns of each row's ``need[row]`` smallest keys, by key then column: ``(rows, width)``.
+def nearest(keys, sample, rank, need, values, out, ck, cc, scratch):
+    """``values`` of the columns of each row's ``need[row]`` smallest keys, by key then column, into ``out[row]``.
 
     ``values`` maps a column to what is returned (``arange`` for the columns themselves, the
     gallery's class ids for the classes of the neighbours). ``sample`` holds sorted keys of each row
     (any columns); the row's threshold starts at ``sample[row, rank[row] - 1]`` (everything when
     ``rank`` exceeds the sample) and doubles its rank until ``need`` keys are under it. Entries
-    past a row's ``need`` are ``values[0]``.
+    past a row's ``need`` are left as they were. Scratch: ``ck`` and ``cc`` of a row's length,
+    ``scratch`` of three times that plus one.
     """
-    rows, n = keys.shape
-    out = np.full((rows, width), values[0])
-    ck = np.empty(n, np.float32)
-    cc = np.empty(n, np.int32)
-    bucket = np.empty(n, np.int64)
-    codes = np.empty(n, np.int64)
-    ends = np.empty(n + 1, np.int64)
-    for r in range(rows):
+    n = keys.shape[1]
+    bucket, codes, ends = scratch[:n], scratch[n : 2 * n], scratch[2 * n :]
+    for r in range(keys.shape[0]):
         _sort_row(keys[r], sample[r], rank[r], need[r], values, out[r], ck, cc, bucket, codes, ends)
-    return out
 
 
 @_compiled
@@ -230,7 +254,10 @@ def _add_ranked(ranked, mask, want, r, top, prefix, sums):
         hits += same
         prefix[i + 1] = hits
         precision_sum += same * hits / (i + 1)
-    for i in range(r, top.max()):
+    most = 0
+    for t in range(k):  # a loop, not top.max(): numba's reductions call its runtime library (see kernels.py)
+        most = max(most, top[t])
+    for i in range(r, most):
         hits += (ranked[i] & mask) == want
         prefix[i + 1] = hits
     sums[2 * k] += precision_sum / r
@@ -241,24 +268,22 @@ def _add_ranked(ranked, mask, want, r, top, prefix, sums):
 
 
 @_compiled
-def ranking_sums(neighbours, query_ids, relevant, top, vote_k):
-    """Sums over queries with ``relevant > 0`` of precision@t and hit@t (each ``t`` in ``top``), AP@R and
-    R-precision, then the number of queries whose ``vote_k`` nearest vote their own class.
+def ranking_sums(neighbours, query_ids, relevant, top, vote_k, sums, prefix):
+    """Adds to ``sums`` (``2 * len(top) + 3`` of them) the sums over queries with ``relevant > 0`` of precision@t and
+    hit@t (each ``t`` in ``top``), AP@R and R-precision, then the number of queries whose ``vote_k`` nearest vote
+    their own class.
 
     ``neighbours[row]`` are the classes of the row's ranked neighbours, at least
     ``max(top, vote_k, relevant[row])`` of them. The vote is a majority; among equally frequent
-    classes the one ranked nearest wins.
+    classes the one ranked nearest wins. Scratch: ``prefix``, ``max(relevant.max(), top.max()) + 1``.
     """
     k = top.shape[0]
-    sums = np.zeros(2 * k + 3)
-    prefix = np.zeros(max(relevant.max(), top.max()) + 1, np.int64)
     for row in range(neighbours.shape[0]):
         ranked = neighbours[row]
         own = query_ids[row]
         sums[2 * k + 2] += _majority(ranked, vote_k) == own
         if relevant[row] > 0:
             _add_ranked(ranked, -1, own, relevant[row], top, prefix, sums)  # mask -1: the whole class id
-    return sums
 
 
 # -- ranking metrics from one sorted row of codes -------------------------------------------------------------
@@ -325,15 +350,14 @@ def _code_row(keys, tags, m, out):
 
 
 @_compiled
-def class_codes(keys, sample, rank, need, classes, own, codes, counts):
+def class_codes(keys, sample, rank, need, classes, own, codes, counts, kept, tags):
     """Per row: its candidates (the keys under a threshold found from ``sample`` and ``rank`` as :func:`nearest`
     finds it) as codes whose flag says whether the column is of class ``own[row]`` (int32 classes), into
     ``codes[row]`` (int64 bits of float64s; +inf after them), and how many into ``counts[row]``: -1 where no
-    threshold keeps between ``need[row]`` and the width of ``codes`` - 16 (many equal keys, or NaN keys)."""
+    threshold keeps between ``need[row]`` and the width of ``codes`` - 16 (many equal keys, or NaN keys).
+    Scratch: ``kept`` (float32) and ``tags`` (int32) of a row's length + 16."""
     rows, n = keys.shape
     width = codes.shape[1] - LANES
-    kept = np.empty(n + LANES, np.float32)
-    tags = np.empty(n + LANES, np.int32)
     top_rank = sample.shape[1] + 1
     for r in range(rows):
         rk, lo, hi = min(rank[r], top_rank), 0, top_rank + 1
@@ -351,13 +375,12 @@ def class_codes(keys, sample, rank, need, classes, own, codes, counts):
 
 
 @_compiled
-def sorted_sums(codes, counts, classes, own, relevant, top, vote_k, sums, skipped):
-    """:func:`ranking_sums` of rows coded by :func:`class_codes` and sorted as float64,
-    added to ``sums``. Rows with ``counts[row] < 0`` are marked in ``skipped``.
+def sorted_sums(codes, counts, classes, own, relevant, top, vote_k, sums, skipped, prefix, voters):
+    """:func:`ranking_sums` of rows coded by :func:`class_codes` and sorted as float64 (the first ``counts[row]`` of
+    each), added to ``sums``. Rows with ``counts[row] < 0`` are marked in ``skipped``. Scratch: ``prefix`` as for
+    :func:`ranking_sums`, ``voters`` of ``vote_k`` classes.
     """
     k = top.shape[0]
-    prefix = np.zeros(max(relevant.max(), top.max()) + 1, np.int64)  # same-class neighbours among the first i
-    voters = np.empty(max(vote_k, 1), classes.dtype)
     for r in range(codes.shape[0]):
         if counts[r] < 0:
             skipped[r] = True
@@ -368,4 +391,3 @@ def sorted_sums(codes, counts, classes, own, relevant, top, vote_k, sums, skippe
         sums[2 * k + 2] += _majority(voters, vote_k) == own[r]
         if relevant[r] > 0:
             _add_ranked(row, 1, 1, relevant[r], top, prefix, sums)  # the flag bit: of the query's class
-    return sums

@@ -22,8 +22,9 @@ How: keys (``|g|^2 - 2 q.g`` on centred data, or ``-cos``) are float32 matrix pr
 the GPU with torch when the embeddings live there (or one is present), on CPU with torch's MKL on
 Intel CPUs and numpy's OpenBLAS elsewhere (twice MKL's speed on AMD), into a buffer each worker
 thread keeps. The ``k`` (or, for MAP@R, ``R``) nearest are then
-selected: on GPU by ``torch.topk``; on CPU by :mod:`metriclab.metrics.ranking` (numba: a per-row
-threshold placed from a sample of 512 keys, then a bucket sort of the keys under it), with
+selected: on GPU by ``torch.topk``; on CPU by :mod:`metriclab.metrics.ranking` (compiled by numba, loaded
+as native code by :mod:`metriclab.metrics.kernels`: a per-row threshold placed from a sample of 512 keys,
+then a bucket sort of the keys under it), with
 chunks processed on worker threads. The metrics are then summed from the ranked classes by a
 compiled loop. On the CPU, the metrics skip the full ranking: they need only whether each position
 holds the query's class, so each of a row's keys under the threshold becomes a float64 that sorts
@@ -36,7 +37,7 @@ neighbours as whole rows. Distances are
 exact up to float32 rounding of the expansion (about 1e-6 of the squared norms), so the chunk size
 may change them in the last digits.
 
-Speed: see BENCHMARKS.md (``eval``): on a 2-core AMD EPYC, 10k x 10k leave-one-out and 10k
+Speed: see BENCHMARKS.md (``eval``): on a 2-core Xeon, 10k x 10k leave-one-out and 10k
 queries x 60k gallery (MAP@R ranks R ~ 1,000 and ~6,000 items per query) against
 ``AccuracyCalculator(k="max_bin_count")`` at equal precision@1 and MAP@R.
 """
@@ -311,16 +312,15 @@ def _thresholds(keys: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``values`` at each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.metrics.ranking`).
+    """``values`` at each row's ``need`` smallest keys, by key then column (CPU path, :mod:`metriclab.metrics.kernels`).
 
     Each row's threshold starts from a fixed random sample of its columns (:func:`_thresholds`). Keys equal
     to the last one kept are all candidates, so ties are resolved exactly by the sort.
     """
-    from metriclab.metrics.ranking import nearest  # numba: imported when the CPU path first runs
+    from metriclab.metrics.kernels import nearest
 
     sample, rank = _thresholds(keys, need)
-    keys = np.ascontiguousarray(keys)  # the kernel reads rows 16 keys at a time
-    return nearest(keys, sample, rank, need.astype(np.int64), values, int(need.max()))
+    return nearest(keys, sample, rank, need, values, int(need.max()))
 
 
 _scratch = threading.local()
@@ -350,7 +350,7 @@ def _ranking_sums_on_host(
     (:func:`metriclab.metrics.ranking.sorted_sums`). Rows whose candidates overflow the buffer take the
     full ranking. The sums are the same.
     """
-    from metriclab.metrics.ranking import LANES, class_codes, nearest, ranking_sums, sorted_sums
+    from metriclab.metrics.kernels import LANES, class_codes, nearest, ranking_sums, sorted_sums
 
     need = need.astype(np.int64)
     sample, rank = _thresholds(keys, need)
@@ -360,8 +360,7 @@ def _ranking_sums_on_host(
     codes = _buffer(rows, int(need.max()) * 3 // 2 + 64 + LANES)
     counts = np.zeros(rows, np.int64)
     class_codes(keys, sample, rank, need, classes, own, codes.view(np.int64), counts)
-    codes = codes[:, : max(int(counts.max()), 1)]
-    codes.sort(axis=1)
+    codes[:, : max(int(counts.max()), 1)].sort(axis=1)  # each row's codes, then +inf
     skipped = np.zeros(rows, dtype=bool)
     sums = np.zeros(2 * len(top) + 3)
     sorted_sums(codes.view(np.int64), counts, classes, own, relevant, top, vote_k, sums, skipped)
@@ -376,7 +375,7 @@ def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
     """Columns of each row's ``k`` smallest keys via ``torch.topk`` on the keys' device (GPU path)."""
     n = keys.shape[1]
     kk = min(k + 1, n)
-    from metriclab.metrics.ranking import codes as to_codes  # numba: imported when first used
+    from metriclab.metrics.kernels import codes as to_codes
 
     values, columns = torch.topk(keys, kk, dim=1, largest=False, sorted=False)
     codes = np.sort(to_codes(values.cpu().numpy(), columns.cpu().numpy()), axis=1)
@@ -406,7 +405,7 @@ def _nearest_in_blocks(
     """``(chunk, keys, columns)`` of the ``k`` nearest of queries ``start:stop``, the gallery searched ``block`` columns
     at a time (CPU): each block's ``k`` best, merged by (key, column), so the result equals one whole-row search.
     """
-    from metriclab.metrics.ranking import codes
+    from metriclab.metrics.kernels import codes
 
     found_keys, found_columns = [], []
     for lo in range(0, n_gallery, block):
@@ -538,7 +537,7 @@ def retrieval_metrics(
     cached = _on_host(dev) and block in (len(g), SMALL_BLOCK)
     rows = _chunk_rows(block, most, chunk_size, dim=q.shape[1] if cached else None)
 
-    from metriclab.metrics.ranking import ranking_sums  # numba: imported on first use
+    from metriclab.metrics.kernels import ranking_sums
 
     search = _searcher(q, g, metric, loo)
 
