@@ -211,10 +211,14 @@ def test_knn_clamps_k_and_rejects_bad_input():
         knn(emb, emb[:, :3], 2)
     with pytest.raises(MetricLabError, match="metric"):
         knn(emb, emb, 2, metric="manhattan")
-    bad = emb.copy()
-    bad[3, 1] = np.nan
-    with pytest.raises(MetricLabError, match="NaN"):
-        knn(bad, emb, 2)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = emb.copy()
+        bad[3, 1] = value
+        with pytest.raises(MetricLabError, match="NaN or inf"):
+            knn(bad, emb, 2)
+    huge = np.full((20, 3), 3e38, np.float32)  # every entry finite, their float32 sum not: still accepted
+    assert not np.isfinite(huge.sum(dtype=np.float32))
+    assert torch.equal(retrieval._embeddings(huge, "huge"), torch.from_numpy(huge))
 
 
 def test_cosine_and_euclidean_rank_normalized_vectors_alike():
