@@ -60,6 +60,7 @@ from sklearn.metrics import adjusted_mutual_info_score, auc, normalized_mutual_i
 from threadpoolctl import threadpool_limits
 
 from metriclab.errors import MetricLabError
+from metriclab.metrics import kernels
 
 METRICS = ("euclidean", "cosine")
 # Memory for the chunks in flight (keys, candidates, labels); small enough for any laptop or GPU.
@@ -318,10 +319,8 @@ def _select_by_threshold(keys: np.ndarray, need: np.ndarray, values: np.ndarray)
     Each row's threshold starts from a fixed random sample of its columns (:func:`_thresholds`). Keys equal
     to the last one kept are all candidates, so ties are resolved exactly by the sort.
     """
-    from metriclab.metrics.kernels import nearest
-
     sample, rank = _thresholds(keys, need)
-    return nearest(keys, sample, rank, need, values, int(need.max()))
+    return kernels.nearest(keys, sample, rank, need, values, int(need.max()))
 
 
 _scratch = threading.local()
@@ -351,24 +350,22 @@ def _ranking_sums_on_host(
     (:func:`metriclab.metrics.ranking.sorted_sums`). Rows whose candidates overflow the buffer take the
     full ranking. The sums are the same.
     """
-    from metriclab.metrics.kernels import LANES, class_codes, nearest, ranking_sums, sorted_sums
-
     need = need.astype(np.int64)
     sample, rank = _thresholds(keys, need)
     keys = np.ascontiguousarray(keys)
     rows = len(keys)
     # rows with more candidates than need * 1.5 + 64 take the full ranking; + LANES: room for vector stores
-    codes = _buffer(rows, int(need.max()) * 3 // 2 + 64 + LANES)
+    codes = _buffer(rows, int(need.max()) * 3 // 2 + 64 + kernels.LANES)
     counts = np.zeros(rows, np.int64)
-    class_codes(keys, sample, rank, need, classes, own, codes.view(np.int64), counts)
+    kernels.class_codes(keys, sample, rank, need, classes, own, codes.view(np.int64), counts)
     codes[:, : max(int(counts.max()), 1)].sort(axis=1)  # each row's codes, then +inf
     skipped = np.zeros(rows, dtype=bool)
     sums = np.zeros(2 * len(top) + 3)
-    sorted_sums(codes.view(np.int64), counts, classes, own, relevant, top, vote_k, sums, skipped)
+    kernels.sorted_sums(codes.view(np.int64), counts, classes, own, relevant, top, vote_k, sums, skipped)
     if skipped.any():
         left = np.flatnonzero(skipped)
-        neighbours = nearest(keys[left], sample[left], rank[left], need[left], classes, int(need[left].max()))
-        sums += ranking_sums(neighbours, own[left], relevant[left], top, vote_k)
+        neighbours = kernels.nearest(keys[left], sample[left], rank[left], need[left], classes, int(need[left].max()))
+        sums += kernels.ranking_sums(neighbours, own[left], relevant[left], top, vote_k)
     return sums
 
 
@@ -376,15 +373,13 @@ def _select_by_topk(keys: torch.Tensor, k: int) -> np.ndarray:
     """Columns of each row's ``k`` smallest keys via ``torch.topk`` on the keys' device (GPU path)."""
     n = keys.shape[1]
     kk = min(k + 1, n)
-    from metriclab.metrics.kernels import codes as to_codes
-
     values, columns = torch.topk(keys, kk, dim=1, largest=False, sorted=False)
-    codes = np.sort(to_codes(values.cpu().numpy(), columns.cpu().numpy()), axis=1)
+    codes = np.sort(kernels.codes(values.cpu().numpy(), columns.cpu().numpy()), axis=1)
     # topk chooses among keys equal to the k-th arbitrarily: such rows are sorted whole
     tied = np.flatnonzero(codes[:, k] >> 32 == codes[:, k - 1] >> 32) if kk > k else []
     if len(tied):
         whole = keys[torch.as_tensor(tied, device=keys.device)].cpu().numpy()
-        codes[tied] = np.sort(to_codes(whole, np.broadcast_to(np.arange(n), whole.shape)), axis=1)[:, :kk]
+        codes[tied] = np.sort(kernels.codes(whole, np.broadcast_to(np.arange(n), whole.shape)), axis=1)[:, :kk]
     return codes[:, :k] & 0xFFFFFFFF
 
 
@@ -406,8 +401,6 @@ def _nearest_in_blocks(
     """``(chunk, keys, columns)`` of the ``k`` nearest of queries ``start:stop``, the gallery searched ``block`` columns
     at a time (CPU): each block's ``k`` best, merged by (key, column), so the result equals one whole-row search.
     """
-    from metriclab.metrics.kernels import codes
-
     found_keys, found_columns = [], []
     for lo in range(0, n_gallery, block):
         chunk, keys = search(start, stop, lo, min(lo + block, n_gallery))
@@ -415,7 +408,7 @@ def _nearest_in_blocks(
         found_keys.append(np.take_along_axis(keys.numpy(), columns, axis=1))
         found_columns.append(columns.astype(np.int64) + lo)
     merged_keys, merged_columns = np.concatenate(found_keys, axis=1), np.concatenate(found_columns, axis=1)
-    order = np.argsort(codes(merged_keys, merged_columns), axis=1)[:, :k]
+    order = np.argsort(kernels.codes(merged_keys, merged_columns), axis=1)[:, :k]
     return chunk, np.take_along_axis(merged_keys, order, axis=1), np.take_along_axis(merged_columns, order, axis=1)
 
 
@@ -538,8 +531,6 @@ def retrieval_metrics(
     cached = _on_host(dev) and block in (len(g), SMALL_BLOCK)
     rows = _chunk_rows(block, most, chunk_size, dim=q.shape[1] if cached else None)
 
-    from metriclab.metrics.kernels import ranking_sums
-
     search = _searcher(q, g, metric, loo)
 
     # The GPU (if any) computes keys and selects; the bookkeeping on the ranked classes runs compiled on the host.
@@ -549,13 +540,13 @@ def retrieval_metrics(
         span = slice(start, stop)
         if blocked:
             *_, columns = _nearest_in_blocks(search, start, stop, len(g), block, most)
-            return ranking_sums(g_ids[columns], q_ids[span], relevant[span], ks_clamped, vote_k)
+            return kernels.ranking_sums(g_ids[columns], q_ids[span], relevant[span], ks_clamped, vote_k)
         _, keys = search(start, stop)
         if _on_host(keys.device):
             own, rel = q_ids[span], relevant[span]
             return _ranking_sums_on_host(keys.numpy(), need[span], g_ids, own, rel, ks_clamped, vote_k)
         neighbours = _nearest(keys, need[span], g_ids)
-        return ranking_sums(neighbours, q_ids[span], relevant[span], ks_clamped, vote_k)
+        return kernels.ranking_sums(neighbours, q_ids[span], relevant[span], ks_clamped, vote_k)
 
     parts = _gathered(_in_parallel(score, len(q), rows, distributed), distributed)
     *sums, correct = np.sum(parts, axis=0)
