@@ -5,8 +5,8 @@ numba loads a kernel's cached machine code only after setting itself up, at the 
 evaluation takes. So numba compiles the kernels once (per version of their sources, of numba and llvmlite, and
 per CPU) into one object file of C-callable entry points (:func:`build`), kept on disk; a later process loads it
 with llvmlite in a few milliseconds, without importing numba, and calls it through ctypes, which releases the
-GIL as numba's ``nogil`` kernels do. Where no object can be built or loaded, the same kernels run through numba's
-dispatchers, with the same results.
+GIL as numba's ``nogil`` kernels do. Where no object can be built or loaded (and on Windows), the same kernels run
+through numba's dispatchers, with the same results.
 
 Where the object is kept: ``$METRICLAB_CACHE/kernels`` (``~/.cache/metriclab/kernels``), else ``__pycache__``
 beside this file where the first is not writable. ``make setup`` builds it (``python -m metriclab.metrics.kernels``);
@@ -175,8 +175,8 @@ def _stored(key: str) -> tuple[dict[str, Any], bytes] | None:
 
 def _native() -> dict[str, Any] | None:
     """The kernels from the object on disk (built first if there is none); None where that fails."""
-    if os.environ.get("METRICLAB_NATIVE_KERNELS", "1") == "0":
-        return None
+    if os.environ.get("METRICLAB_NATIVE_KERNELS", "1") == "0" or os.name != "posix":
+        return None  # (Windows: the loader looks symbols up in the process the POSIX way; untested there)
     try:
         key = _key()
         stored = _stored(key)
