@@ -87,7 +87,7 @@ def ranking_sums(
     relevant, top = _ints(relevant), _ints(top)
     sums = np.zeros(2 * len(top) + 3)
     if len(relevant):
-        prefix = np.zeros(max(int(relevant.max()), int(top.max())) + 1, _I8)
+        prefix = _prefix(relevant, top)
         neighbours, query_ids = np.ascontiguousarray(neighbours, _I8), np.ascontiguousarray(query_ids, _I4)
         kernel("ranking_sums")(neighbours, query_ids, relevant, top, int(vote_k), sums, prefix)
     return sums
@@ -110,13 +110,18 @@ def sorted_sums(
     """Adds the metric sums of sorted code rows to ``sums``: :func:`metriclab.metrics.ranking.sorted_sums`."""
     relevant, top = _ints(relevant), _ints(top)
     if len(relevant):
-        prefix = np.zeros(max(int(relevant.max()), int(top.max())) + 1, _I8)
+        prefix = _prefix(relevant, top)
         voters = np.empty(max(int(vote_k), 1), _I4)
         kernel("sorted_sums")(codes, counts, classes, own, relevant, top, int(vote_k), sums, skipped, prefix, voters)
 
 
 def _ints(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, _I8)
+
+
+def _prefix(relevant: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """The metric sums' scratch: same-class counts among the first ``i`` ranked, for ``i`` up to the most needed."""
+    return np.zeros(max(int(relevant.max()), int(top.max())) + 1, _I8)
 
 
 def kernel(name: str) -> Callable[..., None]:
