@@ -295,7 +295,7 @@ def evaluate(
     k: Annotated[list[int] | None, typer.Option("--k", help="A k for precision@k and recall@k (repeatable).")] = None,
     ks: Annotated[str | None, typer.Option("--ks", help="Comma-separated ks, e.g. 1,5,10 (default).")] = None,
     metric: Annotated[
-        str | None, typer.Option("--metric", help="euclidean or cosine distance [default: the run's recipe metric].")
+        str | None, typer.Option("--metric", help="euclidean or cosine distance \\[default: the run's recipe metric].")
     ] = None,
     reembed: Annotated[
         bool, typer.Option("--reembed", help="Embed test and train splits again from model.safetensors (and save).")
@@ -319,7 +319,7 @@ def evaluate(
         bool | None,
         typer.Option(
             "--clustering/--no-clustering",
-            help="NMI/AMI by k-means [default: on unless test items x classes exceed 10 million].",
+            help="NMI/AMI by k-means \\[default: on unless test items x classes exceed 10 million].",
             show_default=False,
         ),
     ] = None,
@@ -388,7 +388,7 @@ def visualize(
         list[str] | None, typer.Option("--format", help="png (default), svg or pdf; repeatable.")
     ] = None,
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", help="Where to write [default: RUN/figures].")
+        Path | None, typer.Option("--output-dir", help="Where to write \\[default: RUN/figures].")
     ] = None,
     only: Annotated[
         list[str] | None,
@@ -430,7 +430,7 @@ def compare(
         int, typer.Option("--max-points", help="Test points used (a fixed random subset when there are more).")
     ] = 10000,
     output: Annotated[
-        Path | None, typer.Option("--output", help="Figure path [default: FIRST_RUN/figures/compare.png].")
+        Path | None, typer.Option("--output", help="Figure path \\[default: FIRST_RUN/figures/compare.png].")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the subset and the projections.")] = 0,
     show: Annotated[bool, typer.Option("--show", help="Open the figure where a display exists.")] = False,
@@ -460,7 +460,7 @@ def compare(
 
 RunArg = Annotated[Path, typer.Argument(help="A run directory written by a recipe.", show_default=False)]
 DeviceOption = Annotated[
-    str | None, typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N \\[default: cuda when available].")
 ]
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Images embedded per batch.")]
 
@@ -602,7 +602,7 @@ def search(
     ],
     k: Annotated[int, typer.Option("--k", "-k", help="Results per query.")] = 5,
     metric: Annotated[
-        str | None, typer.Option("--metric", help="euclidean or cosine [default: the run's recipe metric].")
+        str | None, typer.Option("--metric", help="euclidean or cosine \\[default: the run's recipe metric].")
     ] = None,
     approximate: Annotated[
         bool,
@@ -679,11 +679,11 @@ def export(
     run: RunArg,
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File to write [default: RUN/model.FORMAT].")
+        Path | None, typer.Option("--output", "-o", help="File to write \\[default: RUN/model.FORMAT].")
     ] = None,
     check_inputs: Annotated[
         str | None,
-        typer.Option("--check-inputs", help="Images to check the export on [default: the run's test split]."),
+        typer.Option("--check-inputs", help="Images to check the export on \\[default: the run's test split]."),
     ] = None,
     as_json: JsonOption = False,
     plugins: PluginsOption = None,

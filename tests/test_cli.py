@@ -208,6 +208,24 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "--json" in result.output and "Usage" in result.output
 
 
+def test_every_option_help_is_shown_whole():
+    """Rich markup reads an unescaped ``[default: ...]`` as a tag and drops it from the help."""
+    from typer.main import get_command
+
+    group = get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        result = cli(name, "--help")
+        assert result.exit_code == 0, result.output
+        shown = " ".join(result.output.replace("\u2502", " ").split())  # the panel's borders out, lines joined
+        for param in command.params:
+            text = getattr(param, "help", None)
+            if text:
+                assert " ".join(text.replace("\\[", "[").split()) in shown, (name, param.name)
+                checked += "[" in text
+    assert checked >= 5  # the bracketed defaults of evaluate, visualize, compare, search and export
+
+
 # -- visualize --------------------------------------------------------------------------------------
 
 

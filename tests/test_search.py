@@ -292,3 +292,17 @@ def test_retrieval_metrics_of_a_gallery_searched_in_blocks_equal_whole_rows(monk
     for key, value in whole.items():  # the same counts; sums may differ in their last bit (order of addition)
         assert blocks[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
     assert 0.05 < whole["precision@1"] < 0.95  # the ties made the order matter
+
+
+def test_search_does_not_import_scikit_learn(small_run, gallery_file):  # noqa: F811
+    """scikit-learn takes ~1.3 s to import and only evaluation's clustering and verification use it."""
+    args = ["search", small_run, gallery_file, "--gallery", gallery_file, "-k", "3", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "metriclab", *map(str, args)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads(result.stdout)["queries"]) == len(load_embedding_set(gallery_file).embeddings)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines}
+    assert "torch" in imported and "metriclab.metrics.retrieval" in imported
+    assert not {name for name in imported if name.split(".")[0] == "sklearn"}
