@@ -159,3 +159,23 @@ def test_siamese_network_runs_convolutions_channels_last_with_the_same_embedding
         assert torch.equal(restored(images), network(images))
     mlp = SiameseNetwork(registry.create("encoder", "mlp", embedding_dim=2, input_shape=(1, 28, 28)))
     assert mlp.memory_format is None
+
+
+def test_embed_runs_cache_sized_batches_on_a_cpu_with_the_same_embeddings():
+    from metriclab.models import SiameseNetwork, embed
+    from metriclab.models.network import EMBED_BATCH
+
+    torch.manual_seed(0)
+    tower = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 8, 8), channels=(4, 8))
+    network = SiameseNetwork(tower).train()
+    seen = []
+    network.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    images = torch.randint(0, 256, (600, 1, 8, 8), dtype=torch.uint8)
+    batched = embed(network, images)
+    assert seen == [256, 256, 88] and EMBED_BATCH["cpu"] == 256
+    assert network.training  # embedding ran in eval mode and gave the mode back
+    whole = embed(network, images, batch_size=600)
+    assert batched.dtype == torch.float32 and batched.shape == (600, 4)
+    torch.testing.assert_close(batched, whole, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(whole[:5], network.eval()(images[:5].float() / 255), rtol=1e-5, atol=1e-6)
