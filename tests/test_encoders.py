@@ -163,7 +163,7 @@ def test_siamese_network_runs_convolutions_channels_last_with_the_same_embedding
 
 def test_embed_runs_cache_sized_batches_on_a_cpu_with_the_same_embeddings():
     from metriclab.models import SiameseNetwork, embed
-    from metriclab.models.network import EMBED_BATCH
+    from metriclab.models.network import CPU_EMBED_BATCH
 
     torch.manual_seed(0)
     tower = registry.create("encoder", "convnet", embedding_dim=4, input_shape=(1, 8, 8), channels=(4, 8))
@@ -172,7 +172,7 @@ def test_embed_runs_cache_sized_batches_on_a_cpu_with_the_same_embeddings():
     network.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     images = torch.randint(0, 256, (600, 1, 8, 8), dtype=torch.uint8)
     batched = embed(network, images)
-    assert seen == [256, 256, 88] and EMBED_BATCH["cpu"] == 256
+    assert seen == [256, 256, 88] and CPU_EMBED_BATCH == 256
     assert network.training  # embedding ran in eval mode and gave the mode back
     whole = embed(network, images, batch_size=600)
     assert batched.dtype == torch.float32 and batched.shape == (600, 4)

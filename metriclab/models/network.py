@@ -102,8 +102,8 @@ def load_weights(model: nn.Module, path: Any) -> None:
 # Images per forward pass when embedding. On a 2-core Xeon the Fashion-MNIST ConvNet embeds 28x28 images 2.1-2.3x
 # faster in batches of 128-512 than of 2,048, whose activations (~100 MB a layer) no cache holds; a GPU wants the
 # larger batches.
-EMBED_BATCH = {"cpu": 256}
-DEFAULT_EMBED_BATCH = 2048
+CPU_EMBED_BATCH = 256
+EMBED_BATCH = 2048
 
 
 @torch.no_grad()
@@ -111,7 +111,7 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int | None = None,
     """Float32 embeddings of uint8 ``images`` (N, C, H, W), computed in eval mode in batches on the model's device
     (``batch_size`` images at a time; by default 256 on a CPU and 2,048 elsewhere)."""
     device = next(model.parameters()).device
-    batch_size = batch_size or EMBED_BATCH.get(device.type, DEFAULT_EMBED_BATCH)
+    batch_size = batch_size or (CPU_EMBED_BATCH if device.type == "cpu" else EMBED_BATCH)
     was_training = model.training
     model.eval()
     try:
