@@ -600,11 +600,8 @@ def sample_pairs(labels: Any, num_pairs: int, seed: int = 0) -> tuple[np.ndarray
     return np.concatenate([first, neg_first]), np.concatenate([pos_second, neg_second]), same
 
 
-def _equal_error_rate(same: np.ndarray, distances: np.ndarray) -> float:
-    """Where false accepts equal false rejects on the ROC curve, linearly interpolated."""
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(same, -distances)
+def _equal_error_rate(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Where false accepts equal false rejects on the ROC curve ``(fpr, tpr)``, linearly interpolated."""
     gap = (1 - tpr) - fpr  # falls from 1 to -1 as the threshold loosens
     i = int(np.argmax(gap <= 0))
     t = gap[i - 1] / (gap[i - 1] - gap[i])
@@ -663,9 +660,10 @@ def verification_metrics(
     in_fit[:fit] = in_fit[half : half + fit] = True
     threshold = _best_threshold(same[in_fit], d[in_fit])
     held = ~in_fit
+    fpr, tpr, _ = roc_curve(same, -d)  # all pairs' ROC curve: its area and its equal error rate
     return {
-        "roc_auc": float(auc(*roc_curve(same, -d)[:2])),
-        "eer": _equal_error_rate(same, d),
+        "roc_auc": float(auc(fpr, tpr)),
+        "eer": _equal_error_rate(fpr, tpr),
         "threshold": threshold,
         "verification_accuracy": float(np.mean((d[held] <= threshold) == same[held])),
     }
