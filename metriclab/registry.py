@@ -16,7 +16,11 @@ names a module whose import registers its components with the decorators below::
     @register_loss("my-loss")
     class MyLoss(torch.nn.Module): ...
 
-Only installed entry points and modules or files the user names explicitly are imported.
+Entry points are imported when a registry is first looked up. One named after a kind (``encoders``,
+``losses``, ``datasets.images``: the kind's plural, alone or before a dot) is imported only when that kind is
+looked up, so rebuilding a trained encoder does not import the losses' libraries; the built-ins are
+registered this way, one entry point per module. Only installed entry points and modules or files the user
+names explicitly are imported.
 """
 
 from __future__ import annotations
@@ -35,16 +39,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from metriclab.errors import MetricLabError, did_you_mean
 
 ENTRY_POINT_GROUP = "metriclab.plugins"
-BUILTIN_MODULE = "metriclab_plugins"  # metriclab's own components, loaded first whatever the entry-point order
+BUILTIN_PACKAGE = "metriclab_plugins"  # metriclab's own components: they keep their names whatever the load order
 
 # The package whose plugin module is being imported, so registrations know their origin.
 _current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("source", default=None)
-_plugins_loaded = False
+_entry_points: list[_EntryPoint] | None = None  # the group's entry points, read once per process
+_imported: set[tuple[str, str]] = set()  # (package, name) of the entry points imported so far
 # True while installed entry points are imported: a name clash between packages is then recorded, not raised.
 _loading_entry_points: contextvars.ContextVar[bool] = contextvars.ContextVar("loading", default=False)
 
@@ -123,13 +128,17 @@ class Registry:
         def add(obj: Callable) -> Callable:
             key = name or obj.__name__
             source = _current_source.get() or _top_package(obj)
-            if key in self._entries and not overwrite and self._entries[key].factory is not obj:
-                if _loading_entry_points.get() and self._entries[key].source != source:
-                    # Two installed packages: record it and go on, so every other component of both still loads.
-                    self._clashes.setdefault(key, [self._entries[key].source]).append(source)
-                    return obj
+            held = self._entries.get(key)
+            if _loading_entry_points.get() and (key in self._clashes or held is not None and held.source != source):
+                # Two installed packages: record it and go on, so every other component of both still loads
+                # (load_plugins settles it). The built-in keeps its name, whichever entry point was imported first.
+                self._clashes.setdefault(key, [held.source] if held is not None else []).append(source)
+                if source in _builtin_sources():
+                    self._entries[key] = Entry(key, self.kind, obj, source)
+                return obj
+            if held is not None and not overwrite and held.factory is not obj:
                 raise MetricLabError(
-                    f"{self.kind} '{key}' is already registered by {self._entries[key].source}; "
+                    f"{self.kind} '{key}' is already registered by {held.source}; "
                     "choose another name or pass overwrite=True"
                 )
             self._entries[key] = Entry(key, self.kind, obj, source)
@@ -139,14 +148,9 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         """Return the factory registered as ``name`` or raise a did-you-mean error."""
-        load_plugins()
-        if name in self._entries:
-            return self._entries[name].factory
-        if name in self._clashes:
-            raise MetricLabError(self.clash_message(name))
-        member = self._family_entry(name)
-        if member is not None:
-            return member.factory
+        entry = self._find(name)
+        if entry is not None:
+            return entry.factory
         names = sorted(self._entries)
         hint = did_you_mean(name, names, n=3)
         raise MetricLabError(
@@ -176,24 +180,38 @@ class Registry:
                 ) from err
             # Raised by the factory's own code: its real cause, not a guess about the user's values.
             raise MetricLabError(
-                f"{self.kind} '{name}' from {self._entries[name].source} failed while being built: "
+                f"{self.kind} '{name}' from {self.source(name)} failed while being built: "
                 f"{type(err).__name__}: {err}. If its arguments {shown} are right, this is an error in that "
                 "package's code; --debug shows where"
             ) from err
 
+    def _find(self, name: str) -> Entry | None:
+        """The entry of ``name`` (this kind's entry points imported first; every one if it is not found there),
+        None if no package registers it; a MetricLabError if two do."""
+        for kind in (self.kind, None):
+            load_plugins(kind)
+            if name in self._entries:
+                return self._entries[name]
+            if name in self._clashes:
+                raise MetricLabError(self.clash_message(name))
+            member = self._family_entry(name)
+            if member is not None:
+                return member
+        return None
+
     def source(self, name: str) -> str:
         """The package that registered ``name`` (MetricLabError if none did)."""
         self.get(name)
-        entry = self._entries.get(name) or self._family_entry(name)
-        return entry.source
+        return self._find(name).source
 
     def clash_message(self, name: str) -> str:
         """What a user reads about ``name`` being registered by more than one installed package."""
-        sources = self._clashes[name]
-        both = " and ".join(dict.fromkeys(sources))
+        builtin = _builtin_sources()
+        sources = sorted(set(self._clashes[name]), key=lambda s: (s not in builtin, s))  # not the import order
+        both = " and ".join(sources)
         if name in self._entries:
             kept = self._entries[name].source
-            others = ", ".join(s for s in dict.fromkeys(sources) if s != kept)
+            others = ", ".join(s for s in sources if s != kept)
             return (
                 f"{self.kind} '{name}' is registered by both {both}; the built-in one from {kept} is used and "
                 f"{others}'s is ignored (its other components work); rename it in {others} to use it"
@@ -223,9 +241,8 @@ class Registry:
         return found
 
     def __contains__(self, name: str) -> bool:
-        load_plugins()
         try:
-            return name in self._entries or self._family_entry(name) is not None
+            return self._find(name) is not None
         except MetricLabError:
             return False
 
@@ -425,47 +442,77 @@ def list_components(kind: str, pattern: str = "*") -> list[str]:
     return registry(kind).list(pattern)
 
 
-def load_plugins() -> None:
-    """Import every installed ``metriclab.plugins`` entry point once, metriclab's built-ins first.
+def load_plugins(kind: str | None = None) -> None:
+    """Import the installed ``metriclab.plugins`` entry points that lookups of ``kind`` need (every one without
+    a kind), each once per process, metriclab's built-ins first.
 
-    A plugin that fails to import is reported as a warning naming it, so one broken
-    third-party package does not take the others down. A name registered by two packages
-    is one warning naming both: the built-in keeps its name; between two other packages
-    the name is refused (see :meth:`Registry.get`), so the order of the entry points never decides.
+    An entry point named after another kind (module docstring) is left for that kind's first lookup. A plugin
+    that fails to import is reported as a warning naming it, so one broken third-party package does not take
+    the others down. A name registered by two packages is one warning naming both: the built-in keeps its name;
+    between two other packages the name is refused (see :meth:`Registry.get`), so the order of the entry
+    points never decides.
     """
-    global _plugins_loaded
-    if _plugins_loaded:
+    wanted = None if kind is None else kind_of(kind) or kind
+    pending = [
+        p for p in _plugin_entry_points() if p.id not in _imported and (wanted is None or p.kind in (None, wanted))
+    ]
+    if not pending:
         return
-    _plugins_loaded = True
-    points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    # Built-ins first, then by package and entry-point name: the same result whatever order the paths give.
-    ordered = sorted(points, key=lambda ep: (_module(ep) != BUILTIN_MODULE, _source(ep), ep.name))
+    _imported.update(p.id for p in pending)
+    before = {(reg.kind, name): len(sources) for reg in REGISTRIES.values() for name, sources in reg._clashes.items()}
     loading = _loading_entry_points.set(True)
     try:
-        for ep in ordered:
-            token = _current_source.set(_source(ep))
+        for plugin in pending:
+            token = _current_source.set(plugin.source)
             try:
-                ep.load()
+                plugin.point.load()
             except Exception as err:  # noqa: BLE001 - a third-party plugin may fail in any way
-                warnings.warn(f"metriclab plugin '{ep.name}' from {_source(ep)} failed to load: {err!r}", stacklevel=2)
+                warnings.warn(
+                    f"metriclab plugin '{plugin.point.name}' from {plugin.source} failed to load: {err!r}", stacklevel=2
+                )
             finally:
                 _current_source.reset(token)
     finally:
         _loading_entry_points.reset(loading)
-    builtin = {_source(ep) for ep in ordered if _module(ep) == BUILTIN_MODULE}
     for reg in REGISTRIES.values():
-        for name in list(reg._clashes):
-            if name in reg._entries and reg._entries[name].source not in builtin:
+        for name, sources in reg._clashes.items():
+            if before.get((reg.kind, name)) == len(sources):
+                continue  # settled and reported by an earlier import
+            if name in reg._entries and reg._entries[name].source not in _builtin_sources():
                 del reg._entries[name]  # two third-party packages: neither wins by load order
             warnings.warn(reg.clash_message(name), stacklevel=2)
 
 
-def _module(ep: importlib.metadata.EntryPoint) -> str:
-    return ep.value.split(":")[0].strip()
+class _EntryPoint(NamedTuple):
+    """One ``metriclab.plugins`` entry point, with what loading it needs to know."""
+
+    point: importlib.metadata.EntryPoint
+    source: str  # the distribution that declares it
+    kind: str | None  # the kind it is named after, None for any other name
+    builtin: bool
+
+    @property
+    def id(self) -> tuple[str, str]:
+        return self.source, self.point.name
 
 
-def _source(ep: importlib.metadata.EntryPoint) -> str:
-    return ep.dist.name if ep.dist is not None else _module(ep)
+def _plugin_entry_points() -> list[_EntryPoint]:
+    """The group's entry points: built-ins first, then by package and name (the same order whatever the paths)."""
+    global _entry_points
+    if _entry_points is None:
+        found = []
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            module = ep.value.split(":")[0].strip()
+            source = ep.dist.name if ep.dist is not None else module
+            builtin = module.split(".")[0] == BUILTIN_PACKAGE
+            found.append(_EntryPoint(ep, source, kind_of(ep.name.split(".")[0]), builtin))
+        _entry_points = sorted(found, key=lambda p: (not p.builtin, p.source, p.point.name))
+    return _entry_points
+
+
+def _builtin_sources() -> set[str]:
+    """The package name metriclab's built-in components are registered under."""
+    return {p.source for p in _plugin_entry_points() if p.builtin}
 
 
 def load_plugin(spec: str) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -177,3 +179,32 @@ def test_crops_travel_with_the_embeddings_and_pictures_show_them(small_run, mode
     result = cli("search", small_run, out, "--gallery", out, "-k", "1", "--figure", figure, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert figure.stat().st_size > 0
+
+
+def test_embedding_with_a_trained_run_does_not_import_the_losses_libraries(small_run, image_folder, tmp_path):
+    """Rebuilding a run's encoder imports only the encoders' plugins: pytorch-metric-learning (the losses and
+    miners) and, through it, scipy.stats cost ~1 s to import and play no part in embedding."""
+    out = tmp_path / "emb.npz"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "metriclab",
+            "embed",
+            str(small_run),
+            str(image_folder),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(load_embedding_set(out).embeddings) == 30
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert {"torch", "metriclab.inference"} <= imported  # (entry points are imported by importlib: not listed)
+    assert not {name for name in imported if name.split(".")[0] == "pytorch_metric_learning"}

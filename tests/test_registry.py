@@ -108,7 +108,7 @@ def test_third_party_plugin_is_found_through_a_real_entry_point(tmp_path, monkey
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-metriclab-plugin\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text("[metriclab.plugins]\ndemo = demo_metriclab_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "_entry_points", None)
     monkeypatch.delitem(sys.modules, "demo_metriclab_plugin", raising=False)
 
     encoder = registry.create("encoder", "demo-linear", embedding_dim=3, input_shape=(1, 4, 4))
@@ -117,3 +117,63 @@ def test_third_party_plugin_is_found_through_a_real_entry_point(tmp_path, monkey
     assert registry.encoders.entries("demo-linear")[0].source == "demo-metriclab-plugin"
     assert "demo-linear" in registry.list_components("encoder", "demo-*")
     sys.modules.pop("demo_metriclab_plugin", None)
+
+
+KIND_MODULES = {
+    "kindplug_encoders": "from metriclab.registry import register_encoder\n\n"
+    '@register_encoder("kind-encoder")\ndef kind_encoder(*, embedding_dim, input_shape):\n    return None\n',
+    "kindplug_losses": "from metriclab.registry import register_loss\n\n"
+    '@register_loss("kind-loss")\ndef kind_loss():\n    return None\n',
+    "kindplug_any": "from metriclab.registry import register_miner\n\n"
+    '@register_miner("kind-any-miner")\ndef kind_any_miner():\n    return None\n',
+    # named after losses, but registers an encoder: found all the same, once the losses' turn has not found it
+    "kindplug_misfiled": "from metriclab.registry import register_encoder\n\n"
+    '@register_encoder("misfiled-encoder")\ndef misfiled(*, embedding_dim, input_shape):\n    return None\n',
+}
+
+
+def test_an_entry_point_named_after_a_kind_is_imported_when_that_kind_is_first_used(
+    tmp_path, monkeypatch, restore_registries
+):
+    for name, body in KIND_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(body)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    info = tmp_path / "kindplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kindplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[metriclab.plugins]\nencoders = kindplug_encoders\nlosses.extra = kindplug_losses\n"
+        "anything = kindplug_any\nlosses = kindplug_misfiled\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_entry_points", None)
+    monkeypatch.setattr(registry, "_imported", set(registry._imported))  # the built-ins stay imported
+
+    def imported() -> set[str]:
+        return {name for name in KIND_MODULES if name in sys.modules}
+
+    assert registry.encoders.source("kind-encoder") == "kindplug"
+    # the encoders' entry point and the one named after no kind; neither 'losses' one yet
+    assert imported() == {"kindplug_encoders", "kindplug_any"}
+    assert registry.losses.source("kind-loss") == "kindplug"
+    assert imported() == set(KIND_MODULES)
+    assert "misfiled-encoder" in registry.encoders
+    for name in KIND_MODULES:
+        sys.modules.pop(name, None)
+
+
+def test_a_misfiled_registration_is_found_by_a_lookup_of_its_kind(tmp_path, monkeypatch, restore_registries):
+    """An entry point named after one kind that registers another: a lookup that misses loads the rest."""
+    (tmp_path / "kindplug_misfiled.py").write_text(KIND_MODULES["kindplug_misfiled"])
+    monkeypatch.delitem(sys.modules, "kindplug_misfiled", raising=False)
+    info = tmp_path / "kindplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kindplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[metriclab.plugins]\nlosses = kindplug_misfiled\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_entry_points", None)
+    monkeypatch.setattr(registry, "_imported", set(registry._imported))
+
+    assert registry.encoders.source("misfiled-encoder") == "kindplug"
+    assert "misfiled-encoder" in registry.list_components("encoder")
+    sys.modules.pop("kindplug_misfiled", None)

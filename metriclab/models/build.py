@@ -40,7 +40,7 @@ def preferred_image_size(recipe: Any) -> int | None:
     A recipe without ``image_size`` trains image files at this size, so a pretrained backbone sees
     images as large as those it learned from.
     """
-    registry.load_plugins()
+    registry.load_plugins("encoder")
     prefix, colon, member = recipe.encoder.partition(":")
     family = registry.encoders.families.get(prefix) if colon else None
     size_of = getattr(family.factory, "input_size", None) if family is not None else None
