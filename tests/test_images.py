@@ -434,14 +434,13 @@ def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
     assert data.train.paths[0] in str(err.value) and "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 
-def test_files_embed_through_the_run_s_own_test_transform(tree, tmp_path):
-    """``load_model(run).embed(files)`` of a run trained on files embeds them as its evaluation did."""
-    import metriclab
-    from metriclab.inference import run_dataset
+@pytest.fixture(scope="module")
+def streamed_run(tree, tmp_path_factory) -> Run:
+    """A one-epoch run trained on the image files, with the default transforms."""
     from metriclab.training.engine import train
 
     recipe = twin_recipe(
-        tmp_path / "run",
+        tmp_path_factory.mktemp("streamed") / "run",
         dataset="image-folder",
         data_dir=str(tree),
         dataset_args={"split": "images"},
@@ -451,7 +450,15 @@ def test_files_embed_through_the_run_s_own_test_transform(tree, tmp_path):
         epochs=1,
         embed_train=False,
     )
-    run = Run(train(recipe))
+    return Run(train(recipe))
+
+
+def test_files_embed_through_the_run_s_own_test_transform(streamed_run):
+    """``load_model(run).embed(files)`` of a run trained on files embeds them as its evaluation did."""
+    import metriclab
+    from metriclab.inference import run_dataset
+
+    run = streamed_run
     saved, labels = run.embeddings("test")
     files = run_dataset(run).test.paths  # the order of the saved embeddings
     model = metriclab.load_model(run.path, device="cpu")
@@ -460,3 +467,31 @@ def test_files_embed_through_the_run_s_own_test_transform(tree, tmp_path):
     # A plain resize of the whole picture to 16x16 (what a run trained on arrays does) would embed them otherwise.
     model.transform = None
     assert not np.allclose(model.embed(list(files)), saved, rtol=1e-4, atol=1e-5)
+
+
+def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tmp_path):
+    """``DATASET:SPLIT`` of a run trained on files (what `metriclab export` checks on by default) names the files."""
+    from conftest import cli
+
+    import metriclab
+    from metriclab.inference import run_dataset
+    from metriclab.inference.search import load_embedding_set
+
+    run = streamed_run
+    saved, labels = run.embeddings("test")
+    model = metriclab.load_model(run.path, device="cpu")
+    items = model.inputs("image-folder:test")
+    assert list(items.paths) == run_dataset(run).test.paths and items.images is None
+    np.testing.assert_array_equal(items.labels, labels)
+    np.testing.assert_allclose(model.embed("image-folder:test"), saved, rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "test.npz"
+    result = cli("embed", run.path, "image-folder:test", "-o", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    written = load_embedding_set(out)
+    np.testing.assert_array_equal(written.labels, labels)
+    assert all(Path(p).is_file() for p in written.paths)
+
+    result = cli("export", run.path, "--format", "torchscript", "-o", tmp_path / "model.pt")
+    assert result.exit_code == 0, result.output
+    assert "image-folder" in result.stdout and (tmp_path / "model.pt").is_file()

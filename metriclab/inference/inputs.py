@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metriclab.data.images import BOX_COLUMNS, crop_box
+from metriclab.data.images import BOX_COLUMNS, ImageFiles, crop_box
 from metriclab.errors import MetricLabError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
@@ -169,6 +169,27 @@ def _folder(path: Path) -> Inputs:
     return Inputs(np.array([str(f) for f in files]), labels, source=f"folder {path}")
 
 
+def split_inputs(name: str, split: str, images: torch.Tensor, labels: torch.Tensor) -> Inputs:
+    """A dataset split held in memory, its items named ``name:split:index``."""
+    paths = np.array([f"{name}:{split}:{i}" for i in range(len(labels))])
+    return Inputs(paths, labels.numpy(), images=images, source=f"dataset '{name}', {split} split")
+
+
+def file_inputs(name: str, split: str, files: ImageFiles) -> Inputs:
+    """A streamed dataset's split: its image files, with their query/gallery marks, categories and crops."""
+    columns = {
+        column: values.numpy()
+        for column, values in (("is_query", files.is_query), ("is_gallery", files.is_gallery))
+        if values is not None
+    }
+    if files.categories is not None:
+        columns["category"] = np.array(files.categories)
+    if files.boxes is not None:
+        columns |= {column: files.boxes[:, i].numpy() for i, column in enumerate(BOX_COLUMNS)}
+    source = f"dataset '{name}', {split} split ({len(files)} files)"
+    return Inputs(np.array(files.paths), files.labels.numpy(), columns=columns, source=source)
+
+
 def _csv(path: Path) -> Inputs:
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -225,11 +246,11 @@ def is_dataset_split(spec: str) -> bool:
 
 
 def read_inputs(
-    spec: str | Path | Sequence[str | Path], dataset_split: Callable[[str, str], tuple] | None = None
+    spec: str | Path | Sequence[str | Path], dataset_split: Callable[[str, str], Inputs] | None = None
 ) -> Inputs:
     """The images ``spec`` names: a folder, a dataset CSV, image files, or ``DATASET:SPLIT``.
 
-    ``dataset_split(name, split)`` returns ``(images, labels)`` of a registered dataset's split.
+    ``dataset_split(name, split)`` returns the :class:`Inputs` of a registered dataset's split.
     """
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     if not specs:
@@ -241,9 +262,7 @@ def read_inputs(
             if dataset_split is None:
                 raise MetricLabError(f"'{one}' names a dataset split, which needs a run to load it")
             name, _, split = one.rpartition(":")
-            images, labels = dataset_split(name, split)
-            paths = np.array([f"{name}:{split}:{i}" for i in range(len(labels))])
-            return Inputs(paths, np.asarray(labels), images=images, source=f"dataset '{name}', {split} split")
+            return dataset_split(name, split)
         if path.is_dir():
             return _folder(path)
         if path.suffix.lower() == ".csv":

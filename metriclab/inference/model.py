@@ -9,8 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from metriclab.data import is_streaming
 from metriclab.errors import MetricLabError
-from metriclab.inference.inputs import Inputs, check_images, is_dataset_split, load_images, read_inputs
+from metriclab.inference.inputs import (
+    Inputs,
+    check_images,
+    file_inputs,
+    is_dataset_split,
+    load_images,
+    read_inputs,
+    split_inputs,
+)
 from metriclab.inference.rebuild import _input_shape, load_run_model, run_dataset, run_recipe
 from metriclab.runs import Run
 
@@ -75,10 +84,12 @@ class EmbeddingModel:
     def inputs(self, spec: str | Path | Sequence[str | Path]) -> Inputs:
         """What ``spec`` names (see :func:`metriclab.inference.inputs.read_inputs`), dataset splits through the run."""
 
-        def dataset_split(name: str, split: str) -> tuple[torch.Tensor, np.ndarray]:
+        def dataset_split(name: str, split: str) -> Inputs:
             own = name == run_recipe(self.run).dataset
-            images, labels = run_dataset(self.run, None if own else name).split(split)
-            return images, labels.numpy()
+            dataset = run_dataset(self.run, None if own else name)
+            if is_streaming(dataset):  # its files, through the run's test-time transform as its evaluation did
+                return file_inputs(name, split, dataset.files(split))
+            return split_inputs(name, split, *dataset.split(split))
 
         return read_inputs(spec, dataset_split)
 
