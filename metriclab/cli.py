@@ -661,8 +661,14 @@ def search(
     else:
         console.print(_search_table(query_set, data, result))
         if scores is not None:
-            shown = ", ".join(f"{_header(key)} {value:.4f}" for key, value in scores.items())
-            console.print(f"{len(query_set):,} labelled queries vs the gallery: {shown}", highlight=False)
+            scored = scores["queries_scored"]
+            shown = ", ".join(f"{_header(key)} {value:.4f}" for key, value in scores.items() if key != "queries_scored")
+            whom = (
+                f"{scored:,} labelled queries"
+                if scored == len(query_set)
+                else (f"{scored:,} of {len(query_set):,} labelled queries (the others' classes are not in the gallery)")
+            )
+            console.print(f"{whom} vs the gallery: {shown}", highlight=False)
     if not result.exact:
         errors.print(
             f"approximate search (faiss IVF): recall@{result.indices.shape[1]} {result.recall:.4f} against exact "

@@ -469,8 +469,9 @@ def test_files_embed_through_the_run_s_own_test_transform(streamed_run):
     assert not np.allclose(model.embed(list(files)), saved, rtol=1e-4, atol=1e-5)
 
 
-def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tmp_path):
-    """``DATASET:SPLIT`` of a run trained on files (what `metriclab export` checks on by default) names the files."""
+def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tree, tmp_path):
+    """``DATASET:SPLIT`` of a run trained on files (what `metriclab export` checks on by default) names the files,
+    labelled by class folder as the folder itself reads, so either can search or score the other."""
     from conftest import cli
 
     import metriclab
@@ -479,18 +480,24 @@ def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tm
 
     run = streamed_run
     saved, labels = run.embeddings("test")
+    dataset = run_dataset(run)
     model = metriclab.load_model(run.path, device="cpu")
     items = model.inputs("image-folder:test")
-    assert list(items.paths) == run_dataset(run).test.paths and items.images is None
-    np.testing.assert_array_equal(items.labels, labels)
+    assert list(items.paths) == dataset.test.paths and items.images is None
+    names = [dataset.classes[i] for i in labels]
+    assert list(items.labels) == names == [Path(p).parent.name for p in items.paths]
     np.testing.assert_allclose(model.embed("image-folder:test"), saved, rtol=1e-4, atol=1e-5)
 
     out = tmp_path / "test.npz"
     result = cli("embed", run.path, "image-folder:test", "-o", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     written = load_embedding_set(out)
-    np.testing.assert_array_equal(written.labels, labels)
-    assert all(Path(p).is_file() for p in written.paths)
+    assert list(written.labels) == names and all(Path(p).is_file() for p in written.paths)
+
+    result = cli("search", run.path, tree, "--gallery", "image-folder:test", "-k", "3", "--evaluate", "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["scores"]
+    assert scores["queries_scored"] == sum(1 for f in tree.rglob("*") if f.is_file()) and scores["precision@1"] > 0
 
     result = cli("export", run.path, "--format", "torchscript", "-o", tmp_path / "model.pt")
     assert result.exit_code == 0, result.output

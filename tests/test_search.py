@@ -14,7 +14,7 @@ from conftest import ROOT, cli, one_line_error
 
 from metriclab.errors import MetricLabError
 from metriclab.evaluation.processes import evaluate_in_processes
-from metriclab.inference.search import EmbeddingSet, load_embedding_set, save_embedding_set, search
+from metriclab.inference.search import EmbeddingSet, load_embedding_set, save_embedding_set, search, search_scores
 from metriclab.metrics.retrieval import evaluate_embeddings, knn, retrieval_metrics
 
 
@@ -306,3 +306,17 @@ def test_search_does_not_import_scikit_learn(small_run, gallery_file):  # noqa: 
     imported = {line.rsplit("|", 1)[1].strip() for line in lines}
     assert "torch" in imported and "metriclab.metrics.retrieval" in imported
     assert not {name for name in imported if name.split(".")[0] == "sklearn"}
+
+
+def test_scores_count_the_queries_whose_class_the_gallery_holds():
+    """Queries of classes the gallery lacks (class-disjoint splits) are left out of the scores, and said so."""
+    rng = np.random.default_rng(0)
+
+    def items(n: int, labels: list[int]) -> EmbeddingSet:
+        return EmbeddingSet(rng.normal(size=(n, 4)).astype(np.float32), np.arange(n).astype(str), np.array(labels))
+
+    gallery = items(40, [0] * 20 + [1] * 20)
+    scores = search_scores(items(6, [0, 1, 2, 2, 2, 1]), gallery, 3, "euclidean")
+    assert scores["queries_scored"] == 3 and 0 <= scores["map@r"] <= 1
+    with pytest.raises(MetricLabError, match="none of the 2 queries is of a class the gallery holds"):
+        search_scores(items(2, [2, 3]), gallery, 3, "euclidean")

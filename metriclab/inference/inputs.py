@@ -175,8 +175,12 @@ def split_inputs(name: str, split: str, images: torch.Tensor, labels: torch.Tens
     return Inputs(paths, labels.numpy(), images=images, source=f"dataset '{name}', {split} split")
 
 
-def file_inputs(name: str, split: str, files: ImageFiles) -> Inputs:
-    """A streamed dataset's split: its image files, with their query/gallery marks, categories and crops."""
+def file_inputs(name: str, split: str, files: ImageFiles, classes: Sequence[str]) -> Inputs:
+    """A streamed dataset's split: its image files, with their query/gallery marks, categories and crops.
+
+    Labelled as a folder or a CSV of the same files is (by class folder name, or by the CSV's label), so the
+    split can be searched in, or score, embeddings of those.
+    """
     columns = {
         column: values.numpy()
         for column, values in (("is_query", files.is_query), ("is_gallery", files.is_gallery))
@@ -187,7 +191,8 @@ def file_inputs(name: str, split: str, files: ImageFiles) -> Inputs:
     if files.boxes is not None:
         columns |= {column: files.boxes[:, i].numpy() for i, column in enumerate(BOX_COLUMNS)}
     source = f"dataset '{name}', {split} split ({len(files)} files)"
-    return Inputs(np.array(files.paths), files.labels.numpy(), columns=columns, source=source)
+    labels = _typed([classes[i] for i in files.labels.tolist()])
+    return Inputs(np.array(files.paths), labels, columns=columns, source=source)
 
 
 def _csv(path: Path) -> Inputs:

@@ -88,7 +88,7 @@ class EmbeddingModel:
             own = name == run_recipe(self.run).dataset
             dataset = run_dataset(self.run, None if own else name)
             if is_streaming(dataset):  # its files, through the run's test-time transform as its evaluation did
-                return file_inputs(name, split, dataset.files(split))
+                return file_inputs(name, split, dataset.files(split), dataset.classes)
             return split_inputs(name, split, *dataset.split(split))
 
         return read_inputs(spec, dataset_split)

@@ -249,15 +249,24 @@ def embedding_set(model: Any, spec: Any, batch_size: int = 256, progress: Any = 
 
 
 def search_scores(queries: EmbeddingSet, gallery: EmbeddingSet, k: int, metric: str) -> dict[str, float]:
-    """precision@1, precision@k, MAP@R and R-precision of labelled queries against a labelled gallery (exact)."""
+    """precision@1, precision@k, MAP@R and R-precision of labelled queries against a labelled gallery (exact),
+    over the ``queries_scored`` queries whose class the gallery holds."""
     for name, data in (("queries", queries), ("gallery", gallery)):
         if data.labels is None:
             raise MetricLabError(
                 f"scoring needs labels, but the {name} have none; embed a dataset CSV (label column), "
                 "a folder of class sub-folders or DATASET:SPLIT"
             )
+    scored = int(np.isin(queries.labels, gallery.labels).sum())
+    if scored == 0:
+        raise MetricLabError(
+            f"none of the {len(queries.labels):,} queries is of a class the gallery holds (the train and test "
+            "splits of a class-disjoint dataset share no class), so there is nothing to score; search a gallery "
+            "that holds the queries' classes, or leave out --evaluate"
+        )
     ks = sorted({1, k})
     scores = retrieval_metrics(
         queries.embeddings, queries.labels, gallery.embeddings, gallery.labels, ks=ks, metric=metric, clustering=False
     )
-    return {key: scores[key] for key in [f"precision@{v}" for v in ks] + ["map@r", "r_precision"]}
+    out = {key: scores[key] for key in [f"precision@{v}" for v in ks] + ["map@r", "r_precision"]}
+    return out | {"queries_scored": scored}
