@@ -661,14 +661,7 @@ def search(
     else:
         console.print(_search_table(query_set, data, result))
         if scores is not None:
-            scored = scores["queries_scored"]
-            shown = ", ".join(f"{_header(key)} {value:.4f}" for key, value in scores.items() if key != "queries_scored")
-            whom = (
-                f"{scored:,} labelled queries"
-                if scored == len(query_set)
-                else (f"{scored:,} of {len(query_set):,} labelled queries (the others' classes are not in the gallery)")
-            )
-            console.print(f"{whom} vs the gallery: {shown}", highlight=False)
+            console.print(_scores_line(scores, len(query_set)), highlight=False)
     if not result.exact:
         errors.print(
             f"approximate search (faiss IVF): recall@{result.indices.shape[1]} {result.recall:.4f} against exact "
@@ -677,6 +670,16 @@ def search(
         )
     if written is not None:
         errors.print(f"wrote {written}", highlight=False, soft_wrap=True)
+
+
+def _scores_line(scores: dict, queries: int) -> str:
+    """One line of ``search --evaluate``'s scores, saying which queries they cover."""
+    scored, held = scores["queries_scored"], scores["queries_in_gallery"]
+    shown = ", ".join(f"{_header(key)} {value:.4f}" for key, value in scores.items() if not key.startswith("queries"))
+    notes = [f"{queries - scored:,} have no other item of their class in the gallery"] if scored < queries else []
+    notes += [f"{held:,} are gallery items, each left out of its own ranking"] if held else []
+    whom = f"{scored:,} labelled queries" if scored == queries else f"{scored:,} of {queries:,} labelled queries"
+    return f"{whom} vs the gallery: {shown}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @app.command()

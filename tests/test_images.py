@@ -498,6 +498,7 @@ def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tr
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)["scores"]
     assert scores["queries_scored"] == sum(1 for f in tree.rglob("*") if f.is_file()) and scores["precision@1"] > 0
+    assert scores["queries_in_gallery"] == len(items)  # the test split's own files leave themselves out
 
     result = cli("export", run.path, "--format", "torchscript", "-o", tmp_path / "model.pt")
     assert result.exit_code == 0, result.output

@@ -318,5 +318,37 @@ def test_scores_count_the_queries_whose_class_the_gallery_holds():
     gallery = items(40, [0] * 20 + [1] * 20)
     scores = search_scores(items(6, [0, 1, 2, 2, 2, 1]), gallery, 3, "euclidean")
     assert scores["queries_scored"] == 3 and 0 <= scores["map@r"] <= 1
-    with pytest.raises(MetricLabError, match="none of the 2 queries is of a class the gallery holds"):
+    with pytest.raises(MetricLabError, match="none of the 2 queries has an item of its class in the gallery"):
         search_scores(items(2, [2, 3]), gallery, 3, "euclidean")
+
+
+def test_queries_that_are_gallery_items_are_left_out_of_their_own_ranking():
+    """Searching a set in itself scores what leave-one-out scores, not a trivial precision@1 of 1."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), 10)
+    embeddings = (labels[:, None] + rng.normal(scale=1.5, size=(40, 3))).astype(np.float32)
+    whole = EmbeddingSet(embeddings, np.array([f"img/{i}.png" for i in range(40)]), labels)
+    scores = search_scores(whole, whole, 5, "euclidean")
+    loo = retrieval_metrics(embeddings, labels, ks=(1, 5), clustering=False)
+    assert scores["queries_in_gallery"] == 40 and scores["queries_scored"] == 40
+    assert scores["precision@1"] == loo["precision@1"] < 1 and scores["map@r"] == loo["map@r"]
+    # some queries in the gallery, one not: each as if its own item were not there
+    picked = np.array([3, 17, 25])
+    queries = EmbeddingSet(
+        np.concatenate([embeddings[picked], embeddings[:1] + 0.5]),
+        np.array([*whole.paths[picked], "elsewhere.png"]),
+        np.concatenate([labels[picked], labels[:1]]),
+    )
+    got = search_scores(queries, whole, 5, "euclidean")
+    assert got["queries_in_gallery"] == 3 and got["queries_scored"] == 4
+    alone = []
+    for i in range(len(queries)):
+        keep = np.arange(40) != (picked[i] if i < len(picked) else -1)
+        alone.append(
+            retrieval_metrics(
+                queries.embeddings[i : i + 1], queries.labels[i : i + 1], embeddings[keep], labels[keep], ks=(1, 5),
+                clustering=False,
+            )
+        )  # fmt: skip
+    for key in ("precision@1", "precision@5", "map@r", "r_precision"):
+        assert got[key] == pytest.approx(np.mean([a[key] for a in alone]), abs=1e-12)

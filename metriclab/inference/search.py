@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,25 +249,38 @@ def embedding_set(model: Any, spec: Any, batch_size: int = 256, progress: Any = 
     return data
 
 
-def search_scores(queries: EmbeddingSet, gallery: EmbeddingSet, k: int, metric: str) -> dict[str, float]:
+def search_scores(queries: EmbeddingSet, gallery: EmbeddingSet, k: int, metric: str) -> dict[str, float | int]:
     """precision@1, precision@k, MAP@R and R-precision of labelled queries against a labelled gallery (exact),
-    over the ``queries_scored`` queries whose class the gallery holds."""
+    over the ``queries_scored`` queries whose class the gallery holds.
+
+    A query that is a gallery item (the same path; ``queries_in_gallery`` of them) is left out of its own
+    ranking, as ``metriclab evaluate`` leaves each test image out of its test set's: it would be found first.
+    """
     for name, data in (("queries", queries), ("gallery", gallery)):
         if data.labels is None:
             raise MetricLabError(
                 f"scoring needs labels, but the {name} have none; embed a dataset CSV (label column), "
                 "a folder of class sub-folders or DATASET:SPLIT"
             )
-    scored = int(np.isin(queries.labels, gallery.labels).sum())
+    first = {}
+    for i, path in enumerate(gallery.paths):
+        first.setdefault(os.path.abspath(path), i)
+    own = np.array([first.get(os.path.abspath(path), -1) for path in queries.paths], dtype=np.int64)
+    held = own >= 0
+    sizes = dict(zip(*np.unique(gallery.labels, return_counts=True), strict=True))
+    others = np.array([sizes.get(label, 0) for label in queries.labels.tolist()])
+    others[held] -= gallery.labels[own[held]] == queries.labels[held]  # the query's own item is not a match
+    scored = int((others > 0).sum())
     if scored == 0:
         raise MetricLabError(
-            f"none of the {len(queries.labels):,} queries is of a class the gallery holds (the train and test "
+            f"none of the {len(queries):,} queries has an item of its class in the gallery (the train and test "
             "splits of a class-disjoint dataset share no class), so there is nothing to score; search a gallery "
             "that holds the queries' classes, or leave out --evaluate"
         )
     ks = sorted({1, k})
     scores = retrieval_metrics(
-        queries.embeddings, queries.labels, gallery.embeddings, gallery.labels, ks=ks, metric=metric, clustering=False
-    )
+        queries.embeddings, queries.labels, gallery.embeddings, gallery.labels, ks=ks, metric=metric,
+        clustering=False, exclude=own,
+    )  # fmt: skip
     out = {key: scores[key] for key in [f"precision@{v}" for v in ks] + ["map@r", "r_precision"]}
-    return out | {"queries_scored": scored}
+    return out | {"queries_scored": scored, "queries_in_gallery": int(held.sum())}

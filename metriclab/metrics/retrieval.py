@@ -244,12 +244,13 @@ def _buffer(name: str, rows: int, width: int, dtype: type = np.float64) -> np.nd
 
 
 def _searcher(
-    queries: torch.Tensor, gallery: torch.Tensor, metric: str, exclude_self: bool
+    queries: torch.Tensor, gallery: torch.Tensor, metric: str, exclude: np.ndarray | None
 ) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
     """A function ``(start, stop) -> (query_chunk, keys)``; smaller key = nearer, in the order of the distance.
 
     The chunk is returned as searched (normalised or centred), so ``keys + |chunk|^2`` is the
-    squared euclidean distance and ``keys + 1`` the cosine distance.
+    squared euclidean distance and ``keys + 1`` the cosine distance. ``exclude[i]``, a gallery index (-1: none),
+    gets an infinite key in query ``i``'s row: leave-one-out excludes each query itself.
     """
     if metric == "cosine":
         queries = torch.nn.functional.normalize(queries, dim=1)
@@ -290,10 +291,10 @@ def _searcher(
         else:
             block = scaled[lo:hi]
             keys = chunk @ block.T if offset is None else torch.addmm(offset[lo:hi], chunk, block.T)
-        if exclude_self:
-            own = torch.arange(len(chunk), device=keys.device)
-            inside = (own + start >= lo) & (own + start < hi)
-            keys[own[inside], own[inside] + start - lo] = float("inf")
+        if exclude is not None:
+            columns = torch.from_numpy(exclude[start:stop]).to(keys.device)
+            rows = torch.nonzero((columns >= lo) & (columns < hi)).flatten()
+            keys[rows, columns[rows] - lo] = float("inf")
         return chunk, keys
 
     return search
@@ -446,7 +447,7 @@ def knn(
     block = len(g) if len(g) <= GALLERY_BLOCK or not _on_host(dev) else GALLERY_BLOCK
     rows = _chunk_rows(block, k, chunk_size, dim=q.shape[1] if _on_host(dev) and block == len(g) else None)
 
-    search = _searcher(q, g, metric, exclude_self)
+    search = _searcher(q, g, metric, np.arange(len(q)) if exclude_self else None)
 
     def best(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if block == len(g):
@@ -480,6 +481,7 @@ def retrieval_metrics(
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
     distributed: bool = False,
+    exclude: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Ranking, k-NN and clustering metrics of queries against a gallery, as a dict of floats.
 
@@ -492,7 +494,9 @@ def retrieval_metrics(
     queries (R = 0) are left out of the ranking metrics and a ``k`` beyond the gallery is
     clamped: see the module docstring. With ``distributed`` and an initialised torch.distributed
     process group, each process ranks its share of the queries and every process returns the
-    same result, identical to one process's (clustering is computed by rank 0 only).
+    same result, identical to one process's (clustering is computed by rank 0 only). ``exclude[i]`` is the
+    gallery index of query ``i``'s own item (-1 where the gallery does not hold it), left out of its ranking as
+    leave-one-out leaves out each query.
     """
     _check_metric(metric)
     if (gallery_emb is None) != (gallery_labels is None):
@@ -507,14 +511,24 @@ def retrieval_metrics(
     g_lab = q_lab if loo else _labels(gallery_labels, len(g), "gallery_labels")
     if q.shape[1] != g.shape[1]:
         raise MetricLabError(f"queries have {q.shape[1]} dimensions but the gallery {g.shape[1]}; embed both alike")
-    n_ref = len(g) - int(loo)
+    if loo:
+        exclude = np.arange(len(q))
+    elif exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.shape != (len(q),) or not ((exclude >= -1) & (exclude < len(g))).all():
+            raise MetricLabError(f"exclude must hold one gallery index (or -1) per query: {len(q)} in [-1, {len(g)})")
+    excluded = exclude is not None and bool((exclude >= 0).any())
+    n_ref = len(g) - int(excluded)
     if n_ref < 1:
         raise MetricLabError("leave-one-out needs at least two embeddings")
 
     _, ids = np.unique(np.concatenate([q_lab, g_lab]), return_inverse=True)
     ids = ids.astype(np.int32)
     q_ids, g_ids = ids[: len(q)], ids[len(q) :]
-    relevant = np.bincount(g_ids, minlength=ids.max() + 1)[q_ids] - int(loo)  # R per query
+    relevant = np.bincount(g_ids, minlength=ids.max() + 1)[q_ids]  # R per query
+    if excluded:
+        own = exclude >= 0
+        relevant[own] -= g_ids[exclude[own]] == q_ids[own]
     top = [min(int(k), n_ref) for k in ks]
     vote_k = min(knn_k, n_ref)
     need = np.maximum(max(*top, vote_k), relevant)
@@ -527,7 +541,7 @@ def retrieval_metrics(
     cached = _on_host(dev) and block in (len(g), SMALL_BLOCK)
     rows = _chunk_rows(block, most, chunk_size, dim=q.shape[1] if cached else None)
 
-    search = _searcher(q, g, metric, loo)
+    search = _searcher(q, g, metric, exclude if excluded else None)
 
     # The GPU (if any) computes keys and selects; the bookkeeping on the ranked classes runs compiled on the host.
     ks_clamped = np.array(top, dtype=np.int64)
