@@ -304,6 +304,14 @@ def evaluate(
         str | None, typer.Option("--dataset", help="Evaluate on another registered dataset with the same image shape.")
     ] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="Folder to read the dataset from.")] = None,
+    dataset_args: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dataset-args",
+            help="KEY=VALUE argument of the dataset (repeatable), e.g. dataset_root=DIR for a CSV; they replace "
+            "the run's own for --dataset.",
+        ),
+    ] = None,
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours voting in k-NN classification.")] = 5,
     pairs: Annotated[int, typer.Option("--pairs", help="Balanced pairs sampled for verification.")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Seed for pairs and k-means.")] = 0,
@@ -332,6 +340,7 @@ def evaluate(
     Results are added to each run's metrics.json under evaluations[METRIC]; several runs are shown side by side.
     """
     from metriclab.evaluation import evaluate_run
+    from metriclab.recipe import key_values
 
     debug = ctx.obj["debug"]
     results = []
@@ -340,7 +349,7 @@ def evaluate(
         for run in _runs(runs, plugins):
             start = time.perf_counter()
             options = {"knn_k": knn_k, "num_pairs": pairs, "seed": seed, "processes": processes}
-            options["clustering"] = clustering
+            options |= {"clustering": clustering, "dataset_args": key_values(dataset_args)}
             result = evaluate_run(run, ks_, metric, reembed, dataset, data_dir, **options)
             results.append(result)
             if result["rank"] == 0:

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -272,6 +273,17 @@ def _check_finite(where: str, value: Any) -> None:
             _check_finite(where, item)
     elif isinstance(value, float) and not math.isfinite(value):
         raise MetricLabError(f"{where} must be a finite number, got {value!r}")
+
+
+def key_values(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` as one dict, each value as JSON when it parses, else a string (as ``--*-args`` read)."""
+    out: dict[str, Any] = {}
+    for text in items or []:
+        try:
+            out |= _key_values(text)
+        except argparse.ArgumentTypeError as err:
+            raise MetricLabError(f"{err}; pass e.g. dataset_root=/data/images") from None
+    return out
 
 
 def _key_values(text: str) -> dict[str, Any]:

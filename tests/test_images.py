@@ -503,3 +503,26 @@ def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tr
     result = cli("export", run.path, "--format", "torchscript", "-o", tmp_path / "model.pt")
     assert result.exit_code == 0, result.output
     assert "image-folder" in result.stdout and (tmp_path / "model.pt").is_file()
+
+
+def test_evaluate_on_a_csv_whose_paths_are_relative_to_another_folder(streamed_run, tree, tmp_path):
+    """A CSV kept apart from its images: one line naming dataset_root, then `--dataset-args dataset_root=DIR`."""
+    from conftest import cli, one_line_error
+
+    rows = [{**r, "path": str(Path(r["path"]).relative_to(tree.parent) if Path(r["path"]).is_absolute() else r["path"])}
+            for r in oml_rows(tree)]  # fmt: skip
+    path = write_csv(tmp_path, rows, "elsewhere.csv")  # every path relative to tree's folder, not the CSV's
+    args = ["evaluate", streamed_run.path, "--dataset", "csv", "--data-dir", path, "--no-clustering", "--json"]
+    line = one_line_error(cli(*args))
+    assert f"none of the {len(rows)} images" in line and "--dataset-args dataset_root=DIR" in line
+
+    result = cli(*args, "--dataset-args", f"dataset_root={tree.parent}")
+    assert result.exit_code == 0, result.output
+    (scores,) = json.loads(result.stdout)
+    assert (
+        scores["key"] == f"csv/{scores['metric']}"
+        and scores["test_size"] == 24
+        and 0 < scores["test_loo"]["precision@1"] <= 1
+    )
+    assert scores["key"] in json.loads((streamed_run.path / "metrics.json").read_text())["evaluations"]
+    assert one_line_error(cli(*args, "--dataset-args", "dataset_root")).endswith("pass e.g. dataset_root=/data/images")

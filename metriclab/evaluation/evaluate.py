@@ -38,6 +38,7 @@ def evaluate_run(
     save: bool = True,
     processes: int = 1,
     clustering: bool | None = None,
+    dataset_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
 
@@ -58,7 +59,7 @@ def evaluate_run(
     if not ks or any(int(k) < 1 for k in ks):
         raise MetricLabError(f"k values must be positive integers, got {list(ks)}; pass e.g. --ks 1,5,10")
     start = time.perf_counter()
-    data, info = run_embeddings(run, reembed, dataset, data_dir)
+    data, info = run_embeddings(run, reembed, dataset, data_dir, dataset_args)
     test_emb, test_labels = data["test"]
     train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
     log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
@@ -81,7 +82,7 @@ def evaluate_run(
         world = processes
     if run.config.get("dataset", {}).get("protocol") == "query/gallery" and dataset is None:
         # The dataset's own protocol (In-Shop): its query images searched in its gallery, per category too.
-        files = run_dataset(run, data_dir=data_dir).files("test")
+        files = run_dataset(run, data_dir=data_dir, dataset_args=dataset_args).files("test")
         log.info("searching the dataset's queries in its gallery")
         search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed}
         categories = files.categories
@@ -89,7 +90,7 @@ def evaluate_run(
             test_emb, test_labels, files.is_query.numpy(), files.is_gallery.numpy(), categories, **search
         )
     recipe = run_recipe(run)
-    own = dataset is None and data_dir is None
+    own = dataset is None and data_dir is None and not dataset_args
     key = metric if own else f"{dataset or recipe.dataset}/{metric}"
     record = {
         "metric": metric,

@@ -80,14 +80,18 @@ def _input_shape(run: Run) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def run_dataset(run: Run, name: str | None = None, data_dir: str | None = None) -> Dataset | StreamingDataset:
-    """The run's dataset (or dataset ``name``, read from ``data_dir`` if given), loaded as the recipe describes."""
+def run_dataset(
+    run: Run, name: str | None = None, data_dir: str | None = None, dataset_args: dict[str, Any] | None = None
+) -> Dataset | StreamingDataset:
+    """The run's dataset (or dataset ``name``, read from ``data_dir`` if given), loaded as the recipe describes;
+    ``dataset_args`` update the run's own arguments, or are another dataset's."""
     recipe = run_recipe(run)
     if name is not None and name != recipe.dataset:
         # The run's dataset arguments belong to its own dataset; another one starts from its defaults.
-        recipe = replace(recipe, dataset=name, dataset_args={}, data_dir=data_dir)
-    elif data_dir is not None:
-        recipe = replace(recipe, data_dir=data_dir)
+        recipe = replace(recipe, dataset=name, dataset_args=dict(dataset_args or {}), data_dir=data_dir)
+    elif data_dir is not None or dataset_args:
+        own = recipe.dataset_args | (dataset_args or {})
+        recipe = replace(recipe, data_dir=data_dir if data_dir is not None else recipe.data_dir, dataset_args=own)
     if name is None:
         _require_component(run, "dataset", recipe.dataset)
 
@@ -160,15 +164,21 @@ def _last_epoch(run: Run) -> int:
 
 
 def run_embeddings(
-    run: Run, reembed: bool = False, dataset: str | None = None, data_dir: str | None = None
+    run: Run,
+    reembed: bool = False,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    dataset_args: dict[str, Any] | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | None], dict[str, Any]]:
     """``({"test": (embeddings, labels), "train": ... or None}, source info)`` of a run, saved or embedded.
 
-    The saved ones unless ``reembed`` or another ``dataset``/``data_dir`` is asked for (missing train
-    embeddings are computed from the weights); a re-embedding of the run's own dataset is saved over them.
+    The saved ones unless ``reembed`` or another ``dataset``/``data_dir``/``dataset_args`` is asked for
+    (missing train embeddings are computed from the weights); a re-embedding of the run's own dataset is
+    saved over them.
     """
     recipe = run_recipe(run)
-    own = dataset is None and data_dir is None  # another dataset (or folder) is evaluated, never saved as ours
+    # another dataset (or folder, or arguments) is evaluated, never saved as ours
+    own = dataset is None and data_dir is None and not dataset_args
     has_saved = run.has_embeddings("test")
     if own and has_saved and not reembed:
         test = run.embeddings("test")
@@ -188,7 +198,7 @@ def run_embeddings(
             f"did not finish; resume it with `python recipes/{recipe.name}.py --resume {run.path}`"
         )
     model = load_run_model(run)
-    data = run_dataset(run, dataset, data_dir)
+    data = run_dataset(run, dataset, data_dir, dataset_args)
     out = {split: embed_run(run, split, data, model) for split in ("test", "train")}
     if own:
         # Embeddings are a cache of what the weights compute: refreshing them keeps visualize in step.
