@@ -11,6 +11,7 @@ so one that asks to run code when unpickled is refused.
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from dataclasses import asdict, dataclass
@@ -172,6 +173,24 @@ def resolve_resume(recipe: Recipe) -> Path:
             f"choose a new --output-dir, or delete {target} (rm -r {target}) and run again with --output-dir {target}"
         )
     return checkpoint
+
+
+_FREE_ON_RESUME = ("resume", "output_dir")  # where a resumed run continues from: different by nature
+
+
+def changed_options(recipe: Recipe, run_dir: Path) -> list[str]:
+    """``field value (started with value)`` for each option of ``recipe`` that differs from the run's start
+    (its config.json), so a resume with a forgotten or mistyped option says so before it trains on."""
+    try:
+        started = Run(run_dir).config.get("recipe", {})
+    except MetricLabError:
+        return []
+    now = json.loads(json.dumps(recipe.to_dict()))  # tuples as lists, as config.json holds them
+    return [
+        f"{name} {now[name]!r} (started with {started[name]!r})"
+        for name in now
+        if name in started and name not in _FREE_ON_RESUME and now[name] != started[name]
+    ]
 
 
 def run_directory(recipe: Recipe, process: PartialState) -> tuple[Path, Path | None]:

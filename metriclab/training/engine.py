@@ -37,6 +37,7 @@ from metriclab.runs import DISK_ERRNOS, Run, append_history, save_embeddings, tr
 from metriclab.training import contracts
 from metriclab.training.checkpoints import (
     TrainerState,
+    changed_options,
     checkpoint_dir,
     require_finite_model,
     resume,
@@ -135,6 +136,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
 
     if recipe.image_size is None and (size := preferred_image_size(recipe)) is not None:
         recipe = replace(recipe, image_size=size)  # image files at the backbone's own size (recorded in config.json)
+    if checkpoint is not None and (changed := changed_options(recipe, run_dir)):
+        reporter.notice(
+            f"Resuming {run_dir} with options that differ from its start: {'; '.join(changed)}. To resume with "
+            f"the options it was started with, pass --config {run_dir / 'config.json'}"
+        )
     with accelerator.main_process_first():
         dataset = load_dataset(recipe)
     contracts.check_dataset(recipe, dataset)

@@ -133,13 +133,31 @@ def test_a_failure_while_resuming_keeps_its_real_cause(tmp_path, capsys, monkeyp
 def test_resume_names_a_mismatch_and_a_damaged_file_for_what_they_are(tmp_path, capsys):
     out = _checkpointed_run(tmp_path, capsys)
     code, err = train_in_process(capsys, *DIGITS, "--embedding-dim", "3", "--resume", str(out))
-    assert_user_error(code, err, "does not fit the model", "resume with the options the run was started with")
+    notice, error = err.strip().splitlines()  # the changed option, then the one-line error
+    assert "differ from its start: embedding_dim 3 (started with 2)" in notice
+    assert_user_error(code, error, "does not fit the model", "resume with the options the run was started with")
     checkpoint = Run.latest_checkpoint_in(out)
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])
     code, err = train_in_process(capsys, *DIGITS, "--resume", str(out))
     assert_user_error(code, err, f"cannot read checkpoint {checkpoint}", "damaged", "earlier checkpoint")
     assert "options the run was started with" not in err
+
+
+def test_a_resume_with_other_options_names_each_before_it_trains(tmp_path, capsys):
+    out = _checkpointed_run(tmp_path, capsys)
+    code, err = train_in_process(capsys, *DIGITS, "--resume", str(out))
+    assert code == 0, err[-3000:]
+    assert "differ from its start" not in err
+    code, err = train_in_process(capsys, *DIGITS, "--lr", "0.5", "--encoder-args", "hidden=[8]", "--resume", str(out))
+    text = " ".join(err.split())
+    assert (
+        "options that differ from its start: encoder_args {'hidden': [8]} (started with {'hidden': [16]}); lr 0.5"
+        in text
+    )
+    assert f"--config {out / 'config.json'}" in text
+    # the narrower network: the checkpoint's check still stops it
+    assert_user_error(code, err.strip().splitlines()[-1], "does not fit the model")
 
 
 def test_a_trainer_state_field_of_the_wrong_type_is_named(tmp_path, capsys):
