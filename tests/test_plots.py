@@ -159,3 +159,26 @@ def test_panels_draws_one_axes_per_panel(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(scored)))  # scores in titles
     with pytest.raises(MetricLabError, match="score"):
         plots.panels(panels, labels, NAMES, tmp_path / "x.png", scores=scores[:1])
+
+
+@pytest.mark.parametrize("n_classes, present, listed", [(10, [5, 6, 7, 8, 9], "c5 c6 c7 c8 c9"), (60, range(60), None)])
+def test_the_legend_lists_the_classes_drawn_and_counts_too_many(tmp_path, monkeypatch, n_classes, present, listed):
+    """A class-disjoint test set's figure lists its own classes, not the train classes; thousands are counted."""
+    from matplotlib.figure import Figure
+
+    legends = []
+    save = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        legends.extend(fig.legends)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    labels = np.repeat(np.array(list(present)), 4)
+    points = np.random.default_rng(0).normal(size=(len(labels), 2))
+    plots.scatter(points, labels, [f"c{i}" for i in range(n_classes)], tmp_path / "s.png")
+    (legend,) = legends
+    if listed is None:
+        assert not legend.texts and legend.get_title().get_text() == "60 classes\n(too many to list)"
+    else:
+        assert " ".join(t.get_text() for t in legend.texts) == listed and legend.get_title().get_text() == "class"

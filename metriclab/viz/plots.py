@@ -30,6 +30,9 @@ DPI = 120
 THUMB_INCHES = 0.36
 
 
+LEGEND_MAX = 40  # classes a legend lists; more are only counted (SOP's test set has 11,316)
+
+
 def class_colors(n_classes: int) -> np.ndarray:
     """``(n_classes, 4)`` RGBA colours that stay distinct: tab10 up to 10 classes, tab20 up to 20."""
     if n_classes <= 10:
@@ -126,16 +129,23 @@ def _draw_points(ax, points: np.ndarray, labels: np.ndarray, colors: np.ndarray,
     ax.tick_params(labelsize=7)
 
 
-def _legend_handles(class_names: Sequence[str], colors: np.ndarray) -> list[Line2D]:
-    return [
-        Line2D([], [], linestyle="", marker="o", markersize=7, markerfacecolor=c, markeredgewidth=0, label=name)
-        for name, c in zip(class_names, colors, strict=True)
-    ]
+def _legend(class_names: Sequence[str], colors: np.ndarray, labels: np.ndarray) -> dict:
+    """Legend arguments: one entry per class among ``labels`` (a class-disjoint test set shows its own), or only
+    their count where there are more than ``LEGEND_MAX``."""
+    present = np.unique(np.asarray(labels, dtype=np.int64))
+    if len(present) > LEGEND_MAX:
+        return {"handles": [], "title": f"{len(present):,} classes\n(too many to list)"}
+    handles = [
+        Line2D([], [], linestyle="", marker="o", markersize=7, markerfacecolor=colors[i], markeredgewidth=0,
+               label=class_names[i])
+        for i in present
+    ]  # fmt: skip
+    return {"handles": handles, "title": "class"}
 
 
-def _figure_legend(fig: Figure, class_names: Sequence[str], colors: np.ndarray) -> None:
+def _figure_legend(fig: Figure, class_names: Sequence[str], colors: np.ndarray, labels: np.ndarray) -> None:
     # Outside the axes, so it never covers points.
-    fig.legend(handles=_legend_handles(class_names, colors), loc="outside right upper", title="class", frameon=False)
+    fig.legend(**_legend(class_names, colors, labels), loc="outside right upper", frameon=False)
 
 
 def scatter(
@@ -154,7 +164,7 @@ def scatter(
     ax = fig.subplots()
     _draw_points(ax, points, labels, colors)
     ax.set_title(title)
-    _figure_legend(fig, class_names, colors)
+    _figure_legend(fig, class_names, colors, labels)
     return _save(fig, path)
 
 
@@ -221,7 +231,7 @@ def thumbnail_scatter(
     ax = fig.subplots()
     _draw_points(ax, points, labels, colors, alpha=0.35)
     ax.set_title(title)
-    _figure_legend(fig, class_names, colors)
+    _figure_legend(fig, class_names, colors, labels)
 
     # Place thumbnails in display pixels of the final layout, so "no overlap" holds on the page.
     fig.draw_without_rendering()
@@ -354,7 +364,8 @@ def animate_embeddings(
     fig = _figure(width, height, layout=None)
     ax = fig.add_axes(box)
     xlim, ylim = _robust_limits(np.concatenate([p for _, p, _ in frames]), box[2] * width / (box[3] * height))
-    fig.legend(handles=_legend_handles(names, colors), loc="upper left", bbox_to_anchor=(0.81, 0.92), frameon=False)
+    every = np.concatenate([lab.reshape(-1) for _, _, lab in frames])
+    fig.legend(**_legend(names, colors, every), loc="upper left", bbox_to_anchor=(0.81, 0.92), frameon=False)
     # Opaque markers: translucent overlaps would create colours the GIF palette does not hold.
     style = {"alpha": 1.0, "s": max(_marker_style(max(len(p) for _, p, _ in frames))["s"], 3.0)}
     writer = _FixedPaletteWriter(colors, fps=fps)
@@ -456,6 +467,6 @@ def panels(
         ax.set_title(heading, fontsize=9)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    _figure_legend(fig, names, colors)
+    _figure_legend(fig, names, colors, labels)
     fig.suptitle(title)
     return _save(fig, path)
