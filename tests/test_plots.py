@@ -182,3 +182,17 @@ def test_the_legend_lists_the_classes_drawn_and_counts_too_many(tmp_path, monkey
         assert not legend.texts and legend.get_title().get_text() == "60 classes\n(too many to list)"
     else:
         assert " ".join(t.get_text() for t in legend.texts) == listed and legend.get_title().get_text() == "class"
+
+
+def test_gallery_queries_come_from_random_classes_of_a_many_class_test_set():
+    from metriclab.viz.figures import _pick_queries
+
+    labels = np.repeat(np.arange(250, 750), 4)  # 500 classes of 4, like a product catalogue's test split
+    chosen, failed = _pick_queries(labels, np.zeros(len(labels), dtype=bool), 8, seed=0)
+    classes = labels[chosen]
+    assert failed == 0 and len(set(classes)) == 8 and classes.max() - classes.min() > 100  # not 250..257
+    wrong = np.zeros(len(labels), dtype=bool)
+    wrong[::7] = True
+    chosen, failed = _pick_queries(labels, wrong, 8, seed=0)
+    assert len(chosen) == 8 and failed == 2 and wrong[chosen].sum() >= 2 and len(set(labels[chosen])) == 8
+    assert np.array_equal(chosen, _pick_queries(labels, wrong, 8, seed=0)[0])

@@ -113,12 +113,13 @@ def _to_2d(embeddings: np.ndarray, method: str, metric: str, seed: int) -> tuple
 
 
 def _pick_queries(labels: np.ndarray, wrong: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, int]:
-    """Up to ``count`` random test indices cycling through the classes, a quarter of them (at least one) among
-    the queries with a ``wrong`` result when there are such; returns the indices and how many of those."""
+    """Up to ``count`` random test indices cycling through the classes (in random order: of a test set of
+    thousands of classes, not the first few), a quarter of them (at least one) among the queries with a ``wrong``
+    result when there are such; returns the indices and how many of those."""
     rng = np.random.default_rng(seed)
     failed = rng.permutation(np.flatnonzero(wrong))[: max(1, count // 4)] if count > 1 else np.zeros(0, np.int64)
     order = rng.permutation(np.setdiff1d(np.arange(len(labels)), failed))
-    by_class = [order[labels[order] == c] for c in np.unique(labels)]
+    by_class = [order[labels[order] == c] for c in rng.permutation(np.unique(labels))]
     cycled = [group[i] for i in range(max(map(len, by_class))) for group in by_class if i < len(group)]
     picked = np.concatenate([failed, np.asarray(cycled[: count - len(failed)], dtype=np.int64)])
     return np.sort(picked.astype(np.int64)), len(failed)
