@@ -506,7 +506,8 @@ def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tr
 
 
 def test_evaluate_on_a_csv_whose_paths_are_relative_to_another_folder(streamed_run, tree, tmp_path):
-    """A CSV kept apart from its images: one line naming dataset_root, then `--dataset-args dataset_root=DIR`."""
+    """A CSV kept apart from its images: one line naming dataset_root, then `--dataset-args dataset_root=DIR`,
+    and the CSV's query/gallery protocol."""
     from conftest import cli, one_line_error
 
     rows = [{**r, "path": str(Path(r["path"]).relative_to(tree.parent) if Path(r["path"]).is_absolute() else r["path"])}
@@ -525,4 +526,7 @@ def test_evaluate_on_a_csv_whose_paths_are_relative_to_another_folder(streamed_r
         and 0 < scores["test_loo"]["precision@1"] <= 1
     )
     assert scores["key"] in json.loads((streamed_run.path / "metrics.json").read_text())["evaluations"]
+    # the CSV's own protocol, though the run was trained on another dataset: its queries searched in its gallery
+    assert scores["query_gallery"]["queries"] == 12 and scores["query_gallery"]["gallery"] == 12
+    assert set(scores["by_category"]) == {"round", "straight"}
     assert one_line_error(cli(*args, "--dataset-args", "dataset_root")).endswith("pass e.g. dataset_root=/data/images")

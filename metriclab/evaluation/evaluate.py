@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from metriclab.data import is_streaming
 from metriclab.errors import MetricLabError
 from metriclab.evaluation.processes import evaluate_in_processes, launched_group, launched_world
 from metriclab.evaluation.protocol import query_gallery_metrics
@@ -59,7 +60,10 @@ def evaluate_run(
     if not ks or any(int(k) < 1 for k in ks):
         raise MetricLabError(f"k values must be positive integers, got {list(ks)}; pass e.g. --ks 1,5,10")
     start = time.perf_counter()
-    data, info = run_embeddings(run, reembed, dataset, data_dir, dataset_args)
+    own = dataset is None and data_dir is None and not dataset_args
+    # Another dataset (or folder, or arguments) is loaded here once: embedded, and read for its protocol.
+    other = None if own else run_dataset(run, dataset, data_dir, dataset_args)
+    data, info = run_embeddings(run, reembed, dataset, data_dir, dataset_args, loaded=other)
     test_emb, test_labels = data["test"]
     train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
     log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
@@ -80,9 +84,12 @@ def evaluate_run(
     else:
         scores = evaluate_in_processes(processes, train_emb, train_labels, test_emb, test_labels, **options)
         world = processes
-    if run.config.get("dataset", {}).get("protocol") == "query/gallery" and dataset is None:
+    if own and run.config.get("dataset", {}).get("protocol") == "query/gallery":
+        files = run_dataset(run).files("test")
+    else:
+        files = other.files("test") if other is not None and is_streaming(other) else None
+    if files is not None and files.is_query is not None and files.is_gallery is not None:
         # The dataset's own protocol (In-Shop): its query images searched in its gallery, per category too.
-        files = run_dataset(run, data_dir=data_dir, dataset_args=dataset_args).files("test")
         log.info("searching the dataset's queries in its gallery")
         search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed}
         categories = files.categories
@@ -90,7 +97,6 @@ def evaluate_run(
             test_emb, test_labels, files.is_query.numpy(), files.is_gallery.numpy(), categories, **search
         )
     recipe = run_recipe(run)
-    own = dataset is None and data_dir is None and not dataset_args
     key = metric if own else f"{dataset or recipe.dataset}/{metric}"
     record = {
         "metric": metric,

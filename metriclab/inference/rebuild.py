@@ -169,12 +169,13 @@ def run_embeddings(
     dataset: str | None = None,
     data_dir: str | None = None,
     dataset_args: dict[str, Any] | None = None,
+    loaded: Dataset | StreamingDataset | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | None], dict[str, Any]]:
     """``({"test": (embeddings, labels), "train": ... or None}, source info)`` of a run, saved or embedded.
 
     The saved ones unless ``reembed`` or another ``dataset``/``data_dir``/``dataset_args`` is asked for
     (missing train embeddings are computed from the weights); a re-embedding of the run's own dataset is
-    saved over them.
+    saved over them. ``loaded``: that dataset, already loaded by the caller.
     """
     recipe = run_recipe(run)
     # another dataset (or folder, or arguments) is evaluated, never saved as ours
@@ -198,7 +199,7 @@ def run_embeddings(
             f"did not finish; resume it with `python recipes/{recipe.name}.py --resume {run.path}`"
         )
     model = load_run_model(run)
-    data = run_dataset(run, dataset, data_dir, dataset_args)
+    data = loaded if loaded is not None else run_dataset(run, dataset, data_dir, dataset_args)
     out = {split: embed_run(run, split, data, model) for split in ("test", "train")}
     if own:
         # Embeddings are a cache of what the weights compute: refreshing them keeps visualize in step.
