@@ -136,6 +136,22 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 # -- fine-tuning --------------------------------------------------------------------------------------------
 
 
+def test_a_failed_download_is_one_error_naming_both_ways_round_it(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(MetricLabError) as err:
+        registry.create("encoder", "timm:resnet18", embedding_dim=8, input_shape=(3, 32, 32), pretrained=True)
+    text = str(err.value)
+    assert "could not get the pretrained weights of timm:resnet18 (We couldn't connect" in text
+    assert "pass weights=PATH" in text and "HF_HUB_OFFLINE=1" in text
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already offline: the hint would say nothing new
+    with pytest.raises(MetricLabError) as err:
+        registry.create("encoder", "timm:resnet18", embedding_dim=8, input_shape=(3, 32, 32), pretrained=True)
+    assert "pass weights=PATH" in str(err.value) and "HF_HUB_OFFLINE" not in str(err.value)
+
+
 def test_parameter_groups_split_backbone_head_loss_and_decay():
     recipe = Recipe(encoder="timm:test_resnet", embedding_dim=16, lr=0.01, backbone_lr_multiplier=0.1, loss_lr=0.5)
     model = build_model(recipe, SHAPE)
