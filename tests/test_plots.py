@@ -163,7 +163,8 @@ def test_panels_draws_one_axes_per_panel(tmp_path):
 
 @pytest.mark.parametrize("n_classes, present, listed", [(10, [5, 6, 7, 8, 9], "c5 c6 c7 c8 c9"), (60, range(60), None)])
 def test_the_legend_lists_the_classes_drawn_and_counts_too_many(tmp_path, monkeypatch, n_classes, present, listed):
-    """A class-disjoint test set's figure lists its own classes, not the train classes; thousands are counted."""
+    """A class-disjoint test set's figure lists its own classes in distinct colours, not the train classes;
+    thousands are counted."""
     from matplotlib.figure import Figure
 
     legends = []
@@ -182,6 +183,9 @@ def test_the_legend_lists_the_classes_drawn_and_counts_too_many(tmp_path, monkey
         assert not legend.texts and legend.get_title().get_text() == "60 classes\n(too many to list)"
     else:
         assert " ".join(t.get_text() for t in legend.texts) == listed and legend.get_title().get_text() == "class"
+        # the classes drawn share the whole palette: five test classes of ten get tab10's first five colours
+        faces = [handle.get_markerfacecolor() for handle in legend.legend_handles]
+        np.testing.assert_allclose(faces, plots.class_colors(len(set(present))))
 
 
 def test_gallery_queries_come_from_random_classes_of_a_many_class_test_set():

@@ -33,6 +33,15 @@ THUMB_INCHES = 0.36
 LEGEND_MAX = 40  # classes a legend lists; more are only counted (SOP's test set has 11,316)
 
 
+def _palette(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n_classes, 4)`` colours by class index: the classes among ``labels`` share the whole palette (a
+    class-disjoint test set's classes are as distinct as any), the others are grey."""
+    present = np.unique(np.asarray(labels, dtype=np.int64))
+    colors = np.tile(np.array([0.6, 0.6, 0.6, 1.0]), (n_classes, 1))
+    colors[present] = class_colors(len(present))
+    return colors
+
+
 def class_colors(n_classes: int) -> np.ndarray:
     """``(n_classes, 4)`` RGBA colours that stay distinct: tab10 up to 10 classes, tab20 up to 20."""
     if n_classes <= 10:
@@ -159,7 +168,7 @@ def scatter(
     points = _points(points)
     labels, class_names = _labels_and_names(labels, class_names, len(points))
     path = _output(path)
-    colors = class_colors(len(class_names))
+    colors = _palette(labels, len(class_names))
     fig = _figure(8.5, 7)
     ax = fig.subplots()
     _draw_points(ax, points, labels, colors)
@@ -226,7 +235,7 @@ def thumbnail_scatter(
     if not callable(images) and len(images) != len(points):
         raise MetricLabError(f"got {len(images)} images for {len(points)} points; pass the images that were embedded")
     path = _output(path)
-    colors = class_colors(len(class_names))
+    colors = _palette(labels, len(class_names))
     fig = _figure(10, 9)
     ax = fig.subplots()
     _draw_points(ax, points, labels, colors, alpha=0.35)
@@ -356,7 +365,8 @@ def animate_embeddings(
     frames = [(str(name), _points(p), np.asarray(lab)) for name, p, lab in snapshots]
     max_label = max((int(lab.max()) for _, _, lab in frames if lab.size), default=0)
     names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(max_label + 1)]
-    colors = class_colors(len(names))
+    every = np.concatenate([lab.reshape(-1) for _, _, lab in frames])
+    colors = _palette(every, len(names))
     path = _output(path, (".gif",))
 
     # A fixed layout (not constrained): every frame must keep the same axes position and image size.
@@ -364,7 +374,6 @@ def animate_embeddings(
     fig = _figure(width, height, layout=None)
     ax = fig.add_axes(box)
     xlim, ylim = _robust_limits(np.concatenate([p for _, p, _ in frames]), box[2] * width / (box[3] * height))
-    every = np.concatenate([lab.reshape(-1) for _, _, lab in frames])
     fig.legend(**_legend(names, colors, every), loc="upper left", bbox_to_anchor=(0.81, 0.92), frameon=False)
     # Opaque markers: translucent overlaps would create colours the GIF palette does not hold.
     style = {"alpha": 1.0, "s": max(_marker_style(max(len(p) for _, p, _ in frames))["s"], 3.0)}
@@ -450,7 +459,7 @@ def panels(
     if scores is not None and len(scores) != len(panels):
         raise MetricLabError(f"got {len(scores)} score sets for {len(panels)} panels; pass one per panel or none")
     labels, names = _labels_and_names(labels, class_names, len(_points(panels[0].points)))
-    colors = class_colors(len(names))
+    colors = _palette(labels, len(names))
     path = _output(path)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
