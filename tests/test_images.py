@@ -15,6 +15,7 @@ from PIL import Image
 from metriclab.data import Dataset, ImageSource, StreamingDataset, load_dataset
 from metriclab.data.sampling import epoch_order, local_batches
 from metriclab.errors import MetricLabError
+from metriclab.metrics.retrieval import retrieval_metrics
 from metriclab.recipe import Recipe
 from metriclab.registry import datasets, register_dataset
 from metriclab.runs import Run
@@ -333,6 +334,27 @@ def test_query_gallery_metrics_match_pytorch_metric_learning():
         query_gallery_metrics(embeddings, labels, is_query | (labels == 0), ~is_query, ks=(1,))
 
 
+def test_leave_one_out_per_category_is_each_category_s_share_of_the_whole():
+    """Each category's images searched in the whole test set, each leaving itself out (SOP's super-categories)."""
+    from metriclab.evaluation.protocol import category_metrics, query_gallery_metrics
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 12, 300)
+    embeddings = (rng.normal(size=(300, 5)) + rng.normal(size=(12, 5))[labels] * 1.5).astype(np.float32)
+    categories = np.where(labels % 3 == 0, "bikes", np.where(labels % 3 == 1, "chairs", "lamps"))
+    per = category_metrics(embeddings, labels, list(categories), ks=(1, 5), metric="cosine")
+    whole = retrieval_metrics(embeddings, labels, ks=(1, 5), metric="cosine", clustering=False)
+    counts = {name: (categories == name).sum() for name in per}
+    assert set(per) == {"bikes", "chairs", "lamps"}
+    for key in ("precision@1", "precision@5", "map@r", "r_precision", "knn_accuracy"):
+        share = sum(counts[name] * per[name][key] for name in per) / len(labels)
+        assert share == pytest.approx(whole[key], abs=1e-12), key
+    # a dataset marking every image as both query and gallery is leave-one-out, broken down the same way
+    everything = np.ones(300, bool)
+    loo = query_gallery_metrics(embeddings, labels, everything, everything, list(categories), ks=(1, 5))
+    assert loo["by_category"] == category_metrics(embeddings, labels, categories, ks=(1, 5))
+
+
 def test_csv_crop_columns_cut_the_region_of_interest(tmp_path):
     image = np.zeros((30, 40, 3), np.uint8)
     image[5:15, 10:30] = 200  # the object
@@ -530,3 +552,12 @@ def test_evaluate_on_a_csv_whose_paths_are_relative_to_another_folder(streamed_r
     assert scores["query_gallery"]["queries"] == 12 and scores["query_gallery"]["gallery"] == 12
     assert set(scores["by_category"]) == {"round", "straight"}
     assert one_line_error(cli(*args, "--dataset-args", "dataset_root")).endswith("pass e.g. dataset_root=/data/images")
+
+    # without query/gallery marks: leave-one-out, per category too
+    unmarked = [{k: v for k, v in r.items() if not k.startswith("is_")} for r in rows]
+    path = write_csv(tmp_path, unmarked, "unmarked.csv")
+    args = ["evaluate", streamed_run.path, "--dataset", "csv", "--data-dir", path, "--no-clustering", "--json"]
+    result = cli(*args, "--dataset-args", f"dataset_root={tree.parent}")
+    assert result.exit_code == 0, result.output
+    (scores,) = json.loads(result.stdout)
+    assert "query_gallery" not in scores and set(scores["by_category"]) == {"round", "straight"}

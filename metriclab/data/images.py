@@ -99,6 +99,7 @@ class StreamingDataset:
             "classes": self.classes,
             "transforms": self.transforms,
             "protocol": protocol,
+            "categories": test.categories is not None,  # scored per category too (by_category)
             "skipped": self.extra.get("skipped", {"count": 0, "files": []}),
         }
 

@@ -17,7 +17,7 @@ import numpy as np
 from metriclab.data import is_streaming
 from metriclab.errors import MetricLabError
 from metriclab.evaluation.processes import evaluate_in_processes, launched_group, launched_world
-from metriclab.evaluation.protocol import query_gallery_metrics
+from metriclab.evaluation.protocol import category_metrics, query_gallery_metrics
 from metriclab.inference import run_dataset, run_embeddings, run_recipe
 from metriclab.metrics.retrieval import METRICS, evaluate_embeddings
 from metriclab.runs import Run, strict_json
@@ -84,18 +84,22 @@ def evaluate_run(
     else:
         scores = evaluate_in_processes(processes, train_emb, train_labels, test_emb, test_labels, **options)
         world = processes
-    if own and run.config.get("dataset", {}).get("protocol") == "query/gallery":
+    described = run.config.get("dataset", {})
+    if own and (described.get("protocol") == "query/gallery" or described.get("categories")):
         files = run_dataset(run).files("test")
     else:
         files = other.files("test") if other is not None and is_streaming(other) else None
+    search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed}
     if files is not None and files.is_query is not None and files.is_gallery is not None:
         # The dataset's own protocol (In-Shop): its query images searched in its gallery, per category too.
         log.info("searching the dataset's queries in its gallery")
-        search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed}
         categories = files.categories
         scores |= query_gallery_metrics(
             test_emb, test_labels, files.is_query.numpy(), files.is_gallery.numpy(), categories, **search
         )
+    elif files is not None and files.categories is not None:  # leave-one-out, per category (SOP)
+        log.info("scoring the test set per category")
+        scores["by_category"] = category_metrics(test_emb, test_labels, files.categories, **search)
     recipe = run_recipe(run)
     key = metric if own else f"{dataset or recipe.dataset}/{metric}"
     record = {

@@ -4,7 +4,9 @@ Datasets such as In-Shop mark which test images are queries and which are the ga
 searched in (open-metric-learning's ``is_query``/``is_gallery`` columns); leave-one-out over the
 whole test set would score another task. Where every test image is both, the protocol is
 leave-one-out after all. With a ``category`` per image, the queries of each category are scored
-on their own, searched in the whole gallery (as open-metric-learning reports them).
+on their own, searched in the whole gallery (as open-metric-learning reports them); in leave-one-out,
+in the whole test set (:func:`category_metrics`, also for datasets that mark no queries, such as
+Stanford Online Products with its super-categories).
 """
 
 from __future__ import annotations
@@ -66,11 +68,28 @@ def query_gallery_metrics(
     if categories is not None and gallery is not None:
         names = np.asarray([str(c) for c in categories])
         out["by_category"] = {name: score(query[names[query] == name]) for name in sorted(set(names[query]))}
-    elif categories is not None:  # leave-one-out: a category's images among themselves
-        names = np.asarray([str(c) for c in categories])
-        out["by_category"] = {
-            name: retrieval_metrics(embeddings[names == name], labels[names == name], **search)
-            for name in sorted(set(names))
-            if (names == name).sum() > 1
-        }
+    elif categories is not None:
+        out["by_category"] = category_metrics(embeddings, labels, categories, **search)
+    return out
+
+
+def category_metrics(
+    embeddings: np.ndarray, labels: np.ndarray, categories: Sequence[str], **search: Any
+) -> dict[str, dict[str, float]]:
+    """``{category: metrics}`` of the leave-one-out protocol: each category's images searched in the whole test
+    set, each leaving itself out, so a category's scores are its images' share of the overall ones.
+
+    ``search`` goes to :func:`metriclab.metrics.retrieval.retrieval_metrics` (ks, metric, knn_k, seed).
+    """
+    names = np.asarray([str(c) for c in categories])
+    if len(names) != len(labels):
+        raise MetricLabError(
+            f"the dataset gives {len(names)} test images a category but the run has {len(labels)} test embeddings; "
+            "re-embed them with `metriclab evaluate RUN --reembed`"
+        )
+    search = {**search, "clustering": False}
+    out = {}
+    for name in sorted(set(names)):
+        rows = np.flatnonzero(names == name)
+        out[name] = retrieval_metrics(embeddings[rows], labels[rows], embeddings, labels, exclude=rows, **search)
     return out
