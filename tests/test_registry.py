@@ -101,22 +101,38 @@ def demo_linear(*, embedding_dim, input_shape, scale=1.0):
 '''
 
 
-def test_third_party_plugin_is_found_through_a_real_entry_point(tmp_path, monkeypatch, restore_registries):
-    (tmp_path / "demo_metriclab_plugin.py").write_text(PLUGIN_MODULE)
-    dist_info = tmp_path / "demo_metriclab_plugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-metriclab-plugin\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text("[metriclab.plugins]\ndemo = demo_metriclab_plugin\n")
+@pytest.fixture
+def install(tmp_path, monkeypatch, restore_registries):
+    """``install(package, {module: source}, entry_points)``: an installed package of plugin modules (a real
+    dist-info on the path), found by the next lookup; its modules are forgotten afterwards."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_entry_points", None)
-    monkeypatch.delitem(sys.modules, "demo_metriclab_plugin", raising=False)
+    monkeypatch.setattr(registry, "_entry_points", None)  # read again, with the package's
+    monkeypatch.setattr(registry, "_imported", set(registry._imported))  # the built-ins stay imported
+    modules: list[str] = []
+
+    def add(package: str, sources: dict[str, str], entry_points: str) -> None:
+        for name, body in sources.items():
+            (tmp_path / f"{name}.py").write_text(body)
+            sys.modules.pop(name, None)
+            modules.append(name)
+        info = tmp_path / f"{package.replace('-', '_')}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[metriclab.plugins]\n{entry_points}")
+
+    yield add
+    for name in modules:
+        sys.modules.pop(name, None)
+
+
+def test_third_party_plugin_is_found_through_a_real_entry_point(install):
+    install("demo-metriclab-plugin", {"demo_metriclab_plugin": PLUGIN_MODULE}, "demo = demo_metriclab_plugin\n")
 
     encoder = registry.create("encoder", "demo-linear", embedding_dim=3, input_shape=(1, 4, 4))
 
     assert encoder(torch.rand(2, 1, 4, 4)).shape == (2, 3)
     assert registry.encoders.entries("demo-linear")[0].source == "demo-metriclab-plugin"
     assert "demo-linear" in registry.list_components("encoder", "demo-*")
-    sys.modules.pop("demo_metriclab_plugin", None)
 
 
 KIND_MODULES = {
@@ -132,22 +148,13 @@ KIND_MODULES = {
 }
 
 
-def test_an_entry_point_named_after_a_kind_is_imported_when_that_kind_is_first_used(
-    tmp_path, monkeypatch, restore_registries
-):
-    for name, body in KIND_MODULES.items():
-        (tmp_path / f"{name}.py").write_text(body)
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    info = tmp_path / "kindplug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kindplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[metriclab.plugins]\nencoders = kindplug_encoders\nlosses.extra = kindplug_losses\n"
-        "anything = kindplug_any\nlosses = kindplug_misfiled\n"
+def test_an_entry_point_named_after_a_kind_is_imported_when_that_kind_is_first_used(install):
+    install(
+        "kindplug",
+        KIND_MODULES,
+        "encoders = kindplug_encoders\nlosses.extra = kindplug_losses\nanything = kindplug_any\n"
+        "losses = kindplug_misfiled\n",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_entry_points", None)
-    monkeypatch.setattr(registry, "_imported", set(registry._imported))  # the built-ins stay imported
 
     def imported() -> set[str]:
         return {name for name in KIND_MODULES if name in sys.modules}
@@ -158,22 +165,11 @@ def test_an_entry_point_named_after_a_kind_is_imported_when_that_kind_is_first_u
     assert registry.losses.source("kind-loss") == "kindplug"
     assert imported() == set(KIND_MODULES)
     assert "misfiled-encoder" in registry.encoders
-    for name in KIND_MODULES:
-        sys.modules.pop(name, None)
 
 
-def test_a_misfiled_registration_is_found_by_a_lookup_of_its_kind(tmp_path, monkeypatch, restore_registries):
+def test_a_misfiled_registration_is_found_by_a_lookup_of_its_kind(install):
     """An entry point named after one kind that registers another: a lookup that misses loads the rest."""
-    (tmp_path / "kindplug_misfiled.py").write_text(KIND_MODULES["kindplug_misfiled"])
-    monkeypatch.delitem(sys.modules, "kindplug_misfiled", raising=False)
-    info = tmp_path / "kindplug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kindplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[metriclab.plugins]\nlosses = kindplug_misfiled\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_entry_points", None)
-    monkeypatch.setattr(registry, "_imported", set(registry._imported))
+    install("kindplug", {"kindplug_misfiled": KIND_MODULES["kindplug_misfiled"]}, "losses = kindplug_misfiled\n")
 
     assert registry.encoders.source("misfiled-encoder") == "kindplug"
     assert "misfiled-encoder" in registry.list_components("encoder")
-    sys.modules.pop("kindplug_misfiled", None)
