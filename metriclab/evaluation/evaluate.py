@@ -61,9 +61,12 @@ def evaluate_run(
         raise MetricLabError(f"k values must be positive integers, got {list(ks)}; pass e.g. --ks 1,5,10")
     start = time.perf_counter()
     own = dataset is None and data_dir is None and not dataset_args
-    # Another dataset (or folder, or arguments) is loaded here once: embedded, and read for its protocol.
-    other = None if own else run_dataset(run, dataset, data_dir, dataset_args)
-    data, info = run_embeddings(run, reembed, dataset, data_dir, dataset_args, loaded=other)
+    described = run.config.get("dataset", {})
+    # Loaded once, where it is needed: another dataset (or folder, or arguments) to embed, or the test files of one
+    # scored on its own query/gallery protocol or per category (the run's saved embeddings need no dataset).
+    needed = not own or described.get("protocol") == "query/gallery" or described.get("categories")
+    loaded = run_dataset(run, dataset, data_dir, dataset_args) if needed else None
+    data, info = run_embeddings(run, reembed, dataset, data_dir, dataset_args, loaded=loaded)
     test_emb, test_labels = data["test"]
     train_emb, train_labels = data["train"] if data["train"] is not None else (None, None)
     log.info("computing retrieval and verification metrics on %d test embeddings (%s)", len(test_labels), metric)
@@ -84,11 +87,7 @@ def evaluate_run(
     else:
         scores = evaluate_in_processes(processes, train_emb, train_labels, test_emb, test_labels, **options)
         world = processes
-    described = run.config.get("dataset", {})
-    if own and (described.get("protocol") == "query/gallery" or described.get("categories")):
-        files = run_dataset(run).files("test")
-    else:
-        files = other.files("test") if other is not None and is_streaming(other) else None
+    files = loaded.files("test") if loaded is not None and is_streaming(loaded) else None
     search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed}
     if files is not None and files.is_query is not None and files.is_gallery is not None:
         # The dataset's own protocol (In-Shop): its query images searched in its gallery, per category too.

@@ -175,7 +175,7 @@ def run_embeddings(
 
     The saved ones unless ``reembed`` or another ``dataset``/``data_dir``/``dataset_args`` is asked for
     (missing train embeddings are computed from the weights); a re-embedding of the run's own dataset is
-    saved over them. ``loaded``: that dataset, already loaded by the caller.
+    saved over them. ``loaded``: the dataset these ask for, when the caller has loaded it already.
     """
     recipe = run_recipe(run)
     # another dataset (or folder, or arguments) is evaluated, never saved as ours
@@ -188,7 +188,7 @@ def run_embeddings(
         if train is not None:
             _check_dimension(run, train[0], "the saved train embeddings")
         elif run.weights_path.is_file():
-            train = embed_run(run, "train", run_dataset(run))
+            train = embed_run(run, "train", loaded if loaded is not None else run_dataset(run))
         else:
             log.warning("%s has no train embeddings nor weights: skipping the test-vs-train protocol", run.path)
         info = {"dataset": run.config.get("dataset", {}).get("source"), "embeddings": "saved"}
