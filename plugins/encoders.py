@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from typing import Any
 
 import torch
@@ -203,10 +202,12 @@ def _choose_weights(family: str, name: str, pretrained: bool, weights: str | Non
 
 def _download_failed(family: str, name: str, err: Exception) -> MetricLabError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    # huggingface_hub retries an unreachable host for ~25 s per file before it falls back to its cache
     cached = ""
-    if family == "timm" and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
-        cached = "; if they are in the Hugging Face cache, HF_HUB_OFFLINE=1 reads them at once"
+    if family == "timm":  # timm downloads through huggingface_hub, which retries an unreachable host ~25 s a file
+        from huggingface_hub import is_offline_mode
+
+        if not is_offline_mode():
+            cached = "; if they are in the Hugging Face cache, HF_HUB_OFFLINE=1 reads them at once"
     return MetricLabError(
         f"could not get the pretrained weights of {family}:{name} ({first}); without a network, download them "
         f"on another machine and pass weights=PATH (a .safetensors or .pth file){cached}"

@@ -237,10 +237,10 @@ def csv_dataset(
     report_problems(f"csv {path}", problems, "correct these rows")
     files = [item[0] for items in parsed.values() for item in items]
     if files and not any(os.path.exists(f) for f in files):  # stops at the first that exists
-        where = "the CSV's folder" if dataset_root is None else "dataset_root"
+        which = "the CSV's folder" if dataset_root is None else "dataset_root"
         raise MetricLabError(
             f"csv: none of the {len(files)} images of {path} exists under {root} (e.g. {files[0]}); relative "
-            f"paths are read from dataset_root, here {where}: pass --dataset-args dataset_root=DIR with the "
+            f"paths are read from dataset_root, here {which}: pass --dataset-args dataset_root=DIR with the "
             "folder they are relative to"
         )
     kinds = {type(label) for rows_ in parsed.values() for _, label, *_ in rows_}

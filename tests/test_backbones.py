@@ -146,7 +146,9 @@ def test_a_failed_download_is_one_error_naming_both_ways_round_it(monkeypatch):
     text = str(err.value)
     assert "could not get the pretrained weights of timm:resnet18 (We couldn't connect" in text
     assert "pass weights=PATH" in text and "HF_HUB_OFFLINE=1" in text
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already offline: the hint would say nothing new
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1: nothing new to say
     with pytest.raises(MetricLabError) as err:
         registry.create("encoder", "timm:resnet18", embedding_dim=8, input_shape=(3, 32, 32), pretrained=True)
     assert "pass weights=PATH" in str(err.value) and "HF_HUB_OFFLINE" not in str(err.value)
