@@ -1,4 +1,4 @@
-"""Datasets of image files: folders and CSV files of JPEG, PNG, BMP and WebP digits written at test time."""
+"""Datasets of image files: folders and CSV files of digits in several image formats, written at test time."""
 
 from __future__ import annotations
 
@@ -97,6 +97,41 @@ def test_every_image_decodes_to_colour_at_the_recipe_size(tree):
     (images,) = source([torch.arange(len(data.train))])  # every format, size and grey image, augmented
     assert images.shape == (24, 3, 20, 20) and images.dtype == torch.uint8
     assert ImageSource(data, "test").take([0, 5]).shape == (2, 3, 20, 20)
+
+
+def test_animations_16_bit_and_other_formats_decode_as_8_bit_images_of_the_run_s_channels(tmp_path):
+    from metriclab.data.images import decode
+    from metriclab.inference.inputs import load_images
+
+    ramp = np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500  # 0..59,500: 8 bits are its top byte
+    colour = np.dstack([ramp >> 8] * 3).astype(np.uint8)
+    root = tmp_path / "odd" / "c00"
+    root.mkdir(parents=True)
+    Image.fromarray(ramp).save(root / "grey16.png")
+    Image.fromarray(ramp).save(root / "grey16.tif")
+    frames = [Image.fromarray(colour), Image.fromarray(255 - colour)]
+    frames[0].save(root / "moving.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(colour).save(root / "still.webp", lossless=True)
+    Image.fromarray(colour).save(root / "colour.tiff")
+    Image.fromarray(colour[..., 0]).save(root / "grey.pgm")
+    Image.fromarray(colour).convert("CMYK").save(root / "print.jpg", quality=100)
+    (tmp_path / "odd" / "c01").mkdir()
+    Image.fromarray(colour).save(tmp_path / "odd" / "c01" / "x.ppm")
+    data = image_folder(str(tmp_path / "odd"), split="images", train_fraction=0.5)
+    found = sorted(Path(p).name for p in data.train.paths + data.test.paths)
+    assert found == sorted(["grey16.png", "grey16.tif", "moving.gif", "still.webp", "colour.tiff", "grey.pgm",
+                            "print.jpg", "x.ppm"])  # fmt: skip
+    for path in found:
+        path = str(next((tmp_path / "odd").rglob(path)))
+        for channels in (1, 3):
+            image = decode(path, channels)
+            assert image.dtype == torch.uint8 and image.shape == (channels, 12, 10), (path, channels)
+            if "print" not in path:  # lossless (GIF: its palette): the first frame, the 16-bit ramp's top byte
+                expected = np.asarray(Image.open(path).convert("L")) if path.endswith("gif") else colour[..., 0]
+                np.testing.assert_array_equal(image[0].numpy(), expected, err_msg=path)
+    # a run trained on arrays resizes with Pillow: a 16-bit image is the ramp, not clipped to white
+    loaded = load_images([root / "grey16.png", root / "grey16.tif"], (1, 12, 10))
+    np.testing.assert_array_equal(loaded[:, 0].numpy(), [colour[..., 0], colour[..., 0]])
 
 
 def test_corrupt_file_and_empty_class_are_reported_in_one_error_each_on_a_line(tmp_path):

@@ -21,7 +21,7 @@ import torch
 
 from metriclab.errors import MetricLabError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm")
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")  # open-metric-learning's optional crop of a CSV row, in pixels
 MAX_REPORTED = 20  # problems listed one per line; more are counted
 
@@ -105,26 +105,41 @@ class StreamingDataset:
 
 
 def decode(path: str, channels: int = 3) -> torch.Tensor:
-    """The image at ``path`` as ``uint8 (channels, H, W)``; libjpeg-turbo/libpng through torchvision, else Pillow."""
+    """The image at ``path`` as ``uint8 (channels, H, W)``; libjpeg-turbo/libpng through torchvision, else Pillow.
+
+    Whatever the file holds: an animation gives its first frame, 16-bit pixels are scaled to 8 bits, and
+    grey is Pillow's luma of the colours (``convert("L")``), whatever the format.
+    """
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    try:
-        return decode_image(read_file(path), mode=mode)
-    except RuntimeError:  # formats torchvision does not decode (BMP) and damaged files: Pillow decides
+    try:  # in colour: libpng's and libjpeg's own grey conversions differ from Pillow's, and GIF and WebP have none
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:  # formats torchvision does not decode (BMP, TIFF, PNM) and damaged files: Pillow decides
         import numpy as np
         from PIL import Image
 
         try:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+            with Image.open(path) as opened:
+                if opened.mode.startswith("I;16"):  # 16-bit grey (TIFF): Pillow's convert would clip it to white
+                    opened = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
+                array = np.asarray(opened.convert("RGB"))
         except OSError as err:
             raise MetricLabError(
                 f"image {path} cannot be decoded ({err}); replace or delete it, or pass "
                 "--dataset-args skip_unreadable=true"
             ) from err
-        tensor = torch.from_numpy(array.copy())
-        return tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor.unsqueeze(0)
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    if image.dim() == 4:  # an animated GIF: (frames, C, H, W)
+        image = image[0]
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        from torchvision.transforms.v2.functional import to_dtype
+
+        image = to_dtype(image, torch.uint8, scale=True)
+    if channels == 3:
+        return image
+    # Pillow's ITU-R 601-2 luma, rounded (torchvision's rgb_to_grayscale truncates: grey 1 becomes 0)
+    red, green, blue = image.to(torch.int32)
+    return ((red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(0)
 
 
 def prepared(

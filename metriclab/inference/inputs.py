@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metriclab.data.images import BOX_COLUMNS, ImageFiles, crop_box
+from metriclab.data.images import BOX_COLUMNS, IMAGE_SUFFIXES, ImageFiles, crop_box
 from metriclab.errors import MetricLabError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 EMBEDDING_SUFFIXES = (".npz", ".parquet")
 # open-metric-learning's dataset CSV: required and optional columns
 CSV_REQUIRED = ("label", "path")
@@ -64,21 +63,25 @@ def load_images(
 
 
 def _resized(path: str | Path, crop: tuple[int, ...] | None, shape: tuple[int, int, int]) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from metriclab.data.images import decode
 
     channels, height, width = shape
+    if not Path(path).is_file():
+        raise MetricLabError(f"image {path} does not exist; check the path")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if crop is not None:
-                image = image.crop(crop)
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.uint8)
-    except FileNotFoundError as err:
-        raise MetricLabError(f"image {path} does not exist; check the path") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise MetricLabError(f"{path} is not a readable image ({err}); pass PNG, JPEG or another PIL format") from err
+        decoded = decode(str(path), channels)
+    except MetricLabError as err:
+        raise MetricLabError(
+            f"{path} is not a readable image ({err.__cause__}); pass PNG, JPEG or another PIL format"
+        ) from None
+    image = Image.fromarray(decoded.permute(1, 2, 0).squeeze(2).numpy())
+    if crop is not None:
+        image = image.crop(crop)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(pixels.reshape(height, width, channels).transpose(2, 0, 1).copy())
 
 
