@@ -21,6 +21,7 @@ from metriclab.data.images import (
     StreamingDataset,
     checked,
     crop_box,
+    image_files,
     report_problems,
 )
 from metriclab.errors import MetricLabError
@@ -49,15 +50,11 @@ def _check_common(channels: int, train_fraction: float | None = None) -> None:
 
 
 def _class_folders(root: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """``({class name: sorted image paths}, problems)`` of ``root/<class>/<image>``."""
+    """``({class name: sorted image paths}, problems)`` of ``root/<class>/<image>``, sub-folders included."""
     folders = sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
     found, problems = {}, []
     for folder in folders:
-        images = sorted(
-            entry.path
-            for entry in os.scandir(folder.path)
-            if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
-        )
+        images = image_files(folder.path)
         if not images:
             problems.append(f"{folder.path}: empty class (no {'/'.join(IMAGE_SUFFIXES)} files)")
         found[folder.name] = images
@@ -66,11 +63,12 @@ def _class_folders(root: Path) -> tuple[dict[str, list[str]], list[str]]:
 
 def _files(classes: list[str], by_class: dict[str, list[str]]) -> tuple[ImageFiles, list[str]]:
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels = [], []
+    paths, labels, where = [], [], []
     for name, images in by_class.items():
         paths += images
         labels += [index[name]] * len(images)
-    return ImageFiles(paths, torch.tensor(labels, dtype=torch.long)), [f"class '{Path(p).parent.name}'" for p in paths]
+        where += [f"class '{name}'"] * len(images)
+    return ImageFiles(paths, torch.tensor(labels, dtype=torch.long)), where
 
 
 @register_dataset("image-folder")

@@ -134,6 +134,25 @@ def test_animations_16_bit_and_other_formats_decode_as_8_bit_images_of_the_run_s
     np.testing.assert_array_equal(loaded[:, 0].numpy(), [colour[..., 0], colour[..., 0]])
 
 
+def test_hidden_files_are_left_out_and_a_class_s_sub_folders_are_in_it(tmp_path):
+    from metriclab.inference.inputs import read_inputs
+
+    root = write_tree(tmp_path / "photos", n_classes=2, per_class=2, varied=False)
+    (root / "c00" / "._000.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # AppleDouble companion
+    (root / "c00" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "c01" / ".ipynb_checkpoints").mkdir()
+    (root / "c01" / ".ipynb_checkpoints" / "002.png").write_bytes((root / "c01" / "002.png").read_bytes())
+    (root / "c01" / "close-ups").mkdir()
+    (root / "c01" / "close-ups" / "004.png").write_bytes((root / "c01" / "003.png").read_bytes())
+    data = image_folder(str(root), split="images", train_fraction=0.5)
+    names = sorted(str(Path(p).relative_to(root)) for p in data.train.paths + data.test.paths)
+    assert names == ["c00/000.png", "c00/001.png", "c01/002.png", "c01/003.png", "c01/close-ups/004.png"]
+    assert [str(Path(p).relative_to(root)) for p in read_inputs([str(root / "c00")]).paths] == [
+        "c00/000.png",
+        "c00/001.png",
+    ]
+
+
 def test_corrupt_file_and_empty_class_are_reported_in_one_error_each_on_a_line(tmp_path):
     root = write_tree(tmp_path / "bad", n_classes=4, per_class=3)
     (root / "c01" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

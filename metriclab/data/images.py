@@ -13,6 +13,7 @@ Bad data is found before training: :func:`check_files` reads each file's header 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,6 +25,23 @@ from metriclab.errors import MetricLabError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm")
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")  # open-metric-learning's optional crop of a CSV row, in pixels
 MAX_REPORTED = 20  # problems listed one per line; more are counted
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Sorted paths of the image files (:data:`IMAGE_SUFFIXES`) in ``folder`` and its sub-folders.
+
+    Hidden files and folders (``.DS_Store``, macOS's ``._photo.jpg`` companions, ``.ipynb_checkpoints``) are
+    left out; links are followed, as torchvision's ``ImageFolder`` does.
+    """
+    found = []
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        found += [
+            os.path.join(parent, n)
+            for n in names
+            if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(found)
 
 
 @dataclass

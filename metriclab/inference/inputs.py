@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metriclab.data.images import BOX_COLUMNS, IMAGE_SUFFIXES, ImageFiles, crop_box
+from metriclab.data.images import BOX_COLUMNS, IMAGE_SUFFIXES, ImageFiles, crop_box, image_files
 from metriclab.errors import MetricLabError
 
 EMBEDDING_SUFFIXES = (".npz", ".parquet")
@@ -161,7 +161,7 @@ def _typed(labels: list[str]) -> np.ndarray:
 
 
 def _folder(path: Path) -> Inputs:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = [Path(f) for f in image_files(path)]
     if not files:
         raise MetricLabError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images")
     # ImageFolder's convention: images in class sub-folders are labelled by the sub-folder's name
