@@ -224,6 +224,13 @@ class Run:
         if not self.path.is_dir():
             raise MetricLabError(f"{self.path} is not a directory; pass a run directory written by a recipe")
         if not (self.path / "config.json").is_file():
+            inside = [c.parent for c in (*self.path.glob("*/config.json"), *self.path.glob("*/*/config.json"))]
+            if inside:  # a folder of runs, e.g. runs/ or runs/<recipe name>
+                newest = max(inside, key=lambda p: (p / "config.json").stat().st_mtime)
+                raise MetricLabError(
+                    f"{self.path} is not a run but holds {len(inside)} run{'s' * (len(inside) > 1)}; "
+                    f"pass one of them, e.g. the newest: {newest}"
+                )
             raise MetricLabError(
                 f"{self.path} is not a metriclab run (no config.json); pass a directory written by a recipe, "
                 "e.g. runs/mnist_siamese/<timestamp>"

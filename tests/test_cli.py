@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -182,6 +183,17 @@ def test_evaluate_bad_runs_fail_in_one_line_with_the_fix(run_dir, monkeypatch, h
     line = one_line_error(cli("evaluate", run_dir, *extra))
     for word in words:
         assert word in line, (word, line)
+
+
+def test_a_folder_of_runs_names_its_newest_run(run_dir):
+    older = shutil.copytree(run_dir, run_dir.parent / "recipe" / "20260101-000000")
+    newer = shutil.copytree(run_dir, run_dir.parent / "recipe" / "20260102-000000")
+    for when, run in enumerate((older, run_dir, newer)):
+        os.utime(run / "config.json", (1e9 + when, 1e9 + when))
+    for folder in (run_dir.parent, run_dir.parent / "recipe"):
+        line = one_line_error(cli("evaluate", folder))
+        assert "is not a run but holds" in line and line.endswith(f"the newest: {newer}"), line
+    assert "3 runs" in one_line_error(cli("visualize", run_dir.parent))
 
 
 @pytest.mark.parametrize(
