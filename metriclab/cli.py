@@ -202,8 +202,8 @@ HEADERS = {
     "seconds": "seconds",
 }
 LOWER_IS_BETTER = {"eer"}
-# Distance thresholds of different models are not comparable; seconds are shown, not judged.
-NOT_RANKED = {"threshold", "seconds"}
+# Distance thresholds of different models are not comparable; seconds and counts are shown, not judged.
+NOT_RANKED = {"threshold", "seconds", "queries", "queries_scored", "gallery"}
 
 
 def _header(key: str) -> str:

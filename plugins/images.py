@@ -7,7 +7,6 @@ bad labels are listed one per line in one error), then streamed through DataLoad
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from pathlib import Path
@@ -21,7 +20,9 @@ from metriclab.data.images import (
     StreamingDataset,
     checked,
     crop_box,
+    csv_flag,
     image_files,
+    read_csv,
     report_problems,
 )
 from metriclab.errors import MetricLabError
@@ -30,7 +31,6 @@ from metriclab.registry import register_dataset
 SPLIT_RULES = ("classes", "images")
 CSV_REQUIRED = ("label", "path", "split")
 CSV_SPLITS = {"train": "train", "validation": "test"}
-_TRUE, _FALSE = {"true", "1", "yes", "t", "1.0"}, {"false", "0", "no", "f", "0.0", ""}
 
 
 def _root(data_dir: str | None, kind: str, what: str) -> Path:
@@ -141,11 +141,6 @@ def image_folder(
     )
 
 
-def _flag(value: str) -> bool | None:
-    text = value.strip().lower()
-    return True if text in _TRUE else False if text in _FALSE else None
-
-
 def _label(text: str) -> tuple[str | int | None, str | None]:
     """A label as an int (integer text) or a string, or ``(None, why)``."""
     text = text.strip()
@@ -187,12 +182,7 @@ def csv_dataset(
     path = _root(data_dir, "csv", "FILE.csv in open-metric-learning's format (label, path, split)")
     _check_common(channels)
     root = Path(dataset_root).expanduser() if dataset_root else path.parent
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-            columns = rows[0].keys() if rows else []
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise MetricLabError(f"csv: cannot read {path} ({err}); pass a readable UTF-8 CSV file") from err
+    rows, columns = read_csv(path)
     missing = [c for c in CSV_REQUIRED if c not in columns]
     if not rows:
         raise MetricLabError(
@@ -215,7 +205,7 @@ def csv_dataset(
         where = f"row {number}"
         label, why = _label(row["label"] or "")
         split = CSV_SPLITS.get((row["split"] or "").strip())
-        flags = [_flag(row[c] or "") for c in marks]
+        flags = [csv_flag(row[c]) for c in marks]
         if why:
             problems.append(f"{where}: {why}")
         if split is None:
@@ -273,5 +263,11 @@ def csv_dataset(
         source=f"CSV {path.resolve()} (paths under {root.resolve()}): {len(splits['train'])} train / {len(test)} "
         f"validation images" + (", query/gallery marked" if marks else ""),
         channels=channels,
+        notice=(
+            f"{path.name}'s 'sequence' column is not used: a query's other images of its sequence stay in its "
+            "gallery, so scores are higher than open-metric-learning's, which leaves them out"
+        )
+        if "sequence" in columns
+        else None,
         extra={"csv": str(path.resolve()), "skipped": skipped},
     )

@@ -211,6 +211,36 @@ def test_csv_in_open_metric_learning_format(tree):
     assert data.describe()["protocol"] == "query/gallery"
 
 
+def test_a_csv_as_pandas_and_spreadsheets_write_it_reads_alike_for_training_and_embedding(tree, tmp_path):
+    from metriclab.inference.inputs import read_inputs
+
+    rows = []
+    for r in oml_rows(tree):  # pandas' floats for flags, "nan" in train rows, empty crops, a spreadsheet's BOM
+        validation = r["split"] == "validation"
+        flags = {c: float(r[c]) if validation else "nan" for c in ("is_query", "is_gallery")}
+        rows.append({**r, **flags, "x_1": "NaN", "x_2": "", "y_1": "nan", "y_2": "NA", "sequence": "s1"})
+    path = write_csv(tree.parent, rows, "pandas.csv")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    data = csv_dataset(str(path))
+    assert data.test.is_query.sum() == 12 and data.test.is_gallery.sum() == 12 and (data.test.boxes == -1).all()
+    assert "'sequence' column is not used" in data.notice
+    embedded = read_inputs([str(path)])
+    assert embedded.columns["is_query"].sum() == 12 and embedded.columns["is_gallery"].sum() == 12
+    assert (embedded.columns["x_1"] == -1).all()
+    for broken, words in (
+        ([{k: v for k, v in r.items() if k not in ("y_1", "y_2")} for r in rows], "x_1, x_2 but not y_1, y_2"),
+        ([{**r, "is_query": "maybe"} for r in rows], "is_query 'maybe' is not true/false"),
+    ):
+        path = write_csv(tree.parent, broken, "broken.csv")
+        for read in (csv_dataset, lambda p: read_inputs([p])):
+            with pytest.raises(MetricLabError, match=words):
+                read(str(path))
+    (tmp_path / "elsewhere").mkdir()
+    apart = write_csv(tmp_path / "elsewhere", [{**r, "path": str(Path(r["path"]).name)} for r in oml_rows(tree)])
+    with pytest.raises(MetricLabError, match="relative paths are read from its own folder"):
+        read_inputs([str(apart)])
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
@@ -384,8 +414,31 @@ def test_query_gallery_metrics_match_pytorch_metric_learning():
         assert out["by_category"][name]["map@r"] == pytest.approx(expected["mean_average_precision_at_r"], abs=1e-6)
     loo = query_gallery_metrics(embeddings, labels, np.ones(400, bool), np.ones(400, bool), ks=(1,))
     assert loo["query_gallery"]["gallery"] == 400  # every image both: leave-one-out
-    with pytest.raises(MetricLabError, match="disjoint"):
-        query_gallery_metrics(embeddings, labels, is_query | (labels == 0), ~is_query, ks=(1,))
+    # some images both query and gallery, the rest of the gallery distractors: each query leaves itself out
+    both = is_query | (labels == 0)
+    out = query_gallery_metrics(embeddings, labels, both, ~is_query, ks=(1,))["query_gallery"]
+    p1, map_r = brute_force_without_self(embeddings, labels, np.flatnonzero(both), np.flatnonzero(~is_query))
+    assert out["precision@1"] == pytest.approx(p1, abs=1e-12) and out["map@r"] == pytest.approx(map_r, abs=1e-12)
+    assert out["queries"] == out["queries_scored"] == both.sum() and out["gallery"] == (~is_query).sum()
+    lone = query_gallery_metrics(embeddings, labels, is_query, ~is_query & (labels != 3), ks=(1,))["query_gallery"]
+    assert lone["queries_scored"] == lone["queries"] - (labels[is_query] == 3).sum()  # class 3 has no gallery image
+    with pytest.raises(MetricLabError, match="none of the dataset's"):
+        query_gallery_metrics(embeddings, labels, labels == 0, labels == 1, ks=(1,))
+
+
+def brute_force_without_self(embeddings, labels, query, gallery):
+    """Precision@1 and MAP@R of test images ``query`` searched in ``gallery`` (euclidean), each without itself."""
+    p1, ap = [], []
+    for i in query:
+        rows = gallery[gallery != i]
+        order = rows[np.argsort(((embeddings[rows] - embeddings[i]) ** 2).sum(1), kind="stable")]
+        hits = labels[order] == labels[i]
+        r = int(hits.sum())
+        if r:
+            p1.append(hits[0])
+            top = hits[:r]
+            ap.append((np.cumsum(top) / np.arange(1, r + 1))[top].sum() / r)
+    return np.mean(p1), np.mean(ap)
 
 
 def test_leave_one_out_per_category_is_each_category_s_share_of_the_whole():

@@ -13,9 +13,11 @@ Bad data is found before training: :func:`check_files` reads each file's header 
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +26,9 @@ from metriclab.errors import MetricLabError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm")
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")  # open-metric-learning's optional crop of a CSV row, in pixels
+# A CSV's empty cells as pandas, R and spreadsheets write them (pandas reads these as missing, as OML does)
+MISSING = frozenset({"", "nan", "none", "na", "n/a", "null", "<na>"})
+TRUE, FALSE = frozenset({"true", "1", "yes", "t", "1.0"}), frozenset({"false", "0", "no", "f", "0.0"}) | MISSING
 MAX_REPORTED = 20  # problems listed one per line; more are counted
 
 
@@ -171,6 +176,33 @@ def prepared(
     return transform(image) if transform is not None else image
 
 
+def read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """``(rows, columns)`` of a UTF-8 CSV file (a spreadsheet's byte-order mark is dropped).
+
+    Raises MetricLabError when it cannot be read, or when some but not all of the crop columns
+    :data:`BOX_COLUMNS` are there (open-metric-learning needs all four).
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise MetricLabError(f"cannot read {path} ({err}); pass a readable UTF-8 CSV file") from err
+    columns = list(rows[0]) if rows else []
+    boxes = [c for c in BOX_COLUMNS if c in columns]
+    if 0 < len(boxes) < len(BOX_COLUMNS):
+        missing = ", ".join(c for c in BOX_COLUMNS if c not in columns)
+        raise MetricLabError(
+            f"{path} has the crop column(s) {', '.join(boxes)} but not {missing}; give all four or none"
+        )
+    return rows, columns
+
+
+def csv_flag(value: str | None) -> bool | None:
+    """A CSV cell of ``is_query``/``is_gallery`` as a bool (an empty cell is False), None when it is not one."""
+    text = (value or "").strip().lower()
+    return True if text in TRUE else False if text in FALSE else None
+
+
 def crop_box(row: Mapping[str, str | None]) -> list[int] | None:
     """``[x1, y1, x2, y2]`` of a CSV row's crop columns (:data:`BOX_COLUMNS`), None when all four are empty.
 
@@ -178,7 +210,7 @@ def crop_box(row: Mapping[str, str | None]) -> list[int] | None:
     (``0 <= x1 < x2`` and ``0 <= y1 < y2``).
     """
     cells = [(row[c] or "").strip() for c in BOX_COLUMNS]
-    if not any(cells):
+    if all(c.lower() in MISSING for c in cells):
         return None
     try:
         x1, y1, x2, y2 = (round(float(c)) for c in cells)

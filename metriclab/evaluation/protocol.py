@@ -2,11 +2,12 @@
 
 Datasets such as In-Shop mark which test images are queries and which are the gallery they are
 searched in (open-metric-learning's ``is_query``/``is_gallery`` columns); leave-one-out over the
-whole test set would score another task. Where every test image is both, the protocol is
-leave-one-out after all. With a ``category`` per image, the queries of each category are scored
-on their own, searched in the whole gallery (as open-metric-learning reports them); in leave-one-out,
-in the whole test set (:func:`category_metrics`, also for datasets that mark no queries, such as
-Stanford Online Products with its super-categories).
+whole test set would score another task. A query that is also a gallery image is left out of its
+own ranking: where every test image is both, the protocol is leave-one-out after all, and
+gallery-only images beside such queries are distractors (open-metric-learning's convention). With a
+``category`` per image, the queries of each category are scored on their own, searched in the whole
+gallery (as open-metric-learning reports them; :func:`category_metrics` for datasets that mark no
+queries, such as Stanford Online Products with its super-categories).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from metriclab.errors import MetricLabError
-from metriclab.metrics.retrieval import retrieval_metrics
+from metriclab.metrics.retrieval import matches, retrieval_metrics
 
 
 def query_gallery_metrics(
@@ -30,8 +31,10 @@ def query_gallery_metrics(
 ) -> dict[str, Any]:
     """``{"query_gallery": metrics, "by_category": {category: metrics}}`` of the marked queries against the gallery.
 
-    ``search`` goes to :func:`metriclab.metrics.retrieval.retrieval_metrics` (ks, metric, knn_k, seed).
-    Raises MetricLabError when images are both query and gallery but not all of them are.
+    A query that is also a gallery image is left out of its own ranking, as open-metric-learning does: with every
+    image both, this is leave-one-out; with some gallery-only images, they are distractors. ``queries_scored``
+    counts the queries whose class the gallery holds (the ranking metrics' queries). ``search`` goes to
+    :func:`metriclab.metrics.retrieval.retrieval_metrics` (ks, metric, knn_k, seed).
     """
     is_query, is_gallery = np.asarray(is_query, dtype=bool), np.asarray(is_gallery, dtype=bool)
     if len(is_query) != len(labels) or len(is_gallery) != len(labels):
@@ -41,36 +44,50 @@ def query_gallery_metrics(
         )
     if not is_query.any() or not is_gallery.any():
         raise MetricLabError("the dataset marks no test image as query or none as gallery; mark both")
-    both = is_query & is_gallery
-    search = {**search, "clustering": False}
-    if both.all():  # every image is searched for among all the others: leave-one-out
-        query, gallery = np.flatnonzero(is_query), None
-    elif both.any():
-        raise MetricLabError(
-            f"{int(both.sum())} test images are both query and gallery while others are only one of them; mark "
-            "the query and gallery images as two disjoint sets (In-Shop), or every image as both (leave-one-out)"
-        )
-    else:
-        query, gallery = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
-
-    def score(rows: np.ndarray) -> dict[str, float]:
-        if gallery is None:
-            return retrieval_metrics(embeddings[rows], labels[rows], **search)
-        return retrieval_metrics(embeddings[rows], labels[rows], embeddings[gallery], labels[gallery], **search)
-
+    query, gallery = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
     out: dict[str, Any] = {
-        "query_gallery": {
-            **score(query),
-            "queries": len(query),
-            "gallery": len(gallery if gallery is not None else query),
-        }
+        "query_gallery": {**_scores(embeddings, labels, query, gallery, search), "gallery": len(gallery)}
     }
-    if categories is not None and gallery is not None:
-        names = np.asarray([str(c) for c in categories])
-        out["by_category"] = {name: score(query[names[query] == name]) for name in sorted(set(names[query]))}
-    elif categories is not None:
-        out["by_category"] = category_metrics(embeddings, labels, categories, **search)
+    if out["query_gallery"]["queries_scored"] == 0:
+        raise MetricLabError(
+            f"none of the dataset's {len(query)} queries has an image of its class in the gallery (besides itself), "
+            "so there is nothing to score; mark as gallery images of the queries' classes"
+        )
+    if categories is not None:
+        names = _names(categories, labels)
+        out["by_category"] = {
+            name: _scores(embeddings, labels, query[names[query] == name], gallery, search)
+            for name in sorted(set(names[query]))
+        }
     return out
+
+
+def _scores(
+    embeddings: np.ndarray, labels: np.ndarray, query: np.ndarray, gallery: np.ndarray, search: dict[str, Any]
+) -> dict[str, Any]:
+    """Metrics of test images ``query`` searched in test images ``gallery``, each query without its own image."""
+    position = np.full(len(labels), -1, dtype=np.int64)
+    position[gallery] = np.arange(len(gallery))
+    own = position[query]
+    found = int((matches(labels[query], labels[gallery], own) > 0).sum())
+    search = {**search, "clustering": False}
+    if len(gallery) == len(labels) and len(query) == len(labels):  # leave-one-out over the whole test set
+        scores = retrieval_metrics(embeddings, labels, **search)
+    else:
+        scores = retrieval_metrics(
+            embeddings[query], labels[query], embeddings[gallery], labels[gallery], exclude=own, **search
+        )
+    return {**scores, "queries": len(query), "queries_scored": found}
+
+
+def _names(categories: Sequence[str], labels: np.ndarray) -> np.ndarray:
+    names = np.asarray([str(c) for c in categories])
+    if len(names) != len(labels):
+        raise MetricLabError(
+            f"the dataset gives {len(names)} test images a category but the run has {len(labels)} test embeddings; "
+            "re-embed them with `metriclab evaluate RUN --reembed`"
+        )
+    return names
 
 
 def category_metrics(
@@ -81,15 +98,9 @@ def category_metrics(
 
     ``search`` goes to :func:`metriclab.metrics.retrieval.retrieval_metrics` (ks, metric, knn_k, seed).
     """
-    names = np.asarray([str(c) for c in categories])
-    if len(names) != len(labels):
-        raise MetricLabError(
-            f"the dataset gives {len(names)} test images a category but the run has {len(labels)} test embeddings; "
-            "re-embed them with `metriclab evaluate RUN --reembed`"
-        )
-    search = {**search, "clustering": False}
-    out = {}
-    for name in sorted(set(names)):
-        rows = np.flatnonzero(names == name)
-        out[name] = retrieval_metrics(embeddings[rows], labels[rows], embeddings, labels, exclude=rows, **search)
-    return out
+    names = _names(categories, labels)
+    everything = np.arange(len(labels))
+    return {
+        name: _scores(embeddings, labels, np.flatnonzero(names == name), everything, search)
+        for name in sorted(set(names))
+    }

@@ -8,7 +8,6 @@ reading the pixels, so a folder of a million images streams through :func:`load_
 
 from __future__ import annotations
 
-import csv
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metriclab.data.images import BOX_COLUMNS, IMAGE_SUFFIXES, ImageFiles, crop_box, image_files
+from metriclab.data.images import BOX_COLUMNS, IMAGE_SUFFIXES, ImageFiles, crop_box, csv_flag, image_files, read_csv
 from metriclab.errors import MetricLabError
 
 EMBEDDING_SUFFIXES = (".npz", ".parquet")
@@ -199,23 +198,31 @@ def file_inputs(name: str, split: str, files: ImageFiles, classes: Sequence[str]
 
 
 def _csv(path: Path) -> Inputs:
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    header = list(rows[0]) if rows else []
+    rows, header = read_csv(path)
     missing = [c for c in CSV_REQUIRED if c not in header]
     if missing:
         raise MetricLabError(
             f"{path} lacks the column(s) {', '.join(missing)}; a dataset CSV has columns label, path "
             "(relative to the CSV's folder or absolute), and optionally split, is_query, is_gallery"
         )
-    paths = np.array([str(path.parent / r["path"]) for r in rows])
+    paths = np.array([str(path.parent / Path(r["path"].strip()).expanduser()) for r in rows])
+    if len(paths) and not any(os.path.exists(p) for p in paths):  # stops at the first that exists
+        raise MetricLabError(
+            f"none of the {len(paths)} images of {path} exists (e.g. {paths[0]}): a dataset CSV's relative paths are "
+            "read from its own folder; put the CSV in the folder its paths start from, or make them absolute (a "
+            "run's own CSV also embeds as csv:train / csv:test, with its dataset_root)"
+        )
     labels = _typed([r["label"] for r in rows])
     columns: dict[str, np.ndarray] = {}
     for name in CSV_OPTIONAL:
         if name in header:
             values = [r[name] for r in rows]
             if name.startswith("is_"):
-                columns[name] = np.array([v.strip().lower() in ("1", "true", "yes") for v in values])
+                flags = [csv_flag(v) for v in values]
+                if None in flags:
+                    row = flags.index(None)
+                    raise MetricLabError(f"{path}, row {row + 2}: {name} {values[row]!r} is not true/false; use 1/0")
+                columns[name] = np.array(flags, dtype=bool)
             else:
                 columns[name] = np.array(values)
     if all(c in header for c in BOX_COLUMNS):  # columns, so the embedding file keeps the crop that was embedded

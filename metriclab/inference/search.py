@@ -26,7 +26,7 @@ import numpy as np
 
 from metriclab.errors import MetricLabError
 from metriclab.inference.inputs import crop_boxes
-from metriclab.metrics.retrieval import METRICS, knn, retrieval_metrics
+from metriclab.metrics.retrieval import METRICS, knn, matches, retrieval_metrics
 from metriclab.runs import write_atomic
 
 EMBEDDING_FILE_VERSION = 1
@@ -267,10 +267,7 @@ def search_scores(queries: EmbeddingSet, gallery: EmbeddingSet, k: int, metric: 
         first.setdefault(os.path.abspath(path), i)
     own = np.array([first.get(os.path.abspath(path), -1) for path in queries.paths], dtype=np.int64)
     held = own >= 0
-    sizes = dict(zip(*np.unique(gallery.labels, return_counts=True), strict=True))
-    others = np.array([sizes.get(label, 0) for label in queries.labels.tolist()])
-    others[held] -= gallery.labels[own[held]] == queries.labels[held]  # the query's own item is not a match
-    scored = int((others > 0).sum())
+    scored = int((matches(queries.labels, gallery.labels, own) > 0).sum())
     if scored == 0:
         raise MetricLabError(
             f"none of the {len(queries):,} queries has an item of its class in the gallery (the train and test "

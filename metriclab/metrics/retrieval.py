@@ -467,6 +467,32 @@ def knn(
     return torch.cat([d for d, _ in parts]).to(dev), torch.cat([i for _, i in parts]).to(dev)
 
 
+def _class_ids(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """int32 class ids of the queries' then the gallery's labels, shared by both."""
+    _, ids = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
+    return ids.astype(np.int32)
+
+
+def _relevant(q_ids: np.ndarray, g_ids: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    counts = np.bincount(g_ids, minlength=max(int(q_ids.max(initial=0)), int(g_ids.max(initial=0))) + 1)[q_ids]
+    if exclude is not None:
+        own = exclude >= 0
+        counts[own] -= g_ids[exclude[own]] == q_ids[own]
+    return counts
+
+
+def matches(query_labels: Any, gallery_labels: Any, exclude: Sequence[int] | None = None) -> np.ndarray:
+    """``R`` of each query: its class's gallery items, less its own (``exclude``, as in :func:`retrieval_metrics`).
+
+    The ranking metrics score the queries whose ``R`` is above 0.
+    """
+    q_lab = _labels(query_labels, len(query_labels), "query_labels")
+    g_lab = _labels(gallery_labels, len(gallery_labels), "gallery_labels")
+    ids = _class_ids(q_lab, g_lab)
+    own = None if exclude is None else np.asarray(exclude, dtype=np.int64)
+    return _relevant(ids[: len(q_lab)], ids[len(q_lab) :], own)
+
+
 def retrieval_metrics(
     query_emb: Any,
     query_labels: Any,
@@ -522,13 +548,9 @@ def retrieval_metrics(
     if n_ref < 1:
         raise MetricLabError("leave-one-out needs at least two embeddings")
 
-    _, ids = np.unique(np.concatenate([q_lab, g_lab]), return_inverse=True)
-    ids = ids.astype(np.int32)
+    ids = _class_ids(q_lab, g_lab)
     q_ids, g_ids = ids[: len(q)], ids[len(q) :]
-    relevant = np.bincount(g_ids, minlength=ids.max() + 1)[q_ids]  # R per query
-    if excluded:
-        own = exclude >= 0
-        relevant[own] -= g_ids[exclude[own]] == q_ids[own]
+    relevant = _relevant(q_ids, g_ids, exclude if excluded else None)
     top = [min(int(k), n_ref) for k in ks]
     vote_k = min(knn_k, n_ref)
     need = np.maximum(max(*top, vote_k), relevant)
