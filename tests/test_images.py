@@ -394,7 +394,7 @@ def pml_scores(query, query_labels, reference, reference_labels) -> dict:
 
 
 def test_query_gallery_metrics_match_pytorch_metric_learning():
-    from metriclab.evaluation.protocol import query_gallery_metrics
+    from metriclab.metrics.protocol import query_gallery_metrics
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 15, 400)
@@ -443,7 +443,7 @@ def brute_force_without_self(embeddings, labels, query, gallery):
 
 def test_leave_one_out_per_category_is_each_category_s_share_of_the_whole():
     """Each category's images searched in the whole test set, each leaving itself out (SOP's super-categories)."""
-    from metriclab.evaluation.protocol import category_metrics, query_gallery_metrics
+    from metriclab.metrics.protocol import category_metrics, query_gallery_metrics
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 12, 300)
@@ -517,6 +517,12 @@ def test_recipe_trains_evaluates_and_visualizes_a_csv_with_queries_and_gallery(t
     assert evaluated.exit_code == 0, evaluated.output
     scores = json.loads(evaluated.stdout)[0]
     assert scores["query_gallery"]["queries"] == 12 and set(scores["by_category"]) == {"round", "straight"}
+    # training scored its epochs and its end by the CSV's protocol too: the queries searched in the gallery
+    metrics = read_json(out / "metrics.json")
+    (epoch,) = metrics["epochs"]
+    for key in ("precision@1", "map@r"):
+        assert epoch[key] == metrics["final"]["query_gallery"][key] == scores["query_gallery"][key]
+    assert "12 queries searched in a gallery of 12" in " ".join((result.stdout + result.stderr).split())
     drawn = CliRunner().invoke(
         app, ["visualize", str(out), "--only", "thumbnails", "--only", "gallery", "--method", "pca"]
     )

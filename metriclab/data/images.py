@@ -63,6 +63,12 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def marks(self) -> tuple[Any, Any]:
+        """``(is_query, is_gallery)`` as numpy bool arrays, or ``(None, None)`` where the split marks none."""
+        if self.is_query is None or self.is_gallery is None:
+            return None, None
+        return self.is_query.numpy(), self.is_gallery.numpy()
+
 
 @dataclass
 class StreamingDataset:

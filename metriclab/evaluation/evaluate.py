@@ -17,8 +17,8 @@ import numpy as np
 from metriclab.data import is_streaming
 from metriclab.errors import MetricLabError
 from metriclab.evaluation.processes import evaluate_in_processes, launched_group, launched_world
-from metriclab.evaluation.protocol import category_metrics, query_gallery_metrics
 from metriclab.inference import run_dataset, run_embeddings, run_recipe
+from metriclab.metrics.protocol import protocol_metrics
 from metriclab.metrics.retrieval import METRICS, evaluate_embeddings
 from metriclab.runs import Run, strict_json
 
@@ -44,7 +44,7 @@ def evaluate_run(
     """All retrieval and verification metrics of a run (see ``retrieval.evaluate_embeddings``), saved to metrics.json.
 
     A dataset that marks query and gallery images (``is_query``/``is_gallery`` of a CSV) is also scored
-    on its own protocol: ``query_gallery`` and, with categories, ``by_category`` (see :mod:`.protocol`).
+    on its own protocol: ``query_gallery`` and, with categories, ``by_category`` (:mod:`metriclab.metrics.protocol`).
 
     ``metric`` defaults to the recipe's. The result is stored as ``metrics.json["evaluations"][key]``
     with ``key`` the metric, or ``"<dataset>/<metric>"`` for another dataset; NaN becomes None.
@@ -89,16 +89,8 @@ def evaluate_run(
         world = processes
     files = loaded.files("test") if loaded is not None and is_streaming(loaded) else None
     search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed}
-    if files is not None and files.is_query is not None and files.is_gallery is not None:
-        # The dataset's own protocol (In-Shop): its query images searched in its gallery, per category too.
-        log.info("searching the dataset's queries in its gallery")
-        categories = files.categories
-        scores |= query_gallery_metrics(
-            test_emb, test_labels, files.is_query.numpy(), files.is_gallery.numpy(), categories, **search
-        )
-    elif files is not None and files.categories is not None:  # leave-one-out, per category (SOP)
-        log.info("scoring the test set per category")
-        scores["by_category"] = category_metrics(test_emb, test_labels, files.categories, **search)
+    if files is not None:  # the dataset's own protocol: In-Shop's queries in its gallery, SOP's categories
+        scores |= protocol_metrics(test_emb, test_labels, *files.marks(), files.categories, **search)
     recipe = run_recipe(run)
     key = metric if own else f"{dataset or recipe.dataset}/{metric}"
     record = {

@@ -30,6 +30,7 @@ from metriclab.data import load_dataset
 from metriclab.data.loader import ImageSource, is_streaming, statistics_sample
 from metriclab.data.sampling import build_sampler, epoch_order, local_batches, shard
 from metriclab.errors import MetricLabError
+from metriclab.metrics.protocol import protocol_metrics, query_gallery_metrics
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
 from metriclab.models import embed, preferred_image_size
 from metriclab.recipe import Recipe
@@ -260,6 +261,10 @@ class _Trainer:
             self.graph = StepGraph(self._step, self.stepper, self.objective, self.global_batch)
         self.graph_step: int | None = None  # the step at which this process captured its graph
         self.dataset = dataset
+        # A test split with its own protocol (In-Shop's query/gallery marks) is scored by it, as `evaluate` does.
+        test_files = dataset.files("test") if self.streaming else None
+        self.marks = test_files.marks() if test_files is not None else (None, None)
+        self.categories = test_files.categories if test_files is not None else None
         device = accelerator.device
         self.train_labels, self.test_labels = dataset.train_labels.to(device), dataset.test_labels.to(device)
         # Images come from sources: a resident tensor on the device, or files streamed by DataLoader workers.
@@ -482,7 +487,11 @@ class _Trainer:
                 save_embeddings(
                     run / "embeddings" / "train.npz", train.cpu().numpy(), self.train_labels.cpu().numpy(), epoch
                 )
-            scores = retrieval_metrics(test_np, labels, ks=(1,), metric=self.recipe.metric, clustering=False)
+            if self.marks[0] is not None:
+                marked = query_gallery_metrics(test_np, labels, *self.marks, ks=(1,), metric=self.recipe.metric)
+                scores = marked["query_gallery"]
+            else:
+                scores = retrieval_metrics(test_np, labels, ks=(1,), metric=self.recipe.metric, clustering=False)
             row = {
                 "epoch": epoch,
                 "precision@1": scores["precision@1"],
@@ -558,7 +567,8 @@ class _Trainer:
         embeddings, labels = run.embeddings("test")
         # The scores `metriclab evaluate` computes, by the same function; it adds the train gallery.
         scores = evaluate_embeddings(None, None, embeddings, labels, metric=self.recipe.metric)
-        final = scores["test_loo"]
+        scores |= protocol_metrics(embeddings, labels, *self.marks, self.categories, metric=self.recipe.metric)
+        final = scores.get("query_gallery", scores["test_loo"])
         run.update_metrics(
             "final",
             {
@@ -582,9 +592,14 @@ class _Trainer:
         self.reporter.stop()
         self.reporter.notice(
             f"test precision@1 {final['precision@1']:.4f}  MAP@R {final['map@r']:.4f}  on {self.dataset.name} "
-            f"({self.dataset.describe()['test_size']} test images)\nRun written to {self.run_dir}",
+            f"({self._tested(final)})\nRun written to {self.run_dir}",
             style="bold green",
         )
+
+    def _tested(self, scores: dict[str, Any]) -> str:
+        if "gallery" in scores:
+            return f"{scores['queries']} queries searched in a gallery of {scores['gallery']}"
+        return f"{self.dataset.describe()['test_size']} test images"
 
 
 def _in_main_thread() -> bool:

@@ -21,6 +21,24 @@ from metriclab.errors import MetricLabError
 from metriclab.metrics.retrieval import matches, retrieval_metrics
 
 
+def protocol_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    is_query: np.ndarray | None,
+    is_gallery: np.ndarray | None,
+    categories: Sequence[str] | None,
+    **search: Any,
+) -> dict[str, Any]:
+    """A test set's scores by its dataset's own protocol: :func:`query_gallery_metrics` where it marks queries and
+    gallery, :func:`category_metrics` (as ``by_category``) where it only has categories, else nothing (``{}``).
+    """
+    if is_query is not None and is_gallery is not None:
+        return query_gallery_metrics(embeddings, labels, is_query, is_gallery, categories, **search)
+    if categories is not None:
+        return {"by_category": category_metrics(embeddings, labels, categories, **search)}
+    return {}
+
+
 def query_gallery_metrics(
     embeddings: np.ndarray,
     labels: np.ndarray,
