@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from typing import Any
 
 import torch
@@ -241,11 +242,11 @@ def timm_encoder(
     """
     import timm
     from timm.data import resolve_data_config
-    from timm.models import adapt_input_conv, get_pretrained_cfg
+    from timm.models import adapt_input_conv
 
     _choose_weights("timm", model_name, pretrained, weights)
     args = {"num_classes": 0, "in_chans": input_shape[0], **model_args}
-    cfg = get_pretrained_cfg(model_name.split(".")[0])
+    cfg = _timm_config(model_name)
     if cfg is not None and cfg.fixed_input_size and "img_size" not in model_args:
         args["img_size"] = tuple(input_shape[1:])
     try:
@@ -263,7 +264,13 @@ def timm_encoder(
         classifier = backbone.pretrained_cfg.get("classifier") or "head"
         classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
 
+        # timm's loader passes a checkpoint through its model's filter (a ViT's position embedding resampled to
+        # the image size built for, original checkpoints' keys renamed); a local file gets the same treatment.
+        timm_filter = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
+
         def adapt(state: dict) -> dict:  # 3-channel weights for a C-channel input, as timm's own loader does
+            if timm_filter is not None:
+                state = timm_filter(state, backbone)
             if first_conv in state and state[first_conv].shape[1] != input_shape[0]:
                 state[first_conv] = adapt_input_conv(input_shape[0], state[first_conv])
             return state
@@ -271,26 +278,45 @@ def timm_encoder(
         record = load_backbone_weights(backbone, weights, ignore=tuple(f"{c}." for c in classifiers), adapt=adapt)
     data = resolve_data_config({}, model=backbone)
     data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-    # What the network was built for: the dataset's channels, and its image size where that is fixed (ViTs);
+    # What the network was built for: the dataset's channels and image size (a ViT's img_size where given);
     # the pretrained weights' own size stays on record.
     data_config["pretrained_input_size"] = data_config["input_size"]
-    size = args.get("img_size", data_config["input_size"][1:])
+    size = args.get("img_size", input_shape[1:])
     size = [size, size] if isinstance(size, int) else list(size)
     data_config["input_size"] = [input_shape[0], *size]
-    head = _head(backbone.num_features, embedding_dim, batch_norm, dropout, normalize)
+    # The pooled features' width: timm 1.0's head_hidden_size where a model's pre-logits widen them (MobileNetV3's
+    # conv head, MambaOut, a "catavgmax" pool), else num_features.
+    features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    head = _head(features, embedding_dim, batch_norm, dropout, normalize)
     return BackboneEncoder(backbone, head, data_config, record, channels=input_shape[0])
 
 
-def _timm_input_size(model_name: str) -> int | None:
-    """The side of the images the timm model was pretrained on (its pretrained config), if it has one."""
+def _timm_config(model_name: str) -> Any:
+    """timm's pretrained config of ``model_name`` (``arch`` or ``arch.tag``: the tag's own), None if it has none."""
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(model_name.split(".")[0])
-    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+    try:
+        return get_pretrained_cfg(model_name)
+    except RuntimeError:  # an unknown tag: timm.create_model says so
+        return None
 
 
-# Read by metriclab.models.preferred_image_size: the image size a recipe that names none trains at.
-timm_encoder.input_size = _timm_input_size
+def _timm_preprocessing(model_name: str) -> dict[str, Any]:
+    """How the timm model's pretrained weights saw images: ``image_size``, ``crop_fraction``, ``interpolation``."""
+    cfg = _timm_config(model_name)
+    if cfg is None:
+        return {}
+    out: dict[str, Any] = {"image_size": int(cfg.input_size[-1])} if cfg.input_size else {}
+    if cfg.crop_pct:
+        out["crop_fraction"] = float(cfg.crop_pct)
+    if cfg.interpolation in ("bilinear", "bicubic", "nearest"):
+        out["interpolation"] = cfg.interpolation
+    return out
+
+
+# Read by metriclab.models.backbone_preprocessing: the image size a recipe that names none trains at, and the
+# crop and interpolation of a pretrained backbone's transforms.
+timm_encoder.preprocessing = _timm_preprocessing
 
 
 @register_encoder_family("torchvision", members=_torchvision_models)

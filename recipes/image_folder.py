@@ -37,7 +37,7 @@ from metriclab import Recipe, main
 recipe = Recipe(
     name="image_folder",
     dataset="image-folder",
-    image_size=64,  # small enough to train on a CPU; 224 for the published protocols
+    image_size=64,  # small enough to train on a CPU; none: a pretrained backbone's own size (224 for the papers)
     train_transform="random-resized-crop",
     test_transform="resize-center-crop",
     num_workers=2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metriclab.models import preferred_image_size
+from metriclab.models import backbone_preprocessing
 from metriclab.recipe import Recipe
 from metriclab.training import train
 
@@ -31,9 +32,28 @@ def write_folder(root: Path, classes: int = 4, per_class: int = 4) -> Path:
 
 
 def test_a_pretrained_backbone_sets_the_image_size_of_a_recipe_that_names_none():
-    assert preferred_image_size(Recipe(encoder="timm:test_resnet")) == 160  # its pretrained config's 160 px
-    assert preferred_image_size(Recipe(encoder="timm:resnet10t")) == 176
-    assert preferred_image_size(Recipe(encoder="mlp")) is None
+    # its pretrained config's 160 px, crop and resampling; a tag's own config, not its architecture's default one
+    expected = {"image_size": 160, "crop_fraction": 0.95, "interpolation": "bilinear"}
+    assert backbone_preprocessing(Recipe(encoder="timm:test_resnet")) == expected
+    assert backbone_preprocessing(Recipe(encoder="timm:resnet50.tv2_in1k"))["image_size"] == 176
+    assert backbone_preprocessing(Recipe(encoder="timm:convnext_small.in12k_ft_in1k_384"))["image_size"] == 384
+    assert backbone_preprocessing(Recipe(encoder="timm:resnet50"))["image_size"] == 224
+    assert backbone_preprocessing(Recipe(encoder="mlp")) == {}
+
+
+def test_a_pretrained_backbone_s_crop_and_resampling_fill_the_transforms_and_a_smaller_size_is_named():
+    from metriclab.training.engine import with_backbone_preprocessing
+
+    vit = Recipe(dataset="image-folder", encoder="timm:test_vit", encoder_args={"weights": "w.safetensors"})
+    recipe, below = with_backbone_preprocessing(vit)
+    assert (recipe.image_size, below) == (160, None)
+    assert recipe.test_transform_args == {"crop_fraction": 0.95, "interpolation": "bicubic"}
+    assert recipe.train_transform_args == {"interpolation": "bicubic"}  # random-resized-crop takes no crop_fraction
+    chosen = dataclasses.replace(vit, image_size=64, test_transform_args={"crop_fraction": 1.0})
+    recipe, below = with_backbone_preprocessing(chosen)
+    assert below == 160 and recipe.test_transform_args == {"crop_fraction": 1.0, "interpolation": "bicubic"}
+    scratch, below = with_backbone_preprocessing(Recipe(dataset="image-folder", encoder="timm:test_vit", image_size=64))
+    assert below is None and scratch.test_transform_args == {} and scratch.train_transform_args == {}
 
 
 def test_timm_backbone_fine_tunes_on_an_image_folder_from_a_weights_file(tmp_path):
@@ -62,6 +82,9 @@ def test_timm_backbone_fine_tunes_on_an_image_folder_from_a_weights_file(tmp_pat
     run = train(recipe)
     config = json.loads((run / "config.json").read_text())
     assert config["recipe"]["image_size"] == 160  # the backbone's own input size, as none was named
+    # evaluated as timm evaluates the weights: their crop_pct and interpolation, recorded for embed and evaluate
+    test_view = {"size": 160, "crop_fraction": 0.95, "interpolation": "bilinear"}
+    assert config["dataset"]["transforms"]["test"] == {"name": "resize-center-crop", "args": test_view}
     assert config["dataset"]["input_shape"] == [3, 160, 160]
     recorded = config["components"]["encoder"]["weights"]
     assert str(weights) in json.dumps(recorded)  # which weights the run started from

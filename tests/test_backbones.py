@@ -120,6 +120,23 @@ def test_weights_that_do_not_fit_are_refused_with_the_keys(tmp_path):
         _encoder("timm:test_resnet", weights=str(path), pretrained=True)
 
 
+def test_a_vit_weights_file_loads_at_another_image_size_as_timm_loads_it(tmp_path):
+    path, state = _timm_weights(tmp_path, name="test_vit")  # pretrained at 160 px: 100 patches + a class token
+    encoder = _encoder("timm:test_vit", shape=(3, 32, 32), weights=str(path))
+    assert encoder.backbone.pos_embed.shape[1] < state["pos_embed"].shape[1]  # resampled by timm's filter
+    resampled = timm.models.vision_transformer.checkpoint_filter_fn(dict(state), encoder.backbone)["pos_embed"]
+    own = encoder.backbone.state_dict()
+    assert torch.equal(own["pos_embed"], resampled) and torch.equal(
+        own["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc1.weight"]
+    )
+
+
+@pytest.mark.parametrize(("name", "args"), [("test_resnet", {"global_pool": "catavgmax"}), ("test_mambaout", {})])
+def test_the_head_takes_the_width_a_backbone_s_pre_logits_give(name, args):
+    encoder = _encoder(f"timm:{name}", shape=(3, 32, 32), **args)  # wider than num_features
+    assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.getcwd, ())  # harmless, but unpickling it would call a function

@@ -352,7 +352,10 @@ def test_resident_and_streaming_paths_give_identical_batches_and_weights(twin, t
         assert torch.equal(batch_a, batch_b) and torch.equal(images_a, images_b)
     emb_a, emb_b = runs["resident"].embeddings("test")[0], runs["files"].embeddings("test")[0]
     np.testing.assert_array_equal(emb_a, emb_b)
-    assert runs["files"].config["dataset"]["transforms"]["test"] == {"name": "resize", "args": {"size": 8}}
+    assert runs["files"].config["dataset"]["transforms"]["test"] == {
+        "name": "resize",
+        "args": {"size": 8, "interpolation": "bilinear"},
+    }
 
 
 def test_resume_mid_epoch_on_files_continues_with_the_same_batches(twin, tmp_path, monkeypatch):

@@ -1,11 +1,12 @@
 """Models: the Siamese network, building it from a recipe, embedding with it, loading its weights."""
 
 from metriclab.models.backbone import BackboneEncoder, EmbeddingHead
-from metriclab.models.build import build_model, preferred_image_size
+from metriclab.models.build import backbone_preprocessing, build_model
 from metriclab.models.network import SiameseNetwork, embed, load_weights
 from metriclab.models.weights import load_backbone_weights, read_state_dict
 
 __all__ = [
+    "backbone_preprocessing",
     "BackboneEncoder",
     "EmbeddingHead",
     "SiameseNetwork",
@@ -13,6 +14,5 @@ __all__ = [
     "embed",
     "load_backbone_weights",
     "load_weights",
-    "preferred_image_size",
     "read_state_dict",
 ]

@@ -34,14 +34,15 @@ def build_model(recipe: Any, input_shape: tuple[int, ...], starting_weights: boo
     return SiameseNetwork(tower, second, channels=input_shape[0])
 
 
-def preferred_image_size(recipe: Any) -> int | None:
-    """The image side the recipe's encoder was pretrained at (a family's ``factory.input_size(member)``), if any.
+def backbone_preprocessing(recipe: Any) -> dict[str, Any]:
+    """How the recipe's encoder was pretrained to see images (a family's ``factory.preprocessing(member)``), or {}.
 
-    A recipe without ``image_size`` trains image files at this size, so a pretrained backbone sees
-    images as large as those it learned from.
+    Keys among ``image_size`` (a recipe without one trains image files at it, so a pretrained backbone sees
+    images as large as those it learned from), ``crop_fraction`` and ``interpolation`` (the transforms of a
+    run that starts from pretrained weights use them unless its recipe sets them).
     """
     registry.load_plugins("encoder")
     prefix, colon, member = recipe.encoder.partition(":")
     family = registry.encoders.families.get(prefix) if colon else None
-    size_of = getattr(family.factory, "input_size", None) if family is not None else None
-    return size_of(member) if size_of is not None else None
+    preprocessing = getattr(family.factory, "preprocessing", None) if family is not None else None
+    return dict(preprocessing(member)) if preprocessing is not None else {}

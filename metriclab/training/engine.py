@@ -28,11 +28,12 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from metriclab import registry
 from metriclab.data import load_dataset
 from metriclab.data.loader import ImageSource, is_streaming, statistics_sample
+from metriclab.data.loading import DEFAULT_TRANSFORMS
 from metriclab.data.sampling import build_sampler, epoch_order, local_batches, shard
 from metriclab.errors import MetricLabError
 from metriclab.metrics.protocol import protocol_metrics, query_gallery_metrics
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
-from metriclab.models import embed, preferred_image_size
+from metriclab.models import backbone_preprocessing, embed
 from metriclab.recipe import Recipe
 from metriclab.runs import DISK_ERRNOS, Run, append_history, save_embeddings, trim_history, write_config
 from metriclab.training import contracts
@@ -135,8 +136,7 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 
-    if recipe.image_size is None and (size := preferred_image_size(recipe)) is not None:
-        recipe = replace(recipe, image_size=size)  # image files at the backbone's own size (recorded in config.json)
+    recipe, below = with_backbone_preprocessing(recipe)
     if checkpoint is not None and (changed := changed_options(recipe, run_dir)):
         reporter.notice(
             f"Resuming {run_dir} with options that differ from its start: {'; '.join(changed)}. To resume with "
@@ -147,6 +147,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     contracts.check_dataset(recipe, dataset)
     if dataset.notice:
         reporter.notice(dataset.notice)
+    if below and is_streaming(dataset):
+        reporter.notice(
+            f"{recipe.encoder} was pretrained on {below} px images and trains on {recipe.image_size} px ones here; "
+            f"pass --image-size {below} (or none) to train at its own size"
+        )
     if ignored := contracts.ignored_transforms(recipe, dataset):
         reporter.notice(
             f"{', '.join(ignored)} ignored: dataset '{recipe.dataset}' is held in memory as tensors, and its batches "
@@ -187,6 +192,30 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     trainer.fit()
     accelerator.end_training()
     return run_dir
+
+
+def with_backbone_preprocessing(recipe: Recipe) -> tuple[Recipe, int | None]:
+    """``(recipe, pretrained size)``: image files at a backbone's own size where the recipe names none, and a
+    pretrained backbone's crop and interpolation in transforms whose arguments do not set them (both recorded
+    in config.json); the pretrained size is returned where the recipe trains below it, else None.
+    """
+    seen = backbone_preprocessing(recipe)
+    if recipe.image_size is None and "image_size" in seen:
+        recipe = replace(recipe, image_size=seen["image_size"])
+    if not (recipe.encoder_args.get("pretrained") or recipe.encoder_args.get("weights")):
+        return recipe, None
+    changes = {}
+    for split in ("train", "test"):
+        name = getattr(recipe, f"{split}_transform") or DEFAULT_TRANSFORMS[split]
+        args = getattr(recipe, f"{split}_transform_args")
+        wanted = {k: v for k, v in seen.items() if k in ("crop_fraction", "interpolation") and k not in args}
+        accepted = registry.accepted_arguments(registry.transforms.get(name), wanted)
+        if accepted:
+            changes[f"{split}_transform_args"] = {**args, **accepted}
+    recipe = replace(recipe, **changes)
+    pretrained_size = seen.get("image_size")
+    below = recipe.image_size is not None and pretrained_size is not None and recipe.image_size < pretrained_size
+    return recipe, pretrained_size if below else None
 
 
 def _freezes(recipe: Recipe) -> bool:
