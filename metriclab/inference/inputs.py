@@ -18,7 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metriclab.data.images import BOX_COLUMNS, IMAGE_SUFFIXES, ImageFiles, crop_box, csv_flag, image_files, read_csv
+from metriclab.data.images import (
+    BOX_COLUMNS,
+    IMAGE_SUFFIXES,
+    ImageFiles,
+    crop_box,
+    csv_flag,
+    decode,
+    image_files,
+    prepared,
+    read_csv,
+)
 from metriclab.errors import MetricLabError
 
 EMBEDDING_SUFFIXES = (".npz", ".parquet")
@@ -64,8 +74,6 @@ def load_images(
 def _resized(path: str | Path, crop: tuple[int, ...] | None, shape: tuple[int, int, int]) -> torch.Tensor:
     from PIL import Image
 
-    from metriclab.data.images import decode
-
     channels, height, width = shape
     if not Path(path).is_file():
         raise MetricLabError(f"image {path} does not exist; check the path")
@@ -90,8 +98,6 @@ def _transformed(
     shape: tuple[int, int, int],
     transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    from metriclab.data.images import prepared
-
     if not Path(path).is_file():
         raise MetricLabError(f"image {path} does not exist; check the path")
     image = prepared(str(path), shape[0], crop, transform)
