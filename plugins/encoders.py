@@ -366,3 +366,18 @@ def torchvision_encoder(
     }
     head = _head(linear.in_features, embedding_dim, batch_norm, dropout, normalize)
     return BackboneEncoder(backbone, head, data_config, record, channels=3)
+
+
+def _torchvision_preprocessing(model_name: str) -> dict[str, Any]:
+    """How torchvision evaluates the model's default weights: ``image_size``, ``crop_fraction``, ``interpolation``."""
+    import torchvision
+
+    try:
+        transform = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+    except (ValueError, KeyError):  # not a torchvision model: building it says so
+        return {}
+    crop, resize = transform.crop_size[0], transform.resize_size[0]
+    return {"image_size": crop, "crop_fraction": crop / resize, "interpolation": transform.interpolation.value}
+
+
+torchvision_encoder.preprocessing = _torchvision_preprocessing

@@ -39,6 +39,9 @@ def test_a_pretrained_backbone_sets_the_image_size_of_a_recipe_that_names_none()
     assert backbone_preprocessing(Recipe(encoder="timm:convnext_small.in12k_ft_in1k_384"))["image_size"] == 384
     assert backbone_preprocessing(Recipe(encoder="timm:resnet50"))["image_size"] == 224
     assert backbone_preprocessing(Recipe(encoder="mlp")) == {}
+    # torchvision: its default weights' evaluation preset (efficientnet_b3: resize to 320 bicubic, crop 300)
+    expected = {"image_size": 300, "crop_fraction": 300 / 320, "interpolation": "bicubic"}
+    assert backbone_preprocessing(Recipe(encoder="torchvision:efficientnet_b3")) == expected
 
 
 def test_a_pretrained_backbone_s_crop_and_resampling_fill_the_transforms_and_a_smaller_size_is_named():
