@@ -136,6 +136,10 @@ def test_approximate_search_reports_its_recall_against_exact():
     assert 0.5 < approx.recall <= 1.0
     with pytest.raises(MetricLabError, match="faiss-ivf"):
         search(queries, gallery, 10, approximate="hnsw")
+    # a k beyond what the probed lists hold: faiss pads with -1, and those queries are searched exactly
+    wide = search(queries[:20], gallery, 1500, "euclidean", approximate="faiss-ivf")
+    assert (wide.indices >= 0).all()
+    np.testing.assert_array_equal(wide.indices, search(queries[:20], gallery, 1500, "euclidean").indices)
 
 
 def _clustered(n, classes, dim, seed):

@@ -221,6 +221,10 @@ def approximate_knn(
     index.nprobe = min(nprobe, nlist)
     scores, indices = index.search(q, k)
     distances = 1.0 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0))
+    short = np.flatnonzero((indices < 0).any(axis=1))
+    if len(short):  # the probed lists held fewer than k items (faiss pads with -1): those queries are searched exactly
+        exact_d, exact_i = knn(queries[short], gallery, k, metric=metric, device="cpu")
+        indices[short], distances[short] = exact_i.numpy(), exact_d.numpy()
     seconds = time.perf_counter() - start
     sample = np.random.default_rng(0).choice(len(q), min(len(q), recall_sample), replace=False)
     _, exact = knn(queries[sample], gallery, k, metric=metric, device="cpu")
