@@ -607,6 +607,20 @@ def test_files_embed_through_the_run_s_own_test_transform(streamed_run):
     assert not np.allclose(model.embed(list(files)), saved, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("through_transform", [True, False])
+def test_a_damaged_file_fails_embedding_in_one_line_about_the_file(streamed_run, tmp_path, through_transform):
+    import metriclab
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    model = metriclab.load_model(streamed_run.path, device="cpu")
+    if not through_transform:
+        model.transform = None  # as a run trained on arrays reads files
+    with pytest.raises(MetricLabError, match="broken.jpg is not a readable image") as err:
+        model.embed([broken])
+    assert "skip_unreadable" not in str(err.value)  # a training option: nothing embedding can take
+
+
 def test_a_streamed_run_s_split_embeds_and_exports_by_its_files(streamed_run, tree, tmp_path):
     """``DATASET:SPLIT`` of a run trained on files (what `metriclab export` checks on by default) names the files,
     labelled by class folder as the folder itself reads, so either can search or score the other."""

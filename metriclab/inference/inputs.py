@@ -71,18 +71,23 @@ def load_images(
     return out
 
 
+def _read(path: str | Path, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``read()`` of the image file at ``path``, its failure one line saying what is wrong with the file."""
+    if not Path(path).is_file():
+        raise MetricLabError(f"image {path} does not exist; check the path")
+    try:
+        return read()
+    except MetricLabError as err:  # training's wording suggests skip_unreadable, which embedding has not
+        raise MetricLabError(
+            f"{path} is not a readable image ({err.__cause__}); pass PNG, JPEG or another PIL format"
+        ) from None
+
+
 def _resized(path: str | Path, crop: tuple[int, ...] | None, shape: tuple[int, int, int]) -> torch.Tensor:
     from PIL import Image
 
     channels, height, width = shape
-    if not Path(path).is_file():
-        raise MetricLabError(f"image {path} does not exist; check the path")
-    try:
-        decoded = decode(str(path), channels)
-    except MetricLabError as err:
-        raise MetricLabError(
-            f"{path} is not a readable image ({err.__cause__}); pass PNG, JPEG or another PIL format"
-        ) from None
+    decoded = _read(path, lambda: decode(str(path), channels))
     image = Image.fromarray(decoded.permute(1, 2, 0).squeeze(2).numpy())
     if crop is not None:
         image = image.crop(crop)
@@ -98,9 +103,7 @@ def _transformed(
     shape: tuple[int, int, int],
     transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    if not Path(path).is_file():
-        raise MetricLabError(f"image {path} does not exist; check the path")
-    image = prepared(str(path), shape[0], crop, transform)
+    image = _read(path, lambda: prepared(str(path), shape[0], crop, transform))
     if tuple(image.shape) != shape or image.dtype != torch.uint8:
         raise MetricLabError(
             f"the run's test transform made {path} a {image.dtype} {tuple(image.shape)} image, not uint8 {shape}; "
