@@ -358,24 +358,55 @@ def test_resident_and_streaming_paths_give_identical_batches_and_weights(twin, t
     }
 
 
-def test_resume_mid_epoch_on_files_continues_with_the_same_batches(twin, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("transform", "workers"), [("resize", (0, 0)), ("random-resized-crop", (1, 0))])
+def test_resume_mid_epoch_on_files_continues_with_the_same_batches(twin, tmp_path, monkeypatch, transform, workers):
+    """Also with random augmentation, decoded by a worker before the stop and in the main process after it."""
     from metriclab.training.engine import train
 
+    def recipe(out: str, workers: int, **fields) -> Recipe:
+        fields |= {"dataset": "image-folder", "data_dir": str(twin), "train_transform": transform}
+        return twin_recipe(tmp_path / out, num_workers=workers, **fields)
+
     whole = spy_batches(monkeypatch)
-    straight = Run(train(twin_recipe(tmp_path / "straight", dataset="image-folder", data_dir=str(twin), num_workers=0)))
+    straight = Run(train(recipe("straight", workers[0])))
     monkeypatch.undo()
     first = spy_batches(monkeypatch)
-    stopped = twin_recipe(tmp_path / "resumed", dataset="image-folder", data_dir=str(twin), max_steps=6, num_workers=0)
-    run_dir = train(stopped)  # stops after 2 of the 4 steps of the second epoch
+    run_dir = train(recipe("resumed", workers[0], max_steps=6))  # stops after 2 of the 4 steps of the second epoch
     monkeypatch.undo()
     rest = spy_batches(monkeypatch)
-    train(
-        twin_recipe(tmp_path / "unused", dataset="image-folder", data_dir=str(twin), resume=str(run_dir), num_workers=0)
-    )
+    train(recipe("unused", workers[1], resume=str(run_dir)))
     assert len(first) == 6 and len(rest) == 2
     for (batch_a, images_a), (batch_b, images_b) in zip(whole, first + rest, strict=True):
         assert torch.equal(batch_a, batch_b) and torch.equal(images_a, images_b)
     np.testing.assert_array_equal(straight.embeddings("test")[0], Run(run_dir).embeddings("test")[0])
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_workers_decode_is_answered_once_by_the_training_process(twin, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import RECIPES, ROOT
+
+    out = tmp_path / "run"
+    args = ["--dataset", "image-folder", "--data-dir", str(twin), "--image-size", "8", "--epochs", "1000"]
+    args += ["--encoder-args", "channels=[8,8]", "--batch-size", "8", "--num-workers", "2", "--cpu"]
+    args += ["--checkpoint-every", "2", "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(RECIPES / "image_folder.py"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(out.glob("checkpoints/step_*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the whole group, workers included
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert output.count("Interrupted") == 1 and "Stopped at step" in output, output[-3000:]
 
 
 # -- the dataset's own evaluation protocol -----------------------------------------------------------

@@ -10,6 +10,7 @@ batch sampler, so both paths give identical batches for one epoch order.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -31,11 +32,16 @@ class DecodedFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor:
+        """File ``item``, or ``(index, seed)``: file ``index`` with its random transform drawn from ``seed``."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         has_box = self.boxes is not None and self.boxes[index, 0] >= 0  # the region of interest only
-        return prepared(
-            self.paths[index], self.channels, self.boxes[index].tolist() if has_box else None, self.transform
-        )
+        box = self.boxes[index].tolist() if has_box else None
+        if seed is None:
+            return prepared(self.paths[index], self.channels, box, self.transform)
+        with torch.random.fork_rng(devices=[]):  # the process's own random state (the main one's at 0 workers) stays
+            torch.manual_seed(seed)
+            return prepared(self.paths[index], self.channels, box, self.transform)
 
 
 _WRAPPED = "metriclab.errors.MetricLabError: "
@@ -83,13 +89,22 @@ class ImageSource:
         else:
             self.images = dataset.split(split)[0].to(self.device)
 
-    def __call__(self, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """The images of each batch of indices, in order; streamed ahead by the workers."""
+    def __call__(
+        self, batches: Sequence[torch.Tensor], seeds: Sequence[Sequence[int]] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The images of each batch of indices, in order; streamed ahead by the workers.
+
+        ``seeds`` (one per image, :func:`metriclab.data.sampling.augmentation_seeds`) draw the random transforms
+        of files, so they do not depend on which worker decodes an image or on where a resumed run restarted.
+        """
         if not self.streaming:
             for batch in batches:
                 yield self.images[batch.to(self.device)]
             return
-        self.plan.batches = [batch.tolist() for batch in batches]
+        if seeds is None:
+            self.plan.batches = [batch.tolist() for batch in batches]
+        else:
+            self.plan.batches = [list(zip(b.tolist(), s, strict=True)) for b, s in zip(batches, seeds, strict=True)]
         if not self.plan.batches:
             return
         if self.loader is None:
@@ -100,6 +115,7 @@ class ImageSource:
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 persistent_workers=self.num_workers > 0,  # no start-up cost per epoch
+                worker_init_fn=_leave_stopping_to_the_main_process,
             )
         try:
             for images in self.loader:
@@ -115,6 +131,13 @@ class ImageSource:
         if index.numel() == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.stack([self.files[i] for i in index.tolist()])
+
+
+def _leave_stopping_to_the_main_process(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches every process of its group: workers forked from a training process would run
+    # its handler (and print its notice) too. The training process stops them when it stops.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def chunks(n: int, size: int, indices: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from metriclab import registry
@@ -28,6 +29,24 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -
     generator = torch.Generator(device=device)
     generator.manual_seed(seed * 1_000_003 + epoch)
     return generator
+
+
+def augmentation_seeds(seed: int, epoch: int, positions: torch.Tensor) -> list[int]:
+    """One seed per sample for its random augmentation, from ``(seed, epoch, position in the epoch's order)``.
+
+    So an image is augmented the same way however many processes and workers load it and whether or not the
+    run was stopped and resumed before it. The seeds are splitmix64's outputs of a stream keyed by the run's
+    seed and the epoch (numpy's unsigned 64-bit arithmetic wraps, as splitmix64's does).
+    """
+    key = _splitmix64(np.array([seed * 1_000_003 + epoch], dtype=np.uint64))
+    x = _splitmix64(key + (positions.numpy().astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
+    return (x >> np.uint64(1)).tolist()  # 63 bits: torch.manual_seed's range
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def build_sampler(name: str, m_per_class: int = 4, args: dict | None = None) -> Sampler:

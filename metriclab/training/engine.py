@@ -29,7 +29,7 @@ from metriclab import registry
 from metriclab.data import load_dataset
 from metriclab.data.loader import ImageSource, is_streaming, statistics_sample
 from metriclab.data.loading import DEFAULT_TRANSFORMS
-from metriclab.data.sampling import build_sampler, epoch_order, local_batches, shard
+from metriclab.data.sampling import augmentation_seeds, build_sampler, epoch_order, local_batches, shard
 from metriclab.errors import MetricLabError
 from metriclab.metrics.protocol import protocol_metrics, query_gallery_metrics
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
@@ -349,7 +349,13 @@ class _Trainer:
         # From the resume position on; no further than the run's last step, so workers decode nothing unused.
         steps = local_batches(order, state.position, self.global_batch, acc.process_index, acc.num_processes)
         steps = steps[: max(total - state.step, 0)]
-        streamed = self.sources["train"]([local for _, local in steps]) if self.streaming else None
+        streamed = None
+        if self.streaming:  # each image's augmentation drawn from its place in the epoch: resumes repeat it
+            places = local_batches(
+                torch.arange(n), state.position, self.global_batch, acc.process_index, acc.num_processes
+            )
+            seeds = [augmentation_seeds(recipe.seed, state.epoch, local) for _, local in places[: len(steps)]]
+            streamed = self.sources["train"]([local for _, local in steps], seeds)
         self.model.train()
         freezing = self.freezer is not None and self.freezer.active
         if freezing:
