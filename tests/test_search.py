@@ -98,6 +98,28 @@ def test_embedding_files_round_trip(tmp_path, suffix):
     assert list(back.columns["is_query"]) == list(data.columns["is_query"]) and back.meta["run"] == "r"
 
 
+def test_a_gallery_embedded_with_other_weights_is_refused(small_run, gallery_file, image_folder, tmp_path):  # noqa: F811
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    query = str(next(image_folder.rglob("*.png")))
+    moved = shutil.copytree(small_run, tmp_path / "moved")  # the same weights elsewhere: the file still fits
+    assert cli("search", moved, query, "--gallery", gallery_file).exit_code == 0
+    weights = load_file(moved / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, moved / "model.safetensors")
+    line = one_line_error(cli("search", moved, query, "--gallery", gallery_file))
+    assert f"embedded with the weights of {small_run}" in line and "re-embed" in line
+    old = load_embedding_set(gallery_file)  # a file written before embedding files named their weights
+    old.meta.pop("weights_sha256")
+    save_embedding_set(tmp_path / "old.npz", old)
+    assert "embedded with the weights" in one_line_error(cli("search", moved, query, "--gallery", tmp_path / "old.npz"))
+    assert cli("search", small_run, query, "--gallery", tmp_path / "old.npz").exit_code == 0
+    old.meta = {}  # made elsewhere: nothing to compare
+    save_embedding_set(tmp_path / "foreign.npz", old)
+    assert cli("search", moved, query, "--gallery", tmp_path / "foreign.npz").exit_code == 0
+
+
 def test_bad_galleries_fail_in_one_line(small_run, gallery_file, image_folder, tmp_path):  # noqa: F811
     query = str(next(image_folder.rglob("*.png")))
     other = EmbeddingSet(np.zeros((4, 5), np.float32), np.array(list("abcd")), meta={"run": "runs/other"})

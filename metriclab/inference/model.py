@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,14 @@ class EmbeddingModel:
         return (
             f"EmbeddingModel({str(self.run.path)!r}, {shape} -> {self.embedding_dim}-D, {self.metric}, {self.device})"
         )
+
+    @functools.cached_property
+    def weights_sha256(self) -> str | None:
+        """SHA-256 of the weights file the network was loaded from (recorded in embedding files), None without one."""
+        from metriclab.models.weights import file_sha256
+
+        path = self.run.weights_path
+        return file_sha256(path) if path.is_file() else None
 
     @property
     def device(self) -> torch.device:

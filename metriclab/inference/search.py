@@ -155,6 +155,27 @@ def check_compatible(queries: np.ndarray, gallery: EmbeddingSet, expected_dim: i
         )
 
 
+def check_same_weights(data: EmbeddingSet, model: Any, where: str) -> None:
+    """A MetricLabError when the embedding file ``where`` was made with other weights than ``model``'s.
+
+    Its meta names the weights (SHA-256; files written before that: the run's folder). Files from elsewhere,
+    which name neither, are taken as they are.
+    """
+    made, run = data.meta.get("weights_sha256"), data.meta.get("run")
+    if made is not None and model.weights_sha256 is not None:
+        same = made == model.weights_sha256
+    elif run is not None:
+        same = os.path.realpath(run) == os.path.realpath(model.run.path)
+    else:
+        return
+    if not same:
+        raise MetricLabError(
+            f"{where} was embedded with the weights of {run or 'another model'} as they were then, not with those "
+            f"of {model.run.path} now: distances between two models' embeddings mean nothing; re-embed it "
+            f"(`metriclab embed {model.run.path} IMAGES -o FILE`) or search with the run that embedded it"
+        )
+
+
 @dataclass
 class SearchResult:
     """Each query's ``k`` nearest gallery items: ``indices`` and ``distances`` ``(Q, k)``, nearest first."""
@@ -239,17 +260,21 @@ def embed_inputs(model: Any, spec: Any, batch_size: int = 256, progress: Any = N
     items = model.inputs(spec)
     emb = model.embed(items, batch_size=batch_size, progress=progress)
     meta = {"run": str(model.run.path), "embedding_dim": model.embedding_dim, "metric": model.metric}
+    meta["weights_sha256"] = model.weights_sha256
     return EmbeddingSet(emb, items.paths, items.labels, items.columns, {**meta, "source": items.source})
 
 
 def embedding_set(model: Any, spec: Any, batch_size: int = 256, progress: Any = None) -> EmbeddingSet:
-    """An embedding file (``.npz``/``.parquet``) or images (embedded now), checked against ``model``'s dimension."""
+    """An embedding file (``.npz``/``.parquet``) or images (embedded now), checked against ``model``: its dimension,
+    and a file's weights."""
     one = str(spec) if isinstance(spec, (str, Path)) else None
-    if one is not None and Path(one).suffix.lower() in (".npz", ".parquet"):
-        data = load_embedding_set(one)
-    else:
+    if one is None or Path(one).suffix.lower() not in (".npz", ".parquet"):
         data = embed_inputs(model, spec, batch_size, progress)
-    check_compatible(data.embeddings, data, model.embedding_dim, one or "given")
+        check_compatible(data.embeddings, data, model.embedding_dim, one or "given")
+        return data
+    data = load_embedding_set(one)
+    check_compatible(data.embeddings, data, model.embedding_dim, one)
+    check_same_weights(data, model, one)
     return data
 
 
