@@ -381,6 +381,20 @@ def test_resume_mid_epoch_on_files_continues_with_the_same_batches(twin, tmp_pat
     np.testing.assert_array_equal(straight.embeddings("test")[0], Run(run_dir).embeddings("test")[0])
 
 
+def test_a_relative_data_dir_is_recorded_absolute_so_figures_work_from_elsewhere(twin, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from metriclab.cli import app
+    from metriclab.training.engine import train
+
+    monkeypatch.chdir(twin.parent)
+    run = train(twin_recipe(tmp_path / "run", dataset="image-folder", data_dir=twin.name, epochs=1, num_workers=0))
+    assert Run(run).config["recipe"]["data_dir"] == str(twin.resolve())
+    monkeypatch.chdir(tmp_path)
+    drawn = CliRunner().invoke(app, ["visualize", str(run), "--only", "thumbnails", "--method", "pca"])
+    assert drawn.exit_code == 0 and (run / "figures" / "thumbnails.png").is_file(), drawn.output
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_workers_decode_is_answered_once_by_the_training_process(twin, tmp_path):
     import os

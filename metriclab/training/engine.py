@@ -69,8 +69,15 @@ def train(recipe: Recipe) -> Path:
     a failure to write (full disk, read-only mount) is a MetricLabError naming the last
     good checkpoint, which stays intact.
     """
-    # Plugin files are recorded by absolute path, so the run can be evaluated or resumed from anywhere.
+    # Plugin files and the data are recorded by absolute path, so the run can be evaluated or resumed from anywhere.
     recipe = replace(recipe, plugins=[registry.load_plugin(spec) for spec in recipe.plugins])
+    if recipe.data_dir and Path(recipe.data_dir).expanduser().exists():
+        recipe = replace(recipe, data_dir=str(Path(recipe.data_dir).expanduser().resolve()))
+    root = recipe.dataset_args.get("dataset_root")
+    if isinstance(root, str) and Path(root).expanduser().exists():
+        recipe = replace(
+            recipe, dataset_args={**recipe.dataset_args, "dataset_root": str(Path(root).expanduser().resolve())}
+        )
     cpu = recipe.cpu or not torch.cuda.is_available()
     # The process group first: the run directory is chosen on the main process and shared,
     # and trackers need it when the Accelerator is created.
