@@ -591,7 +591,8 @@ class _Trainer:
         checkpoint = checkpoint_dir(self.run_dir, self.state.step) if saved else self._checkpoint()
         self.reporter.stop()
         self.reporter.notice(
-            f"Stopped at step {self.state.step}; checkpoint {checkpoint}. Resume with: --resume {self.run_dir}",
+            f"Stopped at step {self.state.step}; checkpoint {checkpoint}. Resume with: --resume {self.run_dir} "
+            f"--config {self.run_dir / 'config.json'}",
             style="bold yellow",
         )
         raise SystemExit(128 + self.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report
