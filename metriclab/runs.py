@@ -50,12 +50,28 @@ DISK_ERRNOS = frozenset(
 )
 
 
+def new_file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give a new file (0o666 less the umask).
+
+    ``tempfile.mkstemp`` makes files readable by their owner only; files written through one are set to
+    this, so a shared run directory stays readable by the group as its umask says.
+    """
+    try:  # Linux says without changing it (setting it, even back, races with other threads creating files)
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` via a temporary file and rename, so readers never see half a file."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

@@ -185,6 +185,13 @@ def test_evaluate_bad_runs_fail_in_one_line_with_the_fix(run_dir, monkeypatch, h
         assert word in line, (word, line)
 
 
+def test_run_files_get_the_permissions_of_the_umask_like_any_new_file(tiny_run):
+    from metriclab.runs import new_file_mode
+
+    for name in ("config.json", "metrics.json", "embeddings/test.npz", "embedding.png", "history.csv"):
+        assert (tiny_run / name).stat().st_mode & 0o777 == new_file_mode(), name  # not mkstemp's 0o600
+
+
 def test_a_folder_of_runs_names_its_newest_run(run_dir):
     older = shutil.copytree(run_dir, run_dir.parent / "recipe" / "20260101-000000")
     newer = shutil.copytree(run_dir, run_dir.parent / "recipe" / "20260102-000000")

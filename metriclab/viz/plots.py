@@ -23,6 +23,7 @@ from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
 
 from metriclab.errors import MetricLabError
+from metriclab.runs import new_file_mode
 from metriclab.viz.projections import Panel
 
 FIGURE_FORMATS = (".png", ".svg", ".pdf")
@@ -76,6 +77,7 @@ def _atomic(path: Path) -> Iterator[Path]:
     So a full disk or a crash never leaves a half-written or empty figure behind.
     """
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}.", suffix=path.suffix)
+    os.fchmod(handle, new_file_mode())
     os.close(handle)
     try:
         yield Path(tmp)
