@@ -585,11 +585,12 @@ def _search_figure(model: Any, queries: Any, gallery: Any, result: Any, path: Pa
         if queries.labels is not None:
             q_ids = np.array([lookup[str(v)] for v in queries.labels[:shown]])
         else:
-            names, title = names + ["?"], title + " (queries unlabelled: ignore the frames)"
+            names = names + ["?"]
             q_ids[:] = len(names) - 1
-    else:
-        title += " (gallery unlabelled: ignore the frames)"
-    return plots.retrieval_gallery(q_images, q_ids, r_images, r_ids, path, class_names=names, title=title)
+    judged = queries.labels is not None and gallery.labels is not None  # else no frame says right or wrong
+    return plots.retrieval_gallery(
+        q_images, q_ids, r_images, r_ids, path, class_names=names, title=title, judged=judged
+    )
 
 
 @app.command()

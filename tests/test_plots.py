@@ -96,6 +96,10 @@ def test_retrieval_gallery_frames_correct_green_and_wrong_red(tmp_path):
     assert width > height  # 6 columns, 3 rows
     assert pixels_near(good, GREEN) > 1000 and pixels_near(good, RED) == 0
     assert pixels_near(bad, RED) > 100
+    unknown = plots.retrieval_gallery(
+        queries, query_labels, results, wrong, tmp_path / "unknown.png", class_names=NAMES, judged=False
+    )  # classes unknown (search of unlabelled images): plain frames
+    assert pixels_near(unknown, RED) == 0 and pixels_near(unknown, GREEN) == 0
 
 
 def test_retrieval_gallery_accepts_colour_images_and_checks_shapes(tmp_path):

@@ -270,10 +270,12 @@ def retrieval_gallery(
     path: str | Path,
     class_names: Sequence[str] | None = None,
     title: str = "Nearest neighbours of each query",
+    judged: bool = True,
 ) -> Path:
     """Write a grid: one row per query, the query then its top-k results framed green (same class) or red.
 
     ``result_images`` has shape ``(queries, k, ...)`` and ``result_labels`` ``(queries, k)``; returns the path.
+    Without ``judged`` (the queries' or the gallery's classes unknown), every frame is plain.
     """
     queries = _to_rgb01(query_images)
     query_labels = np.asarray(query_labels).reshape(-1).astype(np.int64)
@@ -299,7 +301,12 @@ def retrieval_gallery(
     for row in range(n_queries):
         cells = [(queries[row], query_labels[row], None)]
         cells += [
-            (results[row * k + j], result_labels[row, j], result_labels[row, j] == query_labels[row]) for j in range(k)
+            (
+                results[row * k + j],
+                result_labels[row, j],
+                result_labels[row, j] == query_labels[row] if judged else None,
+            )
+            for j in range(k)
         ]
         for col, (image, label, correct) in enumerate(cells):
             ax = axes[row, col]
