@@ -546,7 +546,7 @@ def test_a_corrupt_image_stops_the_recipe_before_training_with_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_recipe_trains_evaluates_and_visualizes_a_csv_with_queries_and_gallery(tree, tmp_path):
+def test_recipe_trains_evaluates_and_visualizes_a_csv_with_queries_and_gallery(tree, tmp_path, monkeypatch):
     from conftest import read_json, run_recipe
     from typer.testing import CliRunner
 
@@ -570,11 +570,21 @@ def test_recipe_trains_evaluates_and_visualizes_a_csv_with_queries_and_gallery(t
     (epoch,) = metrics["epochs"]
     for key in ("precision@1", "map@r"):
         assert epoch[key] == metrics["final"]["query_gallery"][key] == scores["query_gallery"][key]
+    from metriclab.viz.figures import _curve_series
+
+    assert epoch["protocol"] == "query/gallery" and "test retrieval (queries vs gallery)/MAP@R" in _curve_series(
+        Run(out)
+    )
     assert "12 queries searched in a gallery of 12" in " ".join((result.stdout + result.stderr).split())
+    from metriclab.viz import plots
+
+    titles, drawing = [], plots.retrieval_gallery
+    monkeypatch.setattr(plots, "retrieval_gallery", lambda *a, **kw: titles.append(kw["title"]) or drawing(*a, **kw))
     drawn = CliRunner().invoke(
         app, ["visualize", str(out), "--only", "thumbnails", "--only", "gallery", "--method", "pca"]
     )
     assert drawn.exit_code == 0, drawn.output
+    assert "in the dataset's gallery" in titles[0]  # its queries searched in its gallery, as it is scored
     assert (out / "figures" / "thumbnails.png").is_file() and (out / "figures" / "gallery.png").is_file()
 
 

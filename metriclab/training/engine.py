@@ -540,6 +540,7 @@ class _Trainer:
                 "map@r": scores["map@r"],
                 "train_seconds": round(self.state.seconds, 3),
                 "step": self.state.step,
+                "protocol": "query/gallery" if self.marks[0] is not None else "leave-one-out",
             }
             record = Run(run)
             history = [e for e in record.metrics.get("epochs", []) if e["epoch"] < epoch] + [row]

@@ -159,10 +159,12 @@ def _curve_series(run: Run) -> dict[str, list[tuple[float, float]]]:
         if len({lr for _, lr in rates}) > 1:  # a constant learning rate is not worth a panel
             series["learning rate"] = rates
     epochs = run.metrics.get("epochs", [])
+    protocol = epochs[-1].get("protocol", "leave-one-out") if epochs else None  # runs before it was recorded: LOO
+    how = "queries vs gallery" if protocol == "query/gallery" else "leave-one-out"
     for key, label in (("precision@1", "precision@1"), ("map@r", "MAP@R")):
         points = [(row["epoch"], row[key]) for row in epochs if row.get(key) is not None]
         if points:
-            series[f"test retrieval (leave-one-out)/{label}"] = points
+            series[f"test retrieval ({how})/{label}"] = points
     return series
 
 
@@ -257,18 +259,38 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
     from metriclab.viz import plots
 
     test_emb, test_labels = data["test"]
-    # The train set is a gallery only where it holds the test classes (not in class-disjoint protocols).
-    if data.get("train") is not None and np.isin(test_labels, data["train"][1]).mean() >= 0.5:
-        gallery_emb, gallery_labels = data["train"]
-        gallery_images, exclude_self, where = _loader(dataset, "train"), False, "train set"
-    else:  # search the test set itself, leaving each query out
-        gallery_emb, gallery_labels = test_emb, test_labels
-        gallery_images, exclude_self, where = _loader(dataset, "test"), True, "test set (leave-one-out)"
-    log.info("retrieving the top %d of %d test queries in the %s", k, len(test_labels), where)
-    _, index = knn(test_emb, gallery_emb, k, metric=metric, exclude_self=exclude_self)
-    index = index.cpu().numpy()
-    wrong = (gallery_labels[index] != test_labels[:, None]).any(axis=1)
-    chosen, failed = _pick_queries(test_labels, wrong, queries, seed)
+    asked = np.arange(len(test_labels))  # the test images searched for
+    is_query, is_gallery = dataset.files("test").marks() if is_streaming(dataset) else (None, None)
+    if is_query is not None:  # the dataset's own protocol (In-Shop): its queries in its gallery
+        asked, shelf = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
+        gallery_emb, gallery_labels = test_emb[shelf], test_labels[shelf]
+        test_images, where = _loader(dataset, "test"), "dataset's gallery"
+
+        def gallery_images(index: np.ndarray) -> np.ndarray:
+            return test_images(shelf[index])
+
+        log.info("retrieving the top %d of the dataset's %d queries in its gallery", k, len(asked))
+        # a query that is also a gallery image is left out of its own results, as its scores leave it out
+        own = np.full(len(test_labels), -1)
+        own[shelf] = np.arange(len(shelf))
+        _, found = knn(test_emb[asked], gallery_emb, k + 1, metric=metric)
+        found = found.cpu().numpy()
+        keep = found != own[asked][:, None]
+        width = min(k, int(keep.sum(axis=1).min()))
+        index = np.stack([row[mask][:width] for row, mask in zip(found, keep, strict=True)])
+    else:
+        # The train set is a gallery only where it holds the test classes (not in class-disjoint protocols).
+        if data.get("train") is not None and np.isin(test_labels, data["train"][1]).mean() >= 0.5:
+            gallery_emb, gallery_labels = data["train"]
+            gallery_images, exclude_self, where = _loader(dataset, "train"), False, "train set"
+        else:  # search the test set itself, leaving each query out
+            gallery_emb, gallery_labels = test_emb, test_labels
+            gallery_images, exclude_self, where = _loader(dataset, "test"), True, "test set (leave-one-out)"
+        log.info("retrieving the top %d of %d test queries in the %s", k, len(test_labels), where)
+        _, index = knn(test_emb, gallery_emb, k, metric=metric, exclude_self=exclude_self)
+        index = index.cpu().numpy()
+    wrong = (gallery_labels[index] != test_labels[asked][:, None]).any(axis=1)
+    chosen, failed = _pick_queries(test_labels[asked], wrong, queries, seed)
     index = index[chosen]
     title = (
         f"{run.name}: top {index.shape[1]} in the {where}, {metric} distance\n"
@@ -277,8 +299,8 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
     )
     return [
         plots.retrieval_gallery(
-            _loader(dataset, "test")(chosen),
-            test_labels[chosen],
+            _loader(dataset, "test")(asked[chosen]),
+            test_labels[asked[chosen]],
             gallery_images(index),
             gallery_labels[index],
             out / f"gallery.{fmt}",
