@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -222,7 +223,6 @@ def csv_dataset(
         file = file if file.is_absolute() else root / file
         query, gallery = flags if marks else (None, None)
         parsed[split].append((str(file), label, where, query, gallery, row.get("category"), box or [-1, -1, -1, -1]))
-    report_problems(f"csv {path}", problems, "correct these rows")
     files = [item[0] for items in parsed.values() for item in items]
     if files and not any(os.path.exists(f) for f in files):  # stops at the first that exists
         which = "the CSV's folder" if dataset_root is None else "dataset_root"
@@ -231,9 +231,19 @@ def csv_dataset(
             f"paths are read from dataset_root, here {which}: pass --dataset-args dataset_root=DIR with the "
             "folder they are relative to"
         )
-    kinds = {type(label) for rows_ in parsed.values() for _, label, *_ in rows_}
-    if len(kinds) > 1:
-        raise MetricLabError(f"csv: {path} mixes integer and string labels; use one kind for every row")
+    kinds = Counter(type(label) for rows_ in parsed.values() for _, label, *_ in rows_)
+    if len(kinds) > 1:  # the rows of the rarer kind are the odd ones
+        odd, usual = sorted(kinds, key=kinds.get)
+        kind, kinds_ = {int: "an integer", str: "a string"}, {int: "integers", str: "strings"}
+        problems += [
+            f"{where}: label {label!r} is {kind[odd]}, the other rows' are {kinds_[usual]}"
+            for rows_ in parsed.values()
+            for _, label, where, *_ in rows_
+            if type(label) is odd
+        ]
+        parsed = {split: [(f, str(label), *rest) for f, label, *rest in rows_] for split, rows_ in parsed.items()}
+    if problems and not all(parsed.values()):  # a split left empty by its bad rows: those rows are the news
+        report_problems(f"csv {path}", problems, "correct these rows")
     values = sorted({label for rows_ in parsed.values() for _, label, *_ in rows_})
     index = {value: i for i, value in enumerate(values)}
     splits, where = {}, {}
@@ -251,7 +261,7 @@ def csv_dataset(
             boxes=torch.tensor([item[6] for item in items], dtype=torch.long) if boxed else None,
         )
         where[split] = [item[2] for item in items]
-    splits, skipped = checked(f"csv {path}", splits, where, skip_unreadable, [])
+    splits, skipped = checked(f"csv {path}", splits, where, skip_unreadable, problems)  # all problems at once
     test = splits["test"]
     if test.is_query is not None and not (test.is_query.any() and test.is_gallery.any()):
         raise MetricLabError(f"csv: {path} marks no validation image as is_query or none as is_gallery; mark both")

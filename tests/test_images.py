@@ -260,6 +260,20 @@ def test_bad_csv_rows_are_named(tree, change, words):
     assert all(word in str(err.value) for word in words), str(err.value)
 
 
+def test_a_csv_s_problems_of_every_kind_are_listed_in_one_error(tree):
+    rows = oml_rows(tree)
+    rows[0] = {**rows[0], "split": "val"}
+    rows[3] = {**rows[3], "label": "cat"}  # a string among integer labels
+    rows[5] = {**rows[5], "path": "gone.jpg"}
+    with pytest.raises(MetricLabError) as err:
+        csv_dataset(str(write_csv(tree.parent, rows, "three.csv")))
+    lines = str(err.value).splitlines()
+    assert "3 problems" in lines[0]
+    assert any("row 2" in line and "'val'" in line for line in lines)
+    assert any("row 5" in line and "label 'cat' is a string, the other rows' are integers" in line for line in lines)
+    assert any("row 7" in line and "gone.jpg" in line for line in lines)
+
+
 def test_processes_read_disjoint_images_whose_union_is_the_epoch(tree):
     data = load_dataset(Recipe(dataset="image-folder", data_dir=str(tree), image_size=8, test_transform="resize"))
     order = epoch_order(data.train_labels, 0, 0, "m-per-class", 4)

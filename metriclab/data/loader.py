@@ -123,6 +123,10 @@ class ImageSource:
         except MetricLabError as err:  # raised in a worker: the DataLoader wraps it in the worker's traceback
             raise MetricLabError(str(err).strip().splitlines()[-1].removeprefix(_WRAPPED)) from None
 
+    def close(self) -> None:
+        """Stop the worker processes (they stay between calls); a later call starts new ones."""
+        self.loader = None  # its persistent iterator shuts its workers down when released
+
     def take(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``uint8 (n, C, H, W)`` images at ``indices`` on the CPU (test-time transform for files)."""
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
@@ -134,10 +138,13 @@ class ImageSource:
 
 
 def _leave_stopping_to_the_main_process(worker_id: int) -> None:
-    # A terminal's Ctrl-C reaches every process of its group: workers forked from a training process would run
-    # its handler (and print its notice) too. The training process stops them when it stops.
+    # A worker forked while a run trains inherits its Ctrl-C/SIGTERM handler, and a terminal's Ctrl-C reaches
+    # every process of the group: each worker would announce the stop too. The training process alone answers
+    # (and stops its workers); workers forked elsewhere keep Python's default handlers.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+        handler = signal.getsignal(signum)
+        if callable(handler) and handler is not signal.default_int_handler:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def chunks(n: int, size: int, indices: torch.Tensor | None = None) -> list[torch.Tensor]:

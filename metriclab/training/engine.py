@@ -344,6 +344,8 @@ class _Trainer:
             self._finish()
         finally:
             self.reporter.stop()
+            for source in self.sources.values():  # their workers carry the signal handlers restored here
+                source.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
