@@ -363,8 +363,9 @@ def evaluate(
         return
     console.print(evaluation_table(results))
     for result in results:
+        source = "saved embeddings" if result["embeddings"] == "saved" else result["embeddings"]
         console.print(
-            f"[dim]{result['name']}: {result['embeddings']} embeddings, {result['test_size']} test / "
+            f"[dim]{result['name']}: {source}, {result['test_size']} test / "
             f"{result['train_size'] or 0} train; added to {Path(result['run']) / 'metrics.json'} "
             f"evaluations['{result['key']}'][/]",
             highlight=False,

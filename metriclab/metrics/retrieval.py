@@ -459,8 +459,8 @@ def knn(
 
     def select(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk, values, index = best(start, stop)
-        if metric == "cosine":
-            return values + 1.0, index
+        if metric == "cosine":  # 1 - cos, which rounding takes a little below 0 for an item's own copy
+            return (values + 1.0).clamp_(min=0), index
         return (values + (chunk * chunk).sum(1, keepdim=True)).clamp_(min=0).sqrt_(), index
 
     parts = _gathered(_in_parallel(select, len(q), rows, distributed), distributed)
