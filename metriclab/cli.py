@@ -477,7 +477,11 @@ BatchOption = Annotated[int, typer.Option("--batch-size", help="Images embedded 
 
 @contextlib.contextmanager
 def _progress(what: str) -> Iterator[Any]:
-    """A rich progress bar on stderr; yields a ``(done, total)`` callback."""
+    """A rich progress bar on stderr (a terminal; into a file or pipe it would leave only empty lines); yields a
+    ``(done, total)`` callback."""
+    if not errors.is_terminal:
+        yield lambda done, total: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

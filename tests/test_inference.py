@@ -62,6 +62,7 @@ def test_cli_embed_writes_embeddings_labels_and_paths(small_run, model, image_fo
     result = cli("embed", small_run, image_folder, "-o", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "30 images" in result.stdout and str(out) in result.stdout
+    assert result.stderr.strip("\n") == result.stderr  # no progress bar's empty lines when not on a terminal
     data = load_embedding_set(out)
     paths = sorted(str(p) for p in image_folder.rglob("*.png"))
     assert list(data.paths) == paths
