@@ -71,7 +71,8 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     try:
-        os.fchmod(fd, new_file_mode())
+        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where mkstemp's files are not private anyway
+            os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

@@ -356,28 +356,30 @@ def torchvision_encoder(
     record = {"hub": enum.url, "library": "torchvision"} if pretrained else None
     if weights:
         record = load_backbone_weights(backbone, weights, ignore=(f"{linear_name}.",))
-    transform = enum.transforms()
+    preset = enum.transforms()
     data_config = {
-        "input_size": [3, *([transform.crop_size[0]] * 2)],
-        "interpolation": transform.interpolation.value,
-        "mean": list(transform.mean),
-        "std": list(transform.std),
-        "resize_size": list(transform.resize_size),
+        "input_size": [3, *input_shape[1:]],  # what the network is built for, as timm backbones record it
+        "pretrained_input_size": [3, *([preset.crop_size[0]] * 2)],
+        "interpolation": preset.interpolation.value,
+        "mean": list(preset.mean),
+        "std": list(preset.std),
+        "resize_size": list(preset.resize_size),
     }
     head = _head(linear.in_features, embedding_dim, batch_norm, dropout, normalize)
     return BackboneEncoder(backbone, head, data_config, record, channels=3)
 
 
 def _torchvision_preprocessing(model_name: str) -> dict[str, Any]:
-    """How torchvision evaluates the model's default weights: ``image_size``, ``crop_fraction``, ``interpolation``."""
+    """How torchvision evaluates the model's default weights (their transforms preset, which the encoder records
+    too): ``image_size``, ``crop_fraction``, ``interpolation``."""
     import torchvision
 
     try:
-        transform = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+        preset = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
     except (ValueError, KeyError):  # not a torchvision model: building it says so
         return {}
-    crop, resize = transform.crop_size[0], transform.resize_size[0]
-    return {"image_size": crop, "crop_fraction": crop / resize, "interpolation": transform.interpolation.value}
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    return {"image_size": crop, "crop_fraction": crop / resize, "interpolation": preset.interpolation.value}
 
 
 torchvision_encoder.preprocessing = _torchvision_preprocessing

@@ -57,6 +57,37 @@ def test_a_pretrained_backbone_s_crop_and_resampling_fill_the_transforms_and_a_s
     assert below == 160 and recipe.test_transform_args == {"crop_fraction": 1.0, "interpolation": "bicubic"}
     scratch, below = with_backbone_preprocessing(Recipe(dataset="image-folder", encoder="timm:test_vit", image_size=64))
     assert below is None and scratch.test_transform_args == {} and scratch.train_transform_args == {}
+    resumed, _ = with_backbone_preprocessing(vit, transforms=False)  # a resume keeps the transforms it started with
+    assert resumed.image_size == 160 and resumed.test_transform_args == {}
+
+
+def test_a_pretrained_backbone_on_tensors_in_memory_records_no_transforms(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
+    recipe = Recipe(
+        dataset="digits", encoder="timm:test_resnet", encoder_args={"weights": str(weights)}, embedding_dim=8,
+        loss="triplet", miner=None, epochs=1, max_steps=1, batch_size=16, embed_train=False,
+        output_dir=str(tmp_path / "run"), cpu=True,
+    )  # fmt: skip
+    config = json.loads((train(recipe) / "config.json").read_text())
+    assert config["recipe"]["test_transform_args"] == {} and config["recipe"]["train_transform_args"] == {}
+
+
+def test_a_resume_names_a_data_dir_only_when_it_is_another_place(tmp_path, monkeypatch):
+    from metriclab.training.checkpoints import changed_options
+
+    (tmp_path / "photos").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    started = Recipe(dataset="image-folder", data_dir=str(tmp_path / "photos"))
+    (run / "config.json").write_text(json.dumps({"recipe": started.to_dict()}))
+    monkeypatch.chdir(tmp_path)
+    assert changed_options(dataclasses.replace(started, data_dir="photos"), run) == []  # the same folder
+    assert changed_options(dataclasses.replace(started, data_dir="elsewhere"), run) == [
+        f"data_dir 'elsewhere' (started with '{tmp_path / 'photos'}')"
+    ]
 
 
 def test_timm_backbone_fine_tunes_on_an_image_folder_from_a_weights_file(tmp_path):

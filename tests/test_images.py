@@ -109,6 +109,7 @@ def test_animations_16_bit_and_other_formats_decode_as_8_bit_images_of_the_run_s
     root.mkdir(parents=True)
     Image.fromarray(ramp).save(root / "grey16.png")
     Image.fromarray(ramp).save(root / "grey16.tif")
+    Image.fromarray(ramp.astype(np.int32), mode="I").save(root / "grey16.pgm")  # Pillow reads it as mode "I"
     frames = [Image.fromarray(colour), Image.fromarray(255 - colour)]
     frames[0].save(root / "moving.gif", save_all=True, append_images=frames[1:])
     Image.fromarray(colour).save(root / "still.webp", lossless=True)
@@ -119,8 +120,8 @@ def test_animations_16_bit_and_other_formats_decode_as_8_bit_images_of_the_run_s
     Image.fromarray(colour).save(tmp_path / "odd" / "c01" / "x.ppm")
     data = image_folder(str(tmp_path / "odd"), split="images", train_fraction=0.5)
     found = sorted(Path(p).name for p in data.train.paths + data.test.paths)
-    assert found == sorted(["grey16.png", "grey16.tif", "moving.gif", "still.webp", "colour.tiff", "grey.pgm",
-                            "print.jpg", "x.ppm"])  # fmt: skip
+    assert found == sorted(["grey16.png", "grey16.tif", "grey16.pgm", "moving.gif", "still.webp", "colour.tiff",
+                            "grey.pgm", "print.jpg", "x.ppm"])  # fmt: skip
     for path in found:
         path = str(next((tmp_path / "odd").rglob(path)))
         for channels in (1, 3):
@@ -130,8 +131,12 @@ def test_animations_16_bit_and_other_formats_decode_as_8_bit_images_of_the_run_s
                 expected = np.asarray(Image.open(path).convert("L")) if path.endswith("gif") else colour[..., 0]
                 np.testing.assert_array_equal(image[0].numpy(), expected, err_msg=path)
     # a run trained on arrays resizes with Pillow: a 16-bit image is the ramp, not clipped to white
-    loaded = load_images([root / "grey16.png", root / "grey16.tif"], (1, 12, 10))
-    np.testing.assert_array_equal(loaded[:, 0].numpy(), [colour[..., 0], colour[..., 0]])
+    loaded = load_images([root / "grey16.png", root / "grey16.tif", root / "grey16.pgm"], (1, 12, 10))
+    np.testing.assert_array_equal(loaded[:, 0].numpy(), [colour[..., 0]] * 3)
+    broken = root / "broken.ppm"  # a header Pillow cannot parse: ValueError, reported as an unreadable file
+    broken.write_bytes(b"P6\n10 x\n255\n" + bytes(300))
+    with pytest.raises(MetricLabError, match="broken.ppm is not a readable image"):
+        load_images([broken], (1, 12, 10))
 
 
 def test_hidden_files_are_left_out_and_a_class_s_sub_folders_are_in_it(tmp_path):
@@ -151,6 +156,11 @@ def test_hidden_files_are_left_out_and_a_class_s_sub_folders_are_in_it(tmp_path)
         "c00/000.png",
         "c00/001.png",
     ]
+    embedded = read_inputs([str(root)])  # labelled by class folder, as training labels them
+    assert list(embedded.labels) == ["c00", "c00", "c01", "c01", "c01"]
+    split = write_tree(tmp_path / "split" / "train", n_classes=2, per_class=1, varied=False).parent
+    write_tree(split / "test", n_classes=2, per_class=1, varied=False)
+    assert list(read_inputs([str(split)]).labels) == ["c00", "c01", "c00", "c01"]  # ROOT/test/..., ROOT/train/...
 
 
 def test_corrupt_file_and_empty_class_are_reported_in_one_error_each_on_a_line(tmp_path):
@@ -239,6 +249,12 @@ def test_a_csv_as_pandas_and_spreadsheets_write_it_reads_alike_for_training_and_
     apart = write_csv(tmp_path / "elsewhere", [{**r, "path": str(Path(r["path"]).name)} for r in oml_rows(tree)])
     with pytest.raises(MetricLabError, match="relative paths are read from its own folder"):
         read_inputs([str(apart)])
+    (tmp_path / "header.csv").write_text("label,path\n")
+    with pytest.raises(MetricLabError, match="has no rows"):
+        read_inputs([str(tmp_path / "header.csv")])
+    (tmp_path / "short.csv").write_text("label,path\n1\n")
+    with pytest.raises(MetricLabError, match="row 2: no path"):
+        read_inputs([str(tmp_path / "short.csv")])
 
 
 @pytest.mark.parametrize(
@@ -258,6 +274,20 @@ def test_bad_csv_rows_are_named(tree, change, words):
     with pytest.raises(MetricLabError) as err:
         csv_dataset(str(path))
     assert all(word in str(err.value) for word in words), str(err.value)
+
+
+def test_queries_with_no_gallery_image_of_their_class_stop_the_run_before_training(tree, tmp_path):
+    from metriclab.training.engine import train
+
+    rows = oml_rows(tree)  # validation classes 3-5: class 3 all gallery, classes 4 and 5 all queries
+    rows = [
+        {**r, "is_query": r["label"] in (4, 5), "is_gallery": r["label"] == 3} if r["label"] >= 3 else r for r in rows
+    ]
+    path = write_csv(tree.parent, rows, "no_matches.csv")
+    recipe = twin_recipe(tmp_path / "run", dataset="csv", data_dir=str(path), num_workers=0)
+    with pytest.raises(MetricLabError, match="none of its 16 test queries"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_csv_s_problems_of_every_kind_are_listed_in_one_error(tree):

@@ -149,10 +149,12 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
 
         try:
             with Image.open(path) as opened:
-                if opened.mode.startswith("I;16"):  # 16-bit grey (TIFF): Pillow's convert would clip it to white
-                    opened = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
+                if opened.mode == "I" or opened.mode.startswith("I;16"):  # 16-bit grey (TIFF, PGM): Pillow's convert
+                    # would clip it to white
+                    top = np.clip(np.asarray(opened), 0, 65535) >> 8
+                    opened = Image.fromarray(top.astype(np.uint8))
                 array = np.asarray(opened.convert("RGB"))
-        except OSError as err:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow's ways of refusing
             raise MetricLabError(
                 f"image {path} cannot be decoded ({err}); replace or delete it, or pass "
                 "--dataset-args skip_unreadable=true"
@@ -190,10 +192,10 @@ def read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows, columns = list(reader), list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise MetricLabError(f"cannot read {path} ({err}); pass a readable UTF-8 CSV file") from err
-    columns = list(rows[0]) if rows else []
     boxes = [c for c in BOX_COLUMNS if c in columns]
     if 0 < len(boxes) < len(BOX_COLUMNS):
         missing = ", ".join(c for c in BOX_COLUMNS if c not in columns)

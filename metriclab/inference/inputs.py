@@ -172,11 +172,13 @@ def _folder(path: Path) -> Inputs:
     files = [Path(f) for f in image_files(path)]
     if not files:
         raise MetricLabError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images")
-    # ImageFolder's convention: images in class sub-folders are labelled by the sub-folder's name
-    parents = {f.parent for f in files}
+    # As the image-folder dataset reads it: images in class sub-folders (and their sub-folders) are labelled by the
+    # class folder's name, under ROOT/train and ROOT/test too
+    parts = [f.relative_to(path).parts for f in files]
     labels = None
-    if all(p.parent == path for p in parents) and path not in parents:
-        labels = _typed([f.parent.name for f in files])
+    if all(len(p) > 1 for p in parts):
+        split_tree = {p[0] for p in parts} == {"train", "test"} and all(len(p) > 2 for p in parts)
+        labels = _typed([p[1] if split_tree else p[0] for p in parts])
     return Inputs(np.array([str(f) for f in files]), labels, source=f"folder {path}")
 
 
@@ -214,6 +216,11 @@ def _csv(path: Path) -> Inputs:
             f"{path} lacks the column(s) {', '.join(missing)}; a dataset CSV has columns label, path "
             "(relative to the CSV's folder or absolute), and optionally split, is_query, is_gallery"
         )
+    if not rows:
+        raise MetricLabError(f"{path} has no rows; a dataset CSV has a header and one row per image")
+    empty = [i + 2 for i, r in enumerate(rows) if not (r["path"] or "").strip()]  # line 1 is the header
+    if empty:
+        raise MetricLabError(f"{path}, row {empty[0]}: no path ({len(empty)} such rows); give every row an image path")
     paths = np.array([str(path.parent / Path(r["path"].strip()).expanduser()) for r in rows])
     if len(paths) and not any(os.path.exists(p) for p in paths):  # stops at the first that exists
         raise MetricLabError(
@@ -221,7 +228,7 @@ def _csv(path: Path) -> Inputs:
             "read from its own folder; put the CSV in the folder its paths start from, or make them absolute (a "
             "run's own CSV also embeds as csv:train / csv:test, with its dataset_root)"
         )
-    labels = _typed([r["label"] for r in rows])
+    labels = _typed([r["label"] or "" for r in rows])
     columns: dict[str, np.ndarray] = {}
     for name in CSV_OPTIONAL:
         if name in header:

@@ -158,15 +158,15 @@ def check_compatible(queries: np.ndarray, gallery: EmbeddingSet, expected_dim: i
 def check_same_weights(data: EmbeddingSet, model: Any, where: str) -> None:
     """A MetricLabError when the embedding file ``where`` was made with other weights than ``model``'s.
 
-    Its meta names the weights (SHA-256; files written before that: the run's folder). Files from elsewhere,
-    which name neither, are taken as they are.
+    Its meta names the weights (SHA-256; files written before that: the run's folder, if by absolute path).
+    Files from elsewhere, which name neither, are taken as they are.
     """
     made, run = data.meta.get("weights_sha256"), data.meta.get("run")
     if made is not None and model.weights_sha256 is not None:
         same = made == model.weights_sha256
-    elif run is not None:
+    elif run is not None and os.path.isabs(run):
         same = os.path.realpath(run) == os.path.realpath(model.run.path)
-    else:
+    else:  # made elsewhere, or named by a path relative to a folder unknown here
         return
     if not same:
         raise MetricLabError(
@@ -259,7 +259,7 @@ def embed_inputs(model: Any, spec: Any, batch_size: int = 256, progress: Any = N
     """An :class:`EmbeddingSet` of what ``spec`` names (folder, CSV, DATASET:SPLIT, image files), embedded now."""
     items = model.inputs(spec)
     emb = model.embed(items, batch_size=batch_size, progress=progress)
-    meta = {"run": str(model.run.path), "embedding_dim": model.embedding_dim, "metric": model.metric}
+    meta = {"run": str(model.run.path.resolve()), "embedding_dim": model.embedding_dim, "metric": model.metric}
     meta["weights_sha256"] = model.weights_sha256
     return EmbeddingSet(emb, items.paths, items.labels, items.columns, {**meta, "source": items.source})
 

@@ -84,9 +84,7 @@ def _scores(
     embeddings: np.ndarray, labels: np.ndarray, query: np.ndarray, gallery: np.ndarray, search: dict[str, Any]
 ) -> dict[str, Any]:
     """Metrics of test images ``query`` searched in test images ``gallery``, each query without its own image."""
-    position = np.full(len(labels), -1, dtype=np.int64)
-    position[gallery] = np.arange(len(gallery))
-    own = position[query]
+    own = own_positions(len(labels), query, gallery)
     found = int((matches(labels[query], labels[gallery], own) > 0).sum())
     search = {**search, "clustering": False}
     if len(gallery) == len(labels) and len(query) == len(labels):  # leave-one-out over the whole test set
@@ -96,6 +94,22 @@ def _scores(
             embeddings[query], labels[query], embeddings[gallery], labels[gallery], exclude=own, **search
         )
     return {**scores, "queries": len(query), "queries_scored": found}
+
+
+def own_positions(n: int, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Each of test images ``query``'s position among test images ``gallery`` (of ``n``), -1 where not one of them:
+    the ``exclude`` of :func:`metriclab.metrics.retrieval.retrieval_metrics`."""
+    position = np.full(n, -1, dtype=np.int64)
+    position[gallery] = np.arange(len(gallery))
+    return position[query]
+
+
+def queries_with_matches(labels: np.ndarray, is_query: np.ndarray, is_gallery: np.ndarray) -> int:
+    """How many marked queries have an image of their class in the marked gallery, besides themselves."""
+    labels = np.asarray(labels)
+    query, gallery = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
+    own = own_positions(len(labels), query, gallery)
+    return int((matches(labels[query], labels[gallery], own) > 0).sum())
 
 
 def _names(categories: Sequence[str], labels: np.ndarray) -> np.ndarray:

@@ -186,6 +186,9 @@ def changed_options(recipe: Recipe, run_dir: Path) -> list[str]:
     except MetricLabError:
         return []
     now = json.loads(json.dumps(recipe.to_dict()))  # tuples as lists, as config.json holds them
+    if now.get("data_dir") and started.get("data_dir"):  # recorded by absolute path: the same place, said otherwise
+        same = Path(now["data_dir"]).expanduser().resolve() == Path(started["data_dir"]).expanduser().resolve()
+        now["data_dir"] = started["data_dir"] if same else now["data_dir"]
     return [
         f"{name} {now[name]!r} (started with {started[name]!r})"
         for name in now

@@ -21,6 +21,7 @@ from metriclab import registry
 from metriclab.data import Dataset
 from metriclab.data.loader import ImageSource, is_streaming
 from metriclab.errors import MetricLabError
+from metriclab.metrics.protocol import queries_with_matches
 from metriclab.models import SiameseNetwork, build_model
 from metriclab.recipe import Recipe
 
@@ -58,6 +59,13 @@ def check_dataset(recipe: Recipe, dataset: Any) -> None:
     classes = len(dataset.classes)
     if is_streaming(dataset):  # files: their readers checked them; the labels are checked here
         _check_labels(fail, dataset, classes)
+        is_query, is_gallery = dataset.test.marks()
+        if is_query is not None and queries_with_matches(dataset.test.labels.numpy(), is_query, is_gallery) == 0:
+            raise MetricLabError(
+                f"dataset '{recipe.dataset}': none of its {int(is_query.sum())} test queries (is_query) has an image "
+                "of its class in the gallery (is_gallery) besides itself, so nothing could be scored; mark gallery "
+                "images of the queries' classes"
+            )
         return
     for split in ("train", "test"):
         images, labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")

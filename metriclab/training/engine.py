@@ -69,15 +69,8 @@ def train(recipe: Recipe) -> Path:
     a failure to write (full disk, read-only mount) is a MetricLabError naming the last
     good checkpoint, which stays intact.
     """
-    # Plugin files and the data are recorded by absolute path, so the run can be evaluated or resumed from anywhere.
+    # Plugin files are recorded by absolute path, so the run can be evaluated or resumed from anywhere.
     recipe = replace(recipe, plugins=[registry.load_plugin(spec) for spec in recipe.plugins])
-    if recipe.data_dir and Path(recipe.data_dir).expanduser().exists():
-        recipe = replace(recipe, data_dir=str(Path(recipe.data_dir).expanduser().resolve()))
-    root = recipe.dataset_args.get("dataset_root")
-    if isinstance(root, str) and Path(root).expanduser().exists():
-        recipe = replace(
-            recipe, dataset_args={**recipe.dataset_args, "dataset_root": str(Path(root).expanduser().resolve())}
-        )
     cpu = recipe.cpu or not torch.cuda.is_available()
     # The process group first: the run directory is chosen on the main process and shared,
     # and trackers need it when the Accelerator is created.
@@ -143,14 +136,20 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 
-    recipe, below = with_backbone_preprocessing(recipe)
-    if checkpoint is not None and (changed := changed_options(recipe, run_dir)):
+    given, new = recipe, checkpoint is None
+    # A resumed run goes on with the data path and transforms it started with (its config.json's).
+    recipe, below = with_backbone_preprocessing(_absolute_data(recipe) if new else recipe, transforms=new)
+    if not new and (changed := changed_options(recipe, run_dir)):
         reporter.notice(
             f"Resuming {run_dir} with options that differ from its start: {'; '.join(changed)}. To resume with "
             f"the options it was started with, pass --config {run_dir / 'config.json'}"
         )
     with accelerator.main_process_first():
         dataset = load_dataset(recipe)
+    if not is_streaming(dataset):  # tensors in memory are not transformed: nothing to fill in
+        recipe = replace(
+            recipe, train_transform_args=given.train_transform_args, test_transform_args=given.test_transform_args
+        )
     contracts.check_dataset(recipe, dataset)
     if dataset.notice:
         reporter.notice(dataset.notice)
@@ -201,15 +200,27 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     return run_dir
 
 
-def with_backbone_preprocessing(recipe: Recipe) -> tuple[Recipe, int | None]:
-    """``(recipe, pretrained size)``: image files at a backbone's own size where the recipe names none, and a
-    pretrained backbone's crop and interpolation in transforms whose arguments do not set them (both recorded
-    in config.json); the pretrained size is returned where the recipe trains below it, else None.
+def _absolute_data(recipe: Recipe) -> Recipe:
+    """``recipe`` with its data (``data_dir``, a CSV's ``dataset_root``) by absolute path, as config.json records
+    it, so the run's figures and evaluations find the images from any folder."""
+    if recipe.data_dir and Path(recipe.data_dir).expanduser().exists():
+        recipe = replace(recipe, data_dir=str(Path(recipe.data_dir).expanduser().resolve()))
+    root = recipe.dataset_args.get("dataset_root")
+    if isinstance(root, str) and Path(root).expanduser().exists():
+        root = str(Path(root).expanduser().resolve())
+        recipe = replace(recipe, dataset_args={**recipe.dataset_args, "dataset_root": root})
+    return recipe
+
+
+def with_backbone_preprocessing(recipe: Recipe, transforms: bool = True) -> tuple[Recipe, int | None]:
+    """``(recipe, pretrained size)``: image files at a backbone's own size where the recipe names none, and (with
+    ``transforms``) a pretrained backbone's crop and interpolation in transforms whose arguments do not set them
+    (both recorded in config.json); the pretrained size is returned where the recipe trains below it, else None.
     """
     seen = backbone_preprocessing(recipe)
     if recipe.image_size is None and "image_size" in seen:
         recipe = replace(recipe, image_size=seen["image_size"])
-    if not (recipe.encoder_args.get("pretrained") or recipe.encoder_args.get("weights")):
+    if not transforms or not (recipe.encoder_args.get("pretrained") or recipe.encoder_args.get("weights")):
         return recipe, None
     changes = {}
     for split in ("train", "test"):

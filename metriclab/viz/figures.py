@@ -255,6 +255,7 @@ def visualize_run(
 
 
 def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) -> list[Path]:
+    from metriclab.metrics.protocol import own_positions
     from metriclab.metrics.retrieval import knn
     from metriclab.viz import plots
 
@@ -271,11 +272,9 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
 
         log.info("retrieving the top %d of the dataset's %d queries in its gallery", k, len(asked))
         # a query that is also a gallery image is left out of its own results, as its scores leave it out
-        own = np.full(len(test_labels), -1)
-        own[shelf] = np.arange(len(shelf))
         _, found = knn(test_emb[asked], gallery_emb, k + 1, metric=metric)
         found = found.cpu().numpy()
-        keep = found != own[asked][:, None]
+        keep = found != own_positions(len(test_labels), asked, shelf)[:, None]
         width = min(k, int(keep.sum(axis=1).min()))
         index = np.stack([row[mask][:width] for row, mask in zip(found, keep, strict=True)])
     else:

@@ -77,7 +77,8 @@ def _atomic(path: Path) -> Iterator[Path]:
     So a full disk or a crash never leaves a half-written or empty figure behind.
     """
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}.", suffix=path.suffix)
-    os.fchmod(handle, new_file_mode())
+    if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+        os.fchmod(handle, new_file_mode())
     os.close(handle)
     try:
         yield Path(tmp)
