@@ -81,13 +81,16 @@ def test_a_resume_names_a_data_dir_only_when_it_is_another_place(tmp_path, monke
     (tmp_path / "photos").mkdir()
     run = tmp_path / "run"
     run.mkdir()
-    started = Recipe(dataset="image-folder", data_dir=str(tmp_path / "photos"))
-    (run / "config.json").write_text(json.dumps({"recipe": started.to_dict()}))
+    started = Recipe(dataset="image-folder", data_dir=str(tmp_path / "photos"), batch_size=32)
+    (run / "config.json").write_text(json.dumps({"recipe": started.to_dict(), "global_batch_size": 64}))
     monkeypatch.chdir(tmp_path)
-    assert changed_options(dataclasses.replace(started, data_dir="photos"), run) == []  # the same folder
-    assert changed_options(dataclasses.replace(started, data_dir="elsewhere"), run) == [
+    assert changed_options(dataclasses.replace(started, data_dir="photos"), run, processes=2) == []  # the same folder
+    assert changed_options(dataclasses.replace(started, data_dir="elsewhere"), run, processes=2) == [
         f"data_dir 'elsewhere' (started with '{tmp_path / 'photos'}')"
     ]
+    # 2 processes x 32 continued as 1 x 64: the same global batch; as 1 x 32, half of it
+    assert changed_options(dataclasses.replace(started, batch_size=64), run, processes=1) == []
+    assert changed_options(started, run, processes=1) == ["global batch 32 = 1 x 32 (started with 64)"]
 
 
 def test_timm_backbone_fine_tunes_on_an_image_folder_from_a_weights_file(tmp_path):

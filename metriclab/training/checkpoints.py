@@ -178,18 +178,29 @@ def resolve_resume(recipe: Recipe) -> Path:
 _FREE_ON_RESUME = ("resume", "output_dir")  # where a resumed run continues from: different by nature
 
 
-def changed_options(recipe: Recipe, run_dir: Path) -> list[str]:
+def changed_options(recipe: Recipe, run_dir: Path, processes: int = 1) -> list[str]:
     """``field value (started with value)`` for each option of ``recipe`` that differs from the run's start
-    (its config.json), so a resume with a forgotten or mistyped option says so before it trains on."""
+    (its config.json), so a resume with a forgotten or mistyped option says so before it trains on.
+
+    The batch is judged as the global batch on ``processes`` processes: 2 x 32 continued as 1 x 64 is the same
+    training, as 1 x 32 is not.
+    """
     try:
-        started = Run(run_dir).config.get("recipe", {})
+        config = Run(run_dir).config
     except MetricLabError:
         return []
+    started = config.get("recipe", {})
     now = json.loads(json.dumps(recipe.to_dict()))  # tuples as lists, as config.json holds them
+    changed = []
+    if (started_global := config.get("global_batch_size")) is not None:  # what the training depends on
+        batch = now.get("batch_size")
+        now["batch_size"] = started.get("batch_size")
+        if batch * processes != started_global:
+            changed.append(f"global batch {batch * processes} = {processes} x {batch} (started with {started_global})")
     if now.get("data_dir") and started.get("data_dir"):  # recorded by absolute path: the same place, said otherwise
         same = Path(now["data_dir"]).expanduser().resolve() == Path(started["data_dir"]).expanduser().resolve()
         now["data_dir"] = started["data_dir"] if same else now["data_dir"]
-    return [
+    return changed + [
         f"{name} {now[name]!r} (started with {started[name]!r})"
         for name in now
         if name in started and name not in _FREE_ON_RESUME and now[name] != started[name]

@@ -139,7 +139,7 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     given, new = recipe, checkpoint is None
     # A resumed run goes on with the data path and transforms it started with (its config.json's).
     recipe, below = with_backbone_preprocessing(_absolute_data(recipe) if new else recipe, transforms=new)
-    if not new and (changed := changed_options(recipe, run_dir)):
+    if not new and (changed := changed_options(recipe, run_dir, accelerator.num_processes)):
         reporter.notice(
             f"Resuming {run_dir} with options that differ from its start: {'; '.join(changed)}. To resume with "
             f"the options it was started with, pass --config {run_dir / 'config.json'}"
