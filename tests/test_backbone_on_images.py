@@ -61,6 +61,30 @@ def test_a_pretrained_backbone_s_crop_and_resampling_fill_the_transforms_and_a_s
     assert resumed.image_size == 160 and resumed.test_transform_args == {}
 
 
+def test_a_resume_goes_on_with_the_transform_arguments_its_run_started_with(tmp_path):
+    from metriclab.training.checkpoints import changed_options
+    from metriclab.training.engine import _started_transforms, with_backbone_preprocessing
+
+    vit = Recipe(dataset="image-folder", encoder="timm:test_vit", encoder_args={"weights": "w.safetensors"})
+    started, _ = with_backbone_preprocessing(vit)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"recipe": started.to_dict()}))
+    resumed = _started_transforms(with_backbone_preprocessing(vit, transforms=False)[0], run)
+    assert (
+        resumed.test_transform_args
+        == started.test_transform_args
+        == {"crop_fraction": 0.95, "interpolation": "bicubic"}
+    )
+    assert changed_options(resumed, run) == []
+    own = _started_transforms(dataclasses.replace(vit, test_transform_args={"crop_fraction": 1.0}), run)
+    assert own.test_transform_args == {"crop_fraction": 1.0, "interpolation": "bicubic"}  # what it sets, it keeps
+    other = _started_transforms(dataclasses.replace(vit, test_transform="resize"), run)
+    assert other.test_transform_args == {}  # another transform: nothing of the old one's
+    (run / "config.json").write_text(json.dumps({"recipe": vit.to_dict()}))  # a run from before the filling
+    assert _started_transforms(vit, run).test_transform_args == {}
+
+
 def test_a_pretrained_backbone_on_tensors_in_memory_records_no_transforms(tmp_path):
     from safetensors.torch import save_file
 
@@ -91,6 +115,9 @@ def test_a_resume_names_a_data_dir_only_when_it_is_another_place(tmp_path, monke
     # 2 processes x 32 continued as 1 x 64: the same global batch; as 1 x 32, half of it
     assert changed_options(dataclasses.replace(started, batch_size=64), run, processes=1) == []
     assert changed_options(started, run, processes=1) == ["global batch 32 = 1 x 32 (started with 64)"]
+    csv = dataclasses.replace(started, dataset="csv", dataset_args={"dataset_root": str(tmp_path / "photos")})
+    (run / "config.json").write_text(json.dumps({"recipe": csv.to_dict(), "global_batch_size": 64}))
+    assert changed_options(dataclasses.replace(csv, dataset_args={"dataset_root": "photos"}), run, processes=2) == []
 
 
 def test_timm_backbone_fine_tunes_on_an_image_folder_from_a_weights_file(tmp_path):

@@ -133,6 +133,17 @@ def test_animations_16_bit_and_other_formats_decode_as_8_bit_images_of_the_run_s
     # a run trained on arrays resizes with Pillow: a 16-bit image is the ramp, not clipped to white
     loaded = load_images([root / "grey16.png", root / "grey16.tif", root / "grey16.pgm"], (1, 12, 10))
     np.testing.assert_array_equal(loaded[:, 0].numpy(), [colour[..., 0]] * 3)
+    import zlib
+
+    from metriclab.data.images import unreadable
+
+    bomb = tmp_path / "bomb.png"  # a header of 20,000 x 20,000 pixels: Pillow refuses it as a decompression bomb
+    Image.new("L", (1, 1)).save(bomb)
+    data = bytearray(bomb.read_bytes())
+    data[16:24] = (20000).to_bytes(4, "big") * 2
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the header chunk's checksum, made right
+    bomb.write_bytes(bytes(data))
+    assert "not a readable image" in unreadable(str(bomb))
     broken = root / "broken.ppm"  # a header Pillow cannot parse: ValueError, reported as an unreadable file
     broken.write_bytes(b"P6\n10 x\n255\n" + bytes(300))
     with pytest.raises(MetricLabError, match="broken.ppm is not a readable image"):
@@ -161,6 +172,8 @@ def test_hidden_files_are_left_out_and_a_class_s_sub_folders_are_in_it(tmp_path)
     split = write_tree(tmp_path / "split" / "train", n_classes=2, per_class=1, varied=False).parent
     write_tree(split / "test", n_classes=2, per_class=1, varied=False)
     assert list(read_inputs([str(split)]).labels) == ["c00", "c01", "c00", "c01"]  # ROOT/test/..., ROOT/train/...
+    (split / "test" / "loose.png").write_bytes((split / "test" / "c00" / "000.png").read_bytes())
+    assert read_inputs([str(split)]).labels is None  # an image outside any class folder: no labels, not wrong ones
 
 
 def test_corrupt_file_and_empty_class_are_reported_in_one_error_each_on_a_line(tmp_path):
@@ -255,6 +268,9 @@ def test_a_csv_as_pandas_and_spreadsheets_write_it_reads_alike_for_training_and_
     (tmp_path / "short.csv").write_text("label,path\n1\n")
     with pytest.raises(MetricLabError, match="row 2: no path"):
         read_inputs([str(tmp_path / "short.csv")])
+    (tmp_path / "unlabelled.csv").write_text(f"label,path\n1,{path}\n,{path}\n")
+    with pytest.raises(MetricLabError, match="row 3: no label"):
+        read_inputs([str(tmp_path / "unlabelled.csv")])
 
 
 @pytest.mark.parametrize(

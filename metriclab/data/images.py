@@ -240,7 +240,7 @@ def unreadable(path: str) -> str | None:
         return "file not found"
     except PermissionError:
         return "permission denied"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
 

@@ -175,10 +175,10 @@ def _folder(path: Path) -> Inputs:
     # As the image-folder dataset reads it: images in class sub-folders (and their sub-folders) are labelled by the
     # class folder's name, under ROOT/train and ROOT/test too
     parts = [f.relative_to(path).parts for f in files]
+    depth = 1 + ((path / "train").is_dir() and (path / "test").is_dir())  # ROOT/<class> or ROOT/<split>/<class>
     labels = None
-    if all(len(p) > 1 for p in parts):
-        split_tree = {p[0] for p in parts} == {"train", "test"} and all(len(p) > 2 for p in parts)
-        labels = _typed([p[1] if split_tree else p[0] for p in parts])
+    if all(len(p) > depth and (depth == 1 or p[0] in ("train", "test")) for p in parts):
+        labels = _typed([p[depth - 1] for p in parts])
     return Inputs(np.array([str(f) for f in files]), labels, source=f"folder {path}")
 
 
@@ -218,9 +218,12 @@ def _csv(path: Path) -> Inputs:
         )
     if not rows:
         raise MetricLabError(f"{path} has no rows; a dataset CSV has a header and one row per image")
-    empty = [i + 2 for i, r in enumerate(rows) if not (r["path"] or "").strip()]  # line 1 is the header
-    if empty:
-        raise MetricLabError(f"{path}, row {empty[0]}: no path ({len(empty)} such rows); give every row an image path")
+    for column in CSV_REQUIRED:
+        empty = [i + 2 for i, r in enumerate(rows) if not (r[column] or "").strip()]  # line 1 is the header
+        if empty:
+            raise MetricLabError(
+                f"{path}, row {empty[0]}: no {column} ({len(empty)} such rows); give every row a {column}"
+            )
     paths = np.array([str(path.parent / Path(r["path"].strip()).expanduser()) for r in rows])
     if len(paths) and not any(os.path.exists(p) for p in paths):  # stops at the first that exists
         raise MetricLabError(
@@ -228,11 +231,11 @@ def _csv(path: Path) -> Inputs:
             "read from its own folder; put the CSV in the folder its paths start from, or make them absolute (a "
             "run's own CSV also embeds as csv:train / csv:test, with its dataset_root)"
         )
-    labels = _typed([r["label"] or "" for r in rows])
+    labels = _typed([r["label"].strip() for r in rows])
     columns: dict[str, np.ndarray] = {}
     for name in CSV_OPTIONAL:
         if name in header:
-            values = [r[name] for r in rows]
+            values = [r[name] or "" for r in rows]  # a short row's missing cells are empty
             if name.startswith("is_"):
                 flags = [csv_flag(v) for v in values]
                 if None in flags:

@@ -197,14 +197,24 @@ def changed_options(recipe: Recipe, run_dir: Path, processes: int = 1) -> list[s
         now["batch_size"] = started.get("batch_size")
         if batch * processes != started_global:
             changed.append(f"global batch {batch * processes} = {processes} x {batch} (started with {started_global})")
-    if now.get("data_dir") and started.get("data_dir"):  # recorded by absolute path: the same place, said otherwise
-        same = Path(now["data_dir"]).expanduser().resolve() == Path(started["data_dir"]).expanduser().resolve()
-        now["data_dir"] = started["data_dir"] if same else now["data_dir"]
+    # The data are recorded by absolute path: the same place said otherwise is no change.
+    if _same_place(now.get("data_dir"), started.get("data_dir")):
+        now["data_dir"] = started["data_dir"]
+    roots = (now.get("dataset_args") or {}).get("dataset_root"), (started.get("dataset_args") or {}).get("dataset_root")
+    if _same_place(*roots):
+        now["dataset_args"] = {**now["dataset_args"], "dataset_root": roots[1]}
     return changed + [
         f"{name} {now[name]!r} (started with {started[name]!r})"
         for name in now
         if name in started and name not in _FREE_ON_RESUME and now[name] != started[name]
     ]
+
+
+def _same_place(a: Any, b: Any) -> bool:
+    """Whether two path options name the same place (both set and different as text)."""
+    if not (isinstance(a, str) and isinstance(b, str) and a != b):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def run_directory(recipe: Recipe, process: PartialState) -> tuple[Path, Path | None]:

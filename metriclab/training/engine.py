@@ -137,8 +137,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     set_seed(recipe.seed)
 
     given, new = recipe, checkpoint is None
-    # A resumed run goes on with the data path and transforms it started with (its config.json's).
-    recipe, below = with_backbone_preprocessing(_absolute_data(recipe) if new else recipe, transforms=new)
+    # A resumed run goes on with the crop and resampling its transforms started with: its config.json's (a run
+    # started before they were filled in from the backbone keeps going without them).
+    recipe, below = with_backbone_preprocessing(_absolute_data(recipe), transforms=new)
+    if not new:
+        recipe = _started_transforms(recipe, run_dir)
     if not new and (changed := changed_options(recipe, run_dir, accelerator.num_processes)):
         reporter.notice(
             f"Resuming {run_dir} with options that differ from its start: {'; '.join(changed)}. To resume with "
@@ -200,6 +203,9 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     return run_dir
 
 
+BACKBONE_TRANSFORM_ARGS = ("crop_fraction", "interpolation")  # what pretrained weights say about their images
+
+
 def _absolute_data(recipe: Recipe) -> Recipe:
     """``recipe`` with its data (``data_dir``, a CSV's ``dataset_root``) by absolute path, as config.json records
     it, so the run's figures and evaluations find the images from any folder."""
@@ -210,6 +216,23 @@ def _absolute_data(recipe: Recipe) -> Recipe:
         root = str(Path(root).expanduser().resolve())
         recipe = replace(recipe, dataset_args={**recipe.dataset_args, "dataset_root": root})
     return recipe
+
+
+def _started_transforms(recipe: Recipe, run_dir: Path) -> Recipe:
+    """``recipe`` with the backbone-given transform arguments (crop, resampling) its run recorded at its start,
+    where it names the same transform and does not set them itself."""
+    started = Run(run_dir).config.get("recipe", {})
+    changes = {}
+    for split in ("train", "test"):
+        name = getattr(recipe, f"{split}_transform") or DEFAULT_TRANSFORMS[split]
+        if name != (started.get(f"{split}_transform") or DEFAULT_TRANSFORMS[split]):
+            continue
+        args = getattr(recipe, f"{split}_transform_args")
+        recorded = started.get(f"{split}_transform_args") or {}
+        kept = {k: v for k, v in recorded.items() if k in BACKBONE_TRANSFORM_ARGS and k not in args}
+        if kept:
+            changes[f"{split}_transform_args"] = {**args, **kept}
+    return replace(recipe, **changes)
 
 
 def with_backbone_preprocessing(recipe: Recipe, transforms: bool = True) -> tuple[Recipe, int | None]:
@@ -226,7 +249,7 @@ def with_backbone_preprocessing(recipe: Recipe, transforms: bool = True) -> tupl
     for split in ("train", "test"):
         name = getattr(recipe, f"{split}_transform") or DEFAULT_TRANSFORMS[split]
         args = getattr(recipe, f"{split}_transform_args")
-        wanted = {k: v for k, v in seen.items() if k in ("crop_fraction", "interpolation") and k not in args}
+        wanted = {k: v for k, v in seen.items() if k in BACKBONE_TRANSFORM_ARGS and k not in args}
         accepted = registry.accepted_arguments(registry.transforms.get(name), wanted)
         if accepted:
             changes[f"{split}_transform_args"] = {**args, **accepted}
