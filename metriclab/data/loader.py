@@ -10,7 +10,6 @@ batch sampler, so both paths give identical batches for one epoch order.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -120,7 +119,6 @@ class ImageSource:
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 persistent_workers=self.num_workers > 0,  # no start-up cost per epoch
-                worker_init_fn=_leave_stopping_to_the_main_process,
             )
         try:
             for images in self.loader:
@@ -140,16 +138,6 @@ class ImageSource:
         if index.numel() == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.stack([self.files[i] for i in index.tolist()])
-
-
-def _leave_stopping_to_the_main_process(worker_id: int) -> None:
-    # A worker forked while a run trains inherits its Ctrl-C/SIGTERM handler, and a terminal's Ctrl-C reaches
-    # every process of the group: each worker would announce the stop too. The training process alone answers
-    # (and stops its workers); workers forked elsewhere keep Python's default handlers.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if callable(handler) and handler is not signal.default_int_handler:
-            signal.signal(signum, signal.SIG_IGN)
 
 
 def chunks(n: int, size: int, indices: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ CUDA graph (:mod:`metriclab.training.graphs`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -348,6 +349,7 @@ class _Trainer:
         self.epoch_length = self._order(0).numel()
         self.pseudo_siamese = not accelerator.unwrap_model(model).shares_weights
         self.interrupted, self.interrupted_at = False, 0.0  # set by the signal handler in this process
+        self.pid = os.getpid()  # DataLoader workers forked from this process inherit its signal handler
         self.signum = int(signal.SIGINT)  # what stopped the run; another process may have received it
         self.stop_requested = False  # agreed by all processes: stop after this step
         self.saved_step: int | None = None  # step of the last checkpoint this process wrote
@@ -605,6 +607,8 @@ class _Trainer:
         require_finite_model(model, self.run_dir, self.state.step, lr, embeddings)
 
     def _request_stop(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a DataLoader worker: a terminal's Ctrl-C reaches the whole process group, and
+            return  # the training process alone answers it (it stops its workers)
         # `accelerate launch` forwards the terminal's Ctrl-C, so a worker often gets it twice within
         # milliseconds; only a second Ctrl-C a moment later means "abort now".
         if self.interrupted and time.monotonic() - self.interrupted_at > 1.0:
