@@ -199,6 +199,11 @@ def test_knn_orders_ties_by_index_and_excludes_only_self():
         assert idx[4].tolist() == [2, 6, 1]
         assert idx[2].tolist() == [4, 6, 1]
         assert dist[4, :2].tolist() == [0.0, 0.0]
+        # exclude: each query's own gallery index (-1: not in the gallery) is skipped, its duplicates are not
+        _, idx = knn(base[[0, 1, 3]], gallery, 3, exclude=[4, -1, 0], chunk_size=chunk)
+        assert idx.tolist() == [[2, 6, 1], [1, 5, 2], [3, 7, 1]]
+    with pytest.raises(MetricLabError, match="one gallery index"):
+        knn(base, gallery, 2, exclude=[0, 1])
 
 
 def test_knn_clamps_k_and_rejects_bad_input():

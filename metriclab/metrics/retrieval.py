@@ -418,12 +418,14 @@ def knn(
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
     distributed: bool = False,
+    exclude: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``(distances, indices)`` of each query's ``k`` nearest gallery items, shape ``(Q, k)``.
 
-    Rows are sorted by distance, equal distances by gallery index. ``exclude_self`` is for
-    leave-one-out (``queries`` is ``gallery``): each query's own row index is skipped.
-    ``k`` is clamped to the gallery size (minus one with ``exclude_self``). Euclidean
+    Rows are sorted by distance, equal distances by gallery index. ``exclude[i]``, as in
+    :func:`retrieval_metrics`, is the gallery index of query ``i``'s own item (-1: none), skipped;
+    ``exclude_self`` is leave-one-out (``queries`` is ``gallery``): each query's own row index.
+    ``k`` is clamped to the gallery size (minus one where an item is excluded). Euclidean
     distances are L2, cosine distances ``1 - cos``. Computed on ``device`` (default: a CUDA
     tensor's device, else CUDA when available, else CPU) in chunks of ``chunk_size``
     queries (default: sized to ``CHUNK_BYTES``); results are on that device. With ``distributed``
@@ -437,7 +439,8 @@ def knn(
         raise MetricLabError(f"queries have {q.shape[1]} dimensions but the gallery {g.shape[1]}; embed both alike")
     if exclude_self and len(q) != len(g):
         raise MetricLabError("exclude_self needs queries and gallery to be the same set; pass the same array twice")
-    k = min(int(k), len(g) - int(exclude_self))
+    exclude = np.arange(len(q)) if exclude_self else _exclusions(exclude, len(q), len(g))
+    k = min(int(k), len(g) - int(exclude is not None))
     if k < 1:
         raise MetricLabError("k must be >= 1 and the gallery must hold at least one other item")
     # A gallery larger than GALLERY_BLOCK is searched block by block, each chunk of queries keeping its k best
@@ -447,7 +450,7 @@ def knn(
     block = len(g) if len(g) <= GALLERY_BLOCK or not _on_host(dev) else GALLERY_BLOCK
     rows = _chunk_rows(block, k, chunk_size, dim=q.shape[1] if _on_host(dev) and block == len(g) else None)
 
-    search = _searcher(q, g, metric, np.arange(len(q)) if exclude_self else None)
+    search = _searcher(q, g, metric, exclude)
 
     def best(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if block == len(g):
@@ -465,6 +468,16 @@ def knn(
 
     parts = _gathered(_in_parallel(select, len(q), rows, distributed), distributed)
     return torch.cat([d for d, _ in parts]).to(dev), torch.cat([i for _, i in parts]).to(dev)
+
+
+def _exclusions(exclude: Sequence[int] | None, n_queries: int, n_gallery: int) -> np.ndarray | None:
+    """``exclude`` as int64, checked to hold one gallery index (or -1) per query; None where it excludes nothing."""
+    if exclude is None:
+        return None
+    exclude = np.asarray(exclude, dtype=np.int64)
+    if exclude.shape != (n_queries,) or not ((exclude >= -1) & (exclude < n_gallery)).all():
+        raise MetricLabError(f"exclude must hold one gallery index (or -1) per query: {n_queries} in [-1, {n_gallery})")
+    return exclude if (exclude >= 0).any() else None
 
 
 def _class_ids(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
@@ -537,20 +550,14 @@ def retrieval_metrics(
     g_lab = q_lab if loo else _labels(gallery_labels, len(g), "gallery_labels")
     if q.shape[1] != g.shape[1]:
         raise MetricLabError(f"queries have {q.shape[1]} dimensions but the gallery {g.shape[1]}; embed both alike")
-    if loo:
-        exclude = np.arange(len(q))
-    elif exclude is not None:
-        exclude = np.asarray(exclude, dtype=np.int64)
-        if exclude.shape != (len(q),) or not ((exclude >= -1) & (exclude < len(g))).all():
-            raise MetricLabError(f"exclude must hold one gallery index (or -1) per query: {len(q)} in [-1, {len(g)})")
-    excluded = exclude is not None and bool((exclude >= 0).any())
-    n_ref = len(g) - int(excluded)
+    exclude = np.arange(len(q)) if loo else _exclusions(exclude, len(q), len(g))
+    n_ref = len(g) - int(exclude is not None)
     if n_ref < 1:
         raise MetricLabError("leave-one-out needs at least two embeddings")
 
     ids = _class_ids(q_lab, g_lab)
     q_ids, g_ids = ids[: len(q)], ids[len(q) :]
-    relevant = _relevant(q_ids, g_ids, exclude if excluded else None)
+    relevant = _relevant(q_ids, g_ids, exclude)
     top = [min(int(k), n_ref) for k in ks]
     vote_k = min(knn_k, n_ref)
     need = np.maximum(max(*top, vote_k), relevant)
@@ -563,7 +570,7 @@ def retrieval_metrics(
     cached = _on_host(dev) and block in (len(g), SMALL_BLOCK)
     rows = _chunk_rows(block, most, chunk_size, dim=q.shape[1] if cached else None)
 
-    search = _searcher(q, g, metric, exclude if excluded else None)
+    search = _searcher(q, g, metric, exclude)
 
     # The GPU (if any) computes keys and selects; the bookkeeping on the ranked classes runs compiled on the host.
     ks_clamped = np.array(top, dtype=np.int64)

@@ -272,11 +272,8 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
 
         log.info("retrieving the top %d of the dataset's %d queries in its gallery", k, len(asked))
         # a query that is also a gallery image is left out of its own results, as its scores leave it out
-        _, found = knn(test_emb[asked], gallery_emb, k + 1, metric=metric)
-        found = found.cpu().numpy()
-        keep = found != own_positions(len(test_labels), asked, shelf)[:, None]
-        width = min(k, int(keep.sum(axis=1).min()))
-        index = np.stack([row[mask][:width] for row, mask in zip(found, keep, strict=True)])
+        own = own_positions(len(test_labels), asked, shelf)
+        index = knn(test_emb[asked], gallery_emb, k, metric=metric, exclude=own)[1].cpu().numpy()
     else:
         # The train set is a gallery only where it holds the test classes (not in class-disjoint protocols).
         if data.get("train") is not None and np.isin(test_labels, data["train"][1]).mean() >= 0.5:
