@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -143,11 +144,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     recipe, below = with_backbone_preprocessing(_absolute_data(recipe), transforms=new)
     if not new:
         recipe = _started_transforms(recipe, run_dir)
-    if not new and (changed := changed_options(recipe, run_dir, accelerator.num_processes)):
-        reporter.notice(
-            f"Resuming {run_dir} with options that differ from its start: {'; '.join(changed)}. To resume with "
-            f"the options it was started with, pass --config {run_dir / 'config.json'}"
-        )
+        if changed := changed_options(recipe, run_dir, accelerator.num_processes):
+            reporter.notice(
+                f"Resuming {run_dir} with options that differ from its start: {'; '.join(changed)}. To resume with "
+                f"the options it was started with, pass --config {run_dir / 'config.json'}"
+            )
     with accelerator.main_process_first():
         dataset = load_dataset(recipe)
     if not is_streaming(dataset):  # tensors in memory are not transformed: nothing to fill in
@@ -223,17 +224,12 @@ def _started_transforms(recipe: Recipe, run_dir: Path) -> Recipe:
     """``recipe`` with the backbone-given transform arguments (crop, resampling) its run recorded at its start,
     where it names the same transform and does not set them itself."""
     started = Run(run_dir).config.get("recipe", {})
-    changes = {}
-    for split in ("train", "test"):
-        name = getattr(recipe, f"{split}_transform") or DEFAULT_TRANSFORMS[split]
-        if name != (started.get(f"{split}_transform") or DEFAULT_TRANSFORMS[split]):
-            continue
-        args = getattr(recipe, f"{split}_transform_args")
-        recorded = started.get(f"{split}_transform_args") or {}
-        kept = {k: v for k, v in recorded.items() if k in BACKBONE_TRANSFORM_ARGS and k not in args}
-        if kept:
-            changes[f"{split}_transform_args"] = {**args, **kept}
-    return replace(recipe, **changes)
+
+    def recorded(split: str, name: str) -> dict[str, Any]:
+        same = name == (started.get(f"{split}_transform") or DEFAULT_TRANSFORMS[split])
+        return (started.get(f"{split}_transform_args") or {}) if same else {}
+
+    return _with_transform_args(recipe, recorded)
 
 
 def with_backbone_preprocessing(recipe: Recipe, transforms: bool = True) -> tuple[Recipe, int | None]:
@@ -246,18 +242,25 @@ def with_backbone_preprocessing(recipe: Recipe, transforms: bool = True) -> tupl
         recipe = replace(recipe, image_size=seen["image_size"])
     if not transforms or not (recipe.encoder_args.get("pretrained") or recipe.encoder_args.get("weights")):
         return recipe, None
+    recipe = _with_transform_args(
+        recipe, lambda split, name: registry.accepted_arguments(registry.transforms.get(name), seen)
+    )
+    pretrained_size = seen.get("image_size")
+    below = recipe.image_size is not None and pretrained_size is not None and recipe.image_size < pretrained_size
+    return recipe, pretrained_size if below else None
+
+
+def _with_transform_args(recipe: Recipe, offered: Callable[[str, str], dict[str, Any]]) -> Recipe:
+    """``recipe`` with each split's transform also given the :data:`BACKBONE_TRANSFORM_ARGS` among
+    ``offered(split, transform name)`` that its own arguments do not set."""
     changes = {}
     for split in ("train", "test"):
         name = getattr(recipe, f"{split}_transform") or DEFAULT_TRANSFORMS[split]
         args = getattr(recipe, f"{split}_transform_args")
-        wanted = {k: v for k, v in seen.items() if k in BACKBONE_TRANSFORM_ARGS and k not in args}
-        accepted = registry.accepted_arguments(registry.transforms.get(name), wanted)
-        if accepted:
-            changes[f"{split}_transform_args"] = {**args, **accepted}
-    recipe = replace(recipe, **changes)
-    pretrained_size = seen.get("image_size")
-    below = recipe.image_size is not None and pretrained_size is not None and recipe.image_size < pretrained_size
-    return recipe, pretrained_size if below else None
+        extra = {k: v for k, v in offered(split, name).items() if k in BACKBONE_TRANSFORM_ARGS and k not in args}
+        if extra:
+            changes[f"{split}_transform_args"] = {**args, **extra}
+    return replace(recipe, **changes)
 
 
 def _freezes(recipe: Recipe) -> bool:
