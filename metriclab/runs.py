@@ -65,14 +65,21 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def temporary_beside(path: Path, suffix: str = "") -> tuple[int, str]:
+    """``(descriptor, name)`` of a new temporary file in ``path``'s folder, to be renamed to ``path`` when complete;
+    its permissions are those a new file gets (:func:`new_file_mode`), not ``mkstemp``'s owner-only ones."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.", suffix=suffix)
+    if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where mkstemp's files are not private anyway
+        os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` via a temporary file and rename, so readers never see half a file."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    fd, tmp = temporary_beside(path)
     try:
-        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where mkstemp's files are not private anyway
-            os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
 
 from metriclab.errors import MetricLabError
-from metriclab.runs import new_file_mode
+from metriclab.runs import temporary_beside
 from metriclab.viz.projections import Panel
 
 FIGURE_FORMATS = (".png", ".svg", ".pdf")
@@ -76,9 +75,7 @@ def _atomic(path: Path) -> Iterator[Path]:
 
     So a full disk or a crash never leaves a half-written or empty figure behind.
     """
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}.", suffix=path.suffix)
-    if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
-        os.fchmod(handle, new_file_mode())
+    handle, tmp = temporary_beside(path, suffix=path.suffix)  # the suffix tells matplotlib the format
     os.close(handle)
     try:
         yield Path(tmp)
