@@ -84,8 +84,7 @@ def _scores(
     embeddings: np.ndarray, labels: np.ndarray, query: np.ndarray, gallery: np.ndarray, search: dict[str, Any]
 ) -> dict[str, Any]:
     """Metrics of test images ``query`` searched in test images ``gallery``, each query without its own image."""
-    own = own_positions(len(labels), query, gallery)
-    found = int((matches(labels[query], labels[gallery], own) > 0).sum())
+    own, found = _matched(np.asarray(labels), query, gallery)
     search = {**search, "clustering": False}
     if len(gallery) == len(labels) and len(query) == len(labels):  # leave-one-out over the whole test set
         scores = retrieval_metrics(embeddings, labels, **search)
@@ -106,10 +105,14 @@ def own_positions(n: int, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 
 def queries_with_matches(labels: np.ndarray, is_query: np.ndarray, is_gallery: np.ndarray) -> int:
     """How many marked queries have an image of their class in the marked gallery, besides themselves."""
-    labels = np.asarray(labels)
-    query, gallery = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
+    return _matched(np.asarray(labels), np.flatnonzero(is_query), np.flatnonzero(is_gallery))[1]
+
+
+def _matched(labels: np.ndarray, query: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(own, found)``: each query's position in the gallery (:func:`own_positions`), and how many queries have
+    a gallery image of their class besides themselves (the ranking metrics' queries)."""
     own = own_positions(len(labels), query, gallery)
-    return int((matches(labels[query], labels[gallery], own) > 0).sum())
+    return own, int((matches(labels[query], labels[gallery], own) > 0).sum())
 
 
 def _names(categories: Sequence[str], labels: np.ndarray) -> np.ndarray:
