@@ -84,7 +84,7 @@ def test_thumbnails_are_spread_out():
     assert len(plots._spread_out(positions, min_gap=10, limit=7)) == 7
 
 
-def test_retrieval_gallery_frames_correct_green_and_wrong_red(tmp_path):
+def test_retrieval_gallery_frames_correct_green_and_wrong_red(tmp_path, monkeypatch):
     queries, query_labels = digits(3, 28), np.array([0, 1, 2])
     results = digits(15, 28, seed=1).reshape(3, 5, 28, 28)
     right = np.repeat(query_labels[:, None], 5, axis=1)
@@ -100,6 +100,13 @@ def test_retrieval_gallery_frames_correct_green_and_wrong_red(tmp_path):
         queries, query_labels, results, wrong, tmp_path / "unknown.png", class_names=NAMES, judged=False
     )  # classes unknown (search of unlabelled images): plain frames
     assert pixels_near(unknown, RED) == 0 and pixels_near(unknown, GREEN) == 0
+    titles, original = [], plots.Figure.suptitle  # and no key to colours that are not drawn
+    monkeypatch.setattr(
+        plots.Figure, "suptitle", lambda fig, text, **kw: titles.append(text) or original(fig, text, **kw)
+    )
+    plots.retrieval_gallery(queries, query_labels, results, wrong, tmp_path / "u2.png", judged=False)
+    plots.retrieval_gallery(queries, query_labels, results, wrong, tmp_path / "j2.png")
+    assert "green" not in titles[0] and "green" in titles[1]
 
 
 def test_retrieval_gallery_accepts_colour_images_and_checks_shapes(tmp_path):

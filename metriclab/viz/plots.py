@@ -320,7 +320,8 @@ def retrieval_gallery(
             ax.set_xlabel(name(label) + mark, fontsize=8, color=edge, labelpad=2)
             if row == 0:
                 ax.set_title("query" if col == 0 else f"#{col}", fontsize=9)
-    fig.suptitle(f"{title}\n(green \u2713 = same class as the query, red \u2717 = different class)", fontsize=10)
+    key = "\n(green \u2713 = same class as the query, red \u2717 = different class)" if judged else ""
+    fig.suptitle(title + key, fontsize=10)
     return _save(fig, path)
 
 
