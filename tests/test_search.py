@@ -268,15 +268,25 @@ def test_evaluate_can_leave_clustering_out(small_run, tmp_path):  # noqa: F811
     assert without["test_loo"]["map@r"] == with_["test_loo"]["map@r"]
 
 
+def corners(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` random corners of the cube {-1, 1}^64 and then their ``n`` opposites, as float32: every product, norm
+    (8) and unit vector (+-1/8) is exact, and so is the gallery's mean the euclidean search centres by (0). Two
+    searches then agree bit for bit whatever order a matrix product sums in: BLAS libraries choose that order by
+    the matrix's shape (MKL and OpenBLAS on AMD CPUs do), so with other points a gallery searched in blocks would
+    differ from whole rows in the last bit of some distances, and ties would not be ties.
+    """
+    half = rng.choice(np.array([-1.0, 1.0], np.float32), (n, 64))
+    return np.concatenate([half, -half])
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("exclude_self", [False, True])
 def test_knn_of_a_gallery_searched_in_blocks_equals_one_block(monkeypatch, metric, exclude_self):
     from metriclab.metrics import retrieval
 
     rng = np.random.default_rng(0)
-    gallery = rng.standard_normal((5003, 8)).astype(np.float32)
-    gallery[10] = gallery[4000]  # duplicates across blocks: ties broken by index
-    gallery[20] = gallery[21]
+    gallery = corners(rng, 2502)  # 5,004 points
+    gallery[[10, 20, 2512, 2522]] = gallery[[4000, 21, 1498, 2523]]  # duplicates across blocks: ties broken by index
     queries = gallery if exclude_self else gallery[:700]
     whole = knn(queries, gallery, 9, metric=metric, exclude_self=exclude_self, chunk_size=64, device="cpu")
     monkeypatch.setattr(retrieval, "GALLERY_BLOCK", 1000)
@@ -297,11 +307,12 @@ def test_retrieval_metrics_of_a_gallery_searched_in_blocks_equal_whole_rows(monk
     from metriclab.metrics import retrieval
 
     rng = np.random.default_rng(0)
-    # 600 distinct points repeated across the 5,003 items, 3 points to a class, a third of the copies relabelled:
+    # 600 distinct points repeated across the 5,004 items, 3 points to a class, a third of the copies relabelled:
     # ties everywhere, within and across blocks, broken by index, with labels that differ among the tied.
-    point = rng.integers(0, 600, 5003)
-    gallery = rng.standard_normal((600, 8)).astype(np.float32)[point]
-    labels = np.where(rng.random(5003) < 1 / 3, rng.integers(0, 200, 5003), point % 200)
+    half = rng.integers(0, 300, 2502)
+    point = np.concatenate([half, half + 300])  # each point's opposite too (see corners)
+    gallery = corners(rng, 300)[point]
+    labels = np.where(rng.random(5004) < 1 / 3, rng.integers(0, 200, 5004), point % 200)
     args = (gallery, labels) if leave_one_out else (gallery[:700], labels[:700], gallery, labels)
     kwargs = {"ks": (1, 3, 10), "metric": metric, "clustering": False, "chunk_size": 64, "device": "cpu"}
     monkeypatch.setattr(retrieval, block, 1000)  # blocks of 1,000 columns for the needs below
