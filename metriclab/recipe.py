@@ -40,6 +40,10 @@ COMPONENTS = (
     "scheduler",
 )
 
+# The epoch-end scores a run can keep its best epoch by (keys of metrics.json's "epochs" rows; higher is better),
+# and how messages and figures name them.
+SELECTION_METRICS = {"precision@1": "precision@1", "map@r": "MAP@R"}
+
 
 @dataclass
 class Recipe:
@@ -94,6 +98,10 @@ class Recipe:
     batch_size: int = 128
     epochs: int = 5
     max_steps: int | None = None
+    # model selection by the epoch-end test scores: keep the weights of the epoch with the best `keep_best`
+    # (precision@1 or map@r) as the run's, and stop once `patience` epochs in a row have not beaten it
+    keep_best: str | None = None
+    patience: int | None = None
     seed: int = 0
     mixed_precision: str = "no"  # no, bf16, fp16, or auto: bf16 where the device computes it natively
     gradient_accumulation_steps: int = 1
@@ -137,6 +145,16 @@ class Recipe:
         if self.num_workers < 0:
             raise MetricLabError(
                 f"num_workers must be >= 0 (0: decode images in the training process), got {self.num_workers}"
+            )
+        if self.keep_best not in (None, *SELECTION_METRICS):
+            raise MetricLabError(
+                f"keep_best must be one of {', '.join(SELECTION_METRICS)} or None, got {self.keep_best!r}; "
+                "e.g. --keep-best map@r"
+            )
+        if self.patience is not None and (self.patience < 1 or self.keep_best is None):
+            raise MetricLabError(
+                f"patience {self.patience!r} needs a score to watch and must be >= 1: e.g. --keep-best map@r "
+                "--patience 3 stops after 3 epochs without a better MAP@R and keeps the best epoch's weights"
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise MetricLabError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")

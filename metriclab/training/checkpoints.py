@@ -23,6 +23,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 
 from metriclab.errors import MetricLabError
+from metriclab.models import load_weights
 from metriclab.recipe import Recipe
 from metriclab.runs import Run, latest_run_dir, new_run_dir, read_trainer_state, write_trainer_state
 
@@ -35,6 +36,8 @@ class TrainerState:
     position: int = 0  # samples of the current epoch's order already consumed
     step: int = 0
     seconds: float = 0.0  # time spent in training steps (not in checkpoints or evaluation)
+    best_epoch: int = 0  # keep_best: the epoch whose weights checkpoints/best/ holds (0: none yet)
+    best_score: float | None = None  # ... and its score
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -87,6 +90,49 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     return final
 
 
+def best_dir(run_dir: Path) -> Path:
+    """The folder of the best epoch's weights so far (``keep_best``): ``run_dir/checkpoints/best``."""
+    return Path(run_dir) / "checkpoints" / "best"
+
+
+def save_best(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path) -> None:
+    """Write ``model``'s weights as the best so far, replacing the previous best only once whole.
+
+    Every process calls it (accelerate gathers the weights collectively); the main process writes.
+    """
+    final = best_dir(run_dir)
+    tmp, old = final.with_name(".tmp-best"), final.with_name(".old-best")
+    try:
+        if accelerator.is_main_process:
+            for stale in (tmp, old):
+                shutil.rmtree(stale, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_model(model, str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MetricLabError(
+            f"could not write the best epoch's weights to {final} ({err.strerror or err}); free disk space or "
+            f"choose a writable --output-dir, then continue with --resume {run_dir}"
+        ) from err
+    accelerator.wait_for_everyone()
+
+
+def load_best(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path) -> bool:
+    """Load the best epoch's weights into ``model`` on every process; False (model unchanged) if there are none."""
+    accelerator.wait_for_everyone()
+    path = best_dir(run_dir) / "model.safetensors"
+    if not path.is_file():
+        return False
+    load_weights(accelerator.unwrap_model(model), path)
+    return True
+
+
 # safetensors (SafetensorError) and torch (RuntimeError) report a failed write in their own exception types,
 # not as OSError: "Error while serializing: IoError(Os { code: 28, kind: StorageFull, ... })", "PytorchStreamWriter
 # failed writing file data/0: file write failed".
@@ -109,7 +155,10 @@ def _trainer_state(checkpoint: Path, saved: dict[str, Any]) -> TrainerState:
         state = TrainerState(**saved)
     except TypeError as err:
         raise MetricLabError(f"{path} is damaged ({err}); resume from an earlier checkpoint") from err
-    for name, kind in (("epoch", int), ("position", int), ("step", int), ("seconds", (int, float))):
+    numbers = (("epoch", int), ("position", int), ("step", int), ("seconds", (int, float)), ("best_epoch", int))
+    if state.best_score is not None:
+        numbers += (("best_score", (int, float)),)
+    for name, kind in numbers:
         value = getattr(state, name)
         if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
             raise MetricLabError(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 
 from metriclab import registry
 from metriclab.data import load_dataset
@@ -36,16 +36,18 @@ from metriclab.errors import MetricLabError
 from metriclab.metrics.protocol import protocol_metrics, query_gallery_metrics
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
 from metriclab.models import backbone_preprocessing, embed
-from metriclab.recipe import Recipe
+from metriclab.recipe import SELECTION_METRICS, Recipe
 from metriclab.runs import DISK_ERRNOS, Run, append_history, save_embeddings, trim_history, write_config
 from metriclab.training import contracts
 from metriclab.training.checkpoints import (
     TrainerState,
     changed_options,
     checkpoint_dir,
+    load_best,
     require_finite_model,
     resume,
     run_directory,
+    save_best,
     save_checkpoint,
 )
 from metriclab.training.components import build_objective, describe_run, objective
@@ -377,8 +379,10 @@ class _Trainer:
                     state.position = 0
                 done = state.epoch >= recipe.epochs or state.step >= total
                 if finished_epoch or done:  # a run stopped by max_steps mid-epoch still leaves embeddings
-                    self._end_of_epoch(last=done)
-                if self.stop_requested and not done:
+                    done = self._end_of_epoch(last=done)
+                if done:
+                    break
+                if self.stop_requested:
                     self._interrupt()
             self._finish()
         finally:
@@ -553,23 +557,23 @@ class _Trainer:
             part = torch.cat(parts) if parts else embed(model, source.take([]))
         return gather_shards(part, n, acc)
 
-    def _end_of_epoch(self, last: bool = False) -> None:
+    def _end_of_epoch(self, last: bool = False) -> bool:
+        """Embed and score the test split, keep the best weights, checkpoint; True when training ends here.
+
+        Training ends at the ``last`` epoch or once ``patience`` epochs have not beaten the best; it then
+        leaves the weights and embeddings of the run's result: the best epoch's under ``keep_best``.
+        """
         # Completed epochs; a run stopped mid-epoch (max_steps) labels its snapshot with the epoch in progress.
         epoch = self.state.epoch + (1 if self.state.position else 0)
         test = self.embed_split("test")
         self._require_finite(test)
-        # The train split is large: embedded once, at the end, not every epoch.
-        train = self.embed_split("train") if self.recipe.embed_train and last else None
+        row = None
         if self.accelerator.is_main_process:
             labels = self.test_labels.cpu().numpy()
             test_np = test.cpu().numpy()
             run = self.run_dir
             save_embeddings(run / "embeddings" / f"epoch_{epoch:04d}" / "test.npz", test_np, labels, epoch)
             save_embeddings(run / "embeddings" / "test.npz", test_np, labels, epoch)
-            if train is not None:
-                save_embeddings(
-                    run / "embeddings" / "train.npz", train.cpu().numpy(), self.train_labels.cpu().numpy(), epoch
-                )
             if self.marks[0] is not None:
                 marked = query_gallery_metrics(test_np, labels, *self.marks, ks=(1,), metric=self.recipe.metric)
                 scores = marked["query_gallery"]
@@ -589,12 +593,65 @@ class _Trainer:
             self.accelerator.log(
                 {"test_precision@1": row["precision@1"], "test_map@r": row["map@r"]}, step=self.state.step
             )
+        patience_ran_out = self._select(epoch, row)
+        if row is not None:
+            by = self.recipe.keep_best
+            kept = f"  best {SELECTION_METRICS[by]}: epoch {self.state.best_epoch}" if by else ""
             self.reporter.notice(
                 f"epoch {epoch}: test precision@1 {row['precision@1']:.4f}  MAP@R {row['map@r']:.4f}  "
-                f"({self.state.seconds:.1f} s of training)",
+                f"({self.state.seconds:.1f} s of training){kept}",
                 style="cyan",
             )
-        self._checkpoint()
+            if patience_ran_out and not last:
+                waited = epoch - self.state.best_epoch
+                self.reporter.notice(
+                    f"stopping early: {waited} epochs without a better test {SELECTION_METRICS[by]} "
+                    f"(patience {self.recipe.patience})",
+                    style="yellow",
+                )
+        stop = last or patience_ran_out
+        self._checkpoint()  # the state training stopped in (what a longer run would resume), whatever is kept
+        if stop:
+            self._result_embeddings(epoch, test)
+        return stop
+
+    def _select(self, epoch: int, row: dict[str, Any] | None) -> bool:
+        """Under ``keep_best``, save the weights of a better epoch; True once ``patience`` epochs did not beat it."""
+        recipe, state = self.recipe, self.state
+        if recipe.keep_best is None:
+            return False
+        score = [None if row is None else row[recipe.keep_best]]
+        broadcast_object_list(score)  # the main process scored; every process decides alike
+        if state.best_score is None or score[0] > state.best_score:
+            state.best_epoch, state.best_score = epoch, score[0]
+            save_best(self.accelerator, self.model, self.run_dir)
+        return recipe.patience is not None and epoch - state.best_epoch >= recipe.patience
+
+    def _result_embeddings(self, epoch: int, test: torch.Tensor) -> None:
+        """The run's final weights (the best epoch's under ``keep_best``) and their test and train embeddings."""
+        best, by = self.state.best_epoch, self.recipe.keep_best
+        if by and best != epoch:
+            if not load_best(self.accelerator, self.model, self.run_dir):
+                raise MetricLabError(
+                    f"the weights of epoch {best}, the best by {by}, are missing from "
+                    f"{self.run_dir / 'checkpoints' / 'best'}; evaluate the last epoch's checkpoint instead, or "
+                    "train again"
+                )
+            test = self.embed_split("test")
+            self.reporter.notice(f"keeping the weights of epoch {best}, the best by test {SELECTION_METRICS[by]}")
+        # The train split is large: embedded once, at the end, not every epoch.
+        train = self.embed_split("train") if self.recipe.embed_train else None
+        if self.accelerator.is_main_process:
+            kept = best if by else epoch
+            labels = self.test_labels.cpu().numpy()
+            save_embeddings(self.run_dir / "embeddings" / "test.npz", test.cpu().numpy(), labels, kept)
+            if train is not None:
+                save_embeddings(
+                    self.run_dir / "embeddings" / "train.npz",
+                    train.cpu().numpy(),
+                    self.train_labels.cpu().numpy(),
+                    kept,
+                )
 
     def _checkpoint(self) -> Path:
         """Write the checkpoint of the current step (see :func:`metriclab.training.checkpoints.save_checkpoint`)."""
@@ -664,6 +721,7 @@ class _Trainer:
                 "train_seconds": round(self.state.seconds, 3),
                 "steps": self.state.step,
                 "cuda_graph": self._graph_record(),
+                **self._kept(),
             },
         )
         points = project(embeddings, method="pca") if embeddings.shape[1] > 2 else embeddings
@@ -679,8 +737,21 @@ class _Trainer:
         self.reporter.stop()
         self.reporter.notice(
             f"test precision@1 {final['precision@1']:.4f}  MAP@R {final['map@r']:.4f}  on {self.dataset.name} "
-            f"({self._tested(final)})\nRun written to {self.run_dir}",
+            f"({self._tested(final)}{self._kept_words()})\nRun written to {self.run_dir}",
             style="bold green",
+        )
+
+    def _kept(self) -> dict[str, Any]:
+        """metrics.json's record of the epoch kept by ``keep_best`` (empty without it)."""
+        if not self.recipe.keep_best:
+            return {}
+        trained = self.state.epoch + (1 if self.state.position else 0)
+        return {"kept_epoch": {"epoch": self.state.best_epoch, "of": trained, "by": self.recipe.keep_best}}
+
+    def _kept_words(self) -> str:
+        kept = self._kept().get("kept_epoch")
+        return (
+            f"; epoch {kept['epoch']} of {kept['of']}, the best by test {SELECTION_METRICS[kept['by']]}" if kept else ""
         )
 
     def _tested(self, scores: dict[str, Any]) -> str:

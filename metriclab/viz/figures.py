@@ -22,6 +22,7 @@ from metriclab.data import Dataset, ImageSource, StreamingDataset, is_streaming
 from metriclab.errors import MetricLabError
 from metriclab.inference import embed_run, load_run_model, run_dataset, run_embeddings, run_recipe
 from metriclab.inference.rebuild import split_labels
+from metriclab.recipe import SELECTION_METRICS
 from metriclab.runs import Run, strict_json
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,10 @@ def visualize_run(
         if not series:
             log.warning("%s has no history.csv or per-epoch metrics yet; skipping the curves", run.path)
         else:
-            save(plots.curves, "curves", series, title=f"{title}: training curves")
+            kept = run.metrics.get("final", {}).get("kept_epoch")
+            shown = SELECTION_METRICS.get(kept["by"], kept["by"]) if kept else ""
+            mark = (kept["epoch"], f"kept: epoch {kept['epoch']} (best {shown})") if kept else None
+            save(plots.curves, "curves", series, title=f"{title}: training curves", mark=mark)
     return written
 
 

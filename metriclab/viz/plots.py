@@ -405,11 +405,13 @@ def curves(
     path: str | Path,
     title: str = "Training curves",
     xlabel: str = "epoch",
+    mark: tuple[float, str] | None = None,
 ) -> Path:
     """Write line plots of ``{name: [(x, y), ...]}``; returns the path.
 
     Series named ``"group/name"`` share the subplot ``group`` (e.g. ``loss/train`` and ``loss/val``); any
     other name gets its own subplot. A positive series spanning over two decades gets a log scale.
+    ``mark = (x, label)`` draws a labelled dashed line at ``x`` in every subplot (e.g. the epoch kept).
     """
     if not series:
         raise MetricLabError("no curves to plot; pass at least one series of (x, y) points")
@@ -433,7 +435,10 @@ def curves(
         ax.set_title(group)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if len(members) > 1:
+        marked = mark is not None and ys.size > 0
+        if marked:
+            ax.axvline(mark[0], color="0.35", linestyle="--", linewidth=1, label=mark[1])
+        if len(members) > 1 or marked:
             ax.legend(fontsize=8)
         if not ys.size:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
