@@ -174,3 +174,32 @@ def test_contrastive_training_separates_digits():
         accuracy = knn.score(encoder(test_x).numpy(), test_y.numpy())
     assert after < before / 3
     assert accuracy > 0.8  # chance is 0.1
+
+
+def test_a_resumed_run_with_a_proxy_loss_ends_as_an_uninterrupted_one(tmp_path):
+    """The loss's own parameters (ProxyAnchor's proxies) are in every checkpoint, so a resume continues them."""
+    import shutil
+
+    from conftest import tiny_recipe
+    from safetensors.torch import load_file
+
+    from metriclab.runs import Run
+    from metriclab.training.engine import train
+
+    fields = {"loss": "pml.ProxyAnchorLoss", "miner": None, "embedding_dim": 8, "epochs": 1, "max_steps": 12}
+    fields |= {"embed_train": False, "loss_lr": 0.1}
+    straight = tmp_path / "straight"
+    train(tiny_recipe(straight, checkpoint_every=5, keep_checkpoints=10, **fields))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    (resumed / "model.safetensors").unlink()
+    checkpoint = resumed / "checkpoints" / "step_00000005"
+    assert set(load_file(checkpoint / "loss.safetensors")) == {"proxies"}
+    train(tiny_recipe(resumed, resume=str(checkpoint), **fields))
+    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    final = Run.latest_checkpoint_in(straight).name
+    assert torch.equal(
+        load_file(straight / "checkpoints" / final / "loss.safetensors")["proxies"],
+        load_file(resumed / "checkpoints" / final / "loss.safetensors")["proxies"],
+    )

@@ -1,11 +1,12 @@
 """Checkpoints of a training run: what one holds, how it is written, and how a run resumes from one.
 
 A checkpoint is ``RUN/checkpoints/step_NNNNNNNN/``: accelerate's ``save_state`` (model.safetensors,
-optimizer.bin, random_states_*.pkl) plus ``trainer_state.json`` (:class:`TrainerState` and the miner's
-state). It is written under ``.tmp-step_NNNNNNNN`` with trainer_state.json last and only then renamed, so
-a kill at any moment leaves the previous checkpoint as the latest (see ``Run.checkpoints_in``); the newest
-``keep_checkpoints`` are kept. A resumed run continues in its own directory (:func:`run_directory`) from
-the checkpoint ``--resume`` names (:func:`resolve_resume`); :func:`resume` loads torch files weights-only,
+optimizer.bin, random_states_*.pkl), ``loss.safetensors`` for a loss with parameters, and
+``trainer_state.json`` (:class:`TrainerState` and the miner's state). It is written under
+``.tmp-step_NNNNNNNN`` with trainer_state.json last and only then renamed, so a kill at any moment leaves
+the previous checkpoint as the latest (see ``Run.checkpoints_in``); the newest ``keep_checkpoints`` are
+kept. A resumed run continues in its own directory (:func:`run_directory`) from the checkpoint
+``--resume`` names (:func:`resolve_resume`); :func:`resume` loads torch files weights-only,
 so one that asks to run code when unpickled is refused.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file, save_file
 
 from metriclab.errors import MetricLabError
 from metriclab.models import load_weights
@@ -45,8 +47,13 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, miner: Any, keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: Path, state: TrainerState, miner: Any, keep: int, loss: Any = None
+) -> Path:
     """Write the checkpoint of ``state.step`` atomically, keep the newest ``keep``, and return its folder.
+
+    A ``loss`` with parameters or buffers (proxies, class centres) is saved beside the model as
+    ``loss.safetensors``: accelerate saves only what was prepared, and the loss is not.
 
     Every process calls it (accelerate saves collectively); only the main process renames and prunes.
     Only names ``step_NNNNNNNN`` holding trainer_state.json (written last, inside the temporary folder)
@@ -66,6 +73,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             miner_state = miner.state() if hasattr(miner, "state") else None
+            if loss_state := _tensor_state(loss):
+                save_file(loss_state, str(tmp / LOSS_FILE))
             write_trainer_state(tmp, asdict(state), miner_state)
             if final.exists():  # resumed from an earlier checkpoint: swap, never delete before replacing
                 final.rename(old)
@@ -88,6 +97,34 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         ) from err
     accelerator.wait_for_everyone()
     return final
+
+
+LOSS_FILE = "loss.safetensors"
+
+
+def _tensor_state(loss: Any) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a loss module (empty for most losses), as contiguous CPU tensors."""
+    if not isinstance(loss, torch.nn.Module):
+        return {}
+    return {name: value.detach().cpu().contiguous() for name, value in loss.state_dict().items()}
+
+
+def load_loss_state(checkpoint: Path, loss: Any) -> bool:
+    """Load a checkpoint's loss.safetensors into ``loss`` in place; False if the loss has state the checkpoint
+    lacks (one written before losses were saved)."""
+    if not _tensor_state(loss):
+        return True
+    path = Path(checkpoint) / LOSS_FILE
+    if not path.is_file():
+        return False
+    try:
+        loss.load_state_dict(load_file(str(path)))
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise several types
+        raise MetricLabError(
+            f"cannot load {path} into the loss ({str(err).strip().splitlines()[0]}); resume with the options the run "
+            f"was started with (--config {Path(checkpoint).parent.parent / 'config.json'}) or from another checkpoint"
+        ) from err
+    return True
 
 
 def best_dir(run_dir: Path) -> Path:

@@ -44,6 +44,7 @@ from metriclab.training.checkpoints import (
     changed_options,
     checkpoint_dir,
     load_best,
+    load_loss_state,
     require_finite_model,
     resume,
     run_directory,
@@ -198,6 +199,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     state = TrainerState()
     if checkpoint is not None:
         state = resume(accelerator, checkpoint, miner)
+        if not load_loss_state(checkpoint, loss_fn):
+            reporter.notice(
+                f"{checkpoint} holds no state of the loss (written by an earlier metriclab): its parameters start "
+                "afresh, so the run will not end exactly as an uninterrupted one"
+            )
         reporter.notice(f"Resumed from {checkpoint} (epoch {state.epoch + 1}, step {state.step})", style="green")
 
     trainer = _Trainer(recipe, accelerator, reporter, run_dir, dataset, model, loss_fn, miner, optimizer, state)
@@ -306,6 +312,7 @@ class _Trainer:
         self.recipe, self.accelerator, self.reporter, self.run_dir = recipe, accelerator, reporter, run_dir
         self.model, self.miner, self.optimizer, self.state = model, miner, optimizer, state
         self.objective = objective(loss_fn, miner)  # the loss is only ever called through it
+        self.loss_fn = loss_fn  # checkpointed: a loss can have parameters (proxies)
         # accelerate's optimizer wrapper looks for an optional package on disk twice per step before stepping:
         # step + zero_grad took 0.28 ms through it vs 0.13 ms direct on this project's CPU (tiny MLP, interleaved).
         # With nothing else for it to do (no fp16 loss scaling, no gradient accumulation, no XLA) the torch
@@ -656,7 +663,9 @@ class _Trainer:
     def _checkpoint(self) -> Path:
         """Write the checkpoint of the current step (see :func:`metriclab.training.checkpoints.save_checkpoint`)."""
         self._require_finite()
-        path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.miner, self.recipe.keep_checkpoints)
+        path = save_checkpoint(
+            self.accelerator, self.run_dir, self.state, self.miner, self.recipe.keep_checkpoints, self.loss_fn
+        )
         self.saved_step = self.state.step
         return path
 
