@@ -135,6 +135,21 @@ def test_animation_has_one_frame_per_snapshot_on_fixed_axes(tmp_path):
         plots.animate_embeddings(snapshots, NAMES, tmp_path / "training.png")
 
 
+@pytest.mark.parametrize("n_classes, shown", [(100, range(50, 100)), (300, range(300))], ids=["disjoint", "many"])
+def test_animation_keeps_the_colours_of_the_classes_it_shows(tmp_path, n_classes, shown):
+    """A class-disjoint test set (classes 50-99 of 100) is drawn in its scatter colours, not in grey."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.array(shown), 4)
+    points = rng.standard_normal((len(labels), 2)) + labels[:, None] * 0.1
+    names = [f"class {i}" for i in range(n_classes)]
+    out = plots.animate_embeddings([("a", points, labels), ("b", points * 2, labels)], names, tmp_path / "t.gif")
+    frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(Image.open(out))]
+    used = np.unique(np.concatenate([f.reshape(-1, 3) for f in frames]), axis=0)
+    colours = (plots._palette(labels, n_classes)[np.unique(labels), :3] * 255).round()
+    found = [(np.abs(used - c).max(axis=1) <= (0 if n_classes <= 224 else 40)).any() for c in colours]
+    assert all(found), f"{found.count(False)} of {len(colours)} class colours missing from the GIF"
+
+
 def test_animation_limits_ignore_outliers():
     points = np.random.default_rng(0).uniform(0, 1, size=(1000, 2))
     points[0] = [1e6, -1e6]

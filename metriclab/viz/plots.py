@@ -346,8 +346,12 @@ class _FixedPaletteWriter(PillowWriter):
 
     def __init__(self, colors: np.ndarray, fps: float) -> None:
         super().__init__(fps=fps)
-        # Each class colour blended with white (antialiased edges), plus a gray ramp for text and axes.
-        blends = [1 - t * (1 - c[:3]) for c in colors[:40] for t in (1.0, 0.7, 0.45, 0.25)]
+        # The colours drawn (those of the classes shown), each blended with white for antialiased edges as far as
+        # 224 entries allow, plus a gray ramp for text and axes; past 224 classes, hues nearest in the ramp.
+        colors = np.unique(np.asarray(colors)[:, :3], axis=0)
+        colors = colors[np.linspace(0, len(colors) - 1, min(len(colors), 224)).round().astype(int)]
+        shades = next(t for t in ((1.0, 0.7, 0.45, 0.25), (1.0, 0.45), (1.0,)) if len(colors) * len(t) <= 224)
+        blends = [1 - t * (1 - c) for c in colors for t in shades]
         grays = [np.full(3, g) for g in np.linspace(0, 1, 32)]  # coarse: Pillow matches colours at ~5 bits
         palette = (np.clip(np.array(blends + grays), 0, 1) * 255).round().astype(np.uint8)
         self._palette = Image.new("P", (1, 1))
@@ -385,7 +389,7 @@ def animate_embeddings(
     fig.legend(**_legend(names, colors, every), loc="upper left", bbox_to_anchor=(0.81, 0.92), frameon=False)
     # Opaque markers: translucent overlaps would create colours the GIF palette does not hold.
     style = {"alpha": 1.0, "s": max(_marker_style(max(len(p) for _, p, _ in frames))["s"], 3.0)}
-    writer = _FixedPaletteWriter(colors, fps=fps)
+    writer = _FixedPaletteWriter(colors[np.unique(every.astype(np.int64))], fps=fps)
     with _atomic(path) as tmp, writer.saving(fig, str(tmp), dpi=100):
         for name, points, labels in frames:
             labels, _ = _labels_and_names(labels, names, len(points))
