@@ -471,6 +471,13 @@ def test_evaluate_embeddings_sections_and_input_types():
     assert without_train["test_loo"] == from_numpy["test_loo"]
 
 
+def test_a_test_set_of_one_class_is_scored_without_pair_verification():
+    """A folder's test split can hold a single class: no negative pairs exist, so verification is left out."""
+    test, _ = blobs(30, 1, seed=3)
+    out = evaluate_embeddings(None, None, test, np.zeros(30, dtype=np.int64), ks=(1,), num_pairs=100)
+    assert set(out) == {"test_loo"} and out["test_loo"]["precision@1"] == 1.0
+
+
 @pytest.mark.slow  # compiles every ranking kernel again for a generic CPU: ~30 s
 def test_cpus_without_avx512_take_the_plain_loops_to_the_same_results(tmp_path):
     """The vector kernels run only where numba compiles for AVX-512; NUMBA_CPU_NAME=generic compiles the loops that

@@ -731,7 +731,8 @@ def evaluate_embeddings(
 
     ``test_loo`` searches the test set leave-one-out (with NMI/AMI), ``test_vs_train``
     searches the test queries in the train gallery (only when ``train_emb`` is given and shares classes;
-    clustering is not repeated there), and ``verification`` scores test pairs. ``distributed``: see
+    clustering is not repeated there), and ``verification`` scores test pairs (when there are pairs of the same
+    class and of two classes). ``distributed``: see
     :func:`retrieval_metrics`; ``clustering=False`` leaves NMI/AMI out (k-means is slow with many classes).
     """
     search = {"ks": ks, "metric": metric, "knn_k": knn_k, "seed": seed, "chunk_size": chunk_size, "device": device}
@@ -743,5 +744,7 @@ def evaluate_embeddings(
     if shared:
         gallery = {"gallery_emb": train_emb, "gallery_labels": train_labels, "clustering": False}
         out["test_vs_train"] = retrieval_metrics(test_emb, test_labels, **gallery, **search)
-    out["verification"] = verification_metrics(test_emb, test_labels, metric=metric, num_pairs=num_pairs, seed=seed)
+    counts = np.unique(np.asarray(test_labels), return_counts=True)[1]
+    if len(counts) > 1 and counts.max() > 1:  # pairs of both kinds exist (a test set of one class has no negatives)
+        out["verification"] = verification_metrics(test_emb, test_labels, metric=metric, num_pairs=num_pairs, seed=seed)
     return out
