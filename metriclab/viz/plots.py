@@ -8,7 +8,11 @@ path's suffix: ``.png`` (the default when there is none), ``.svg`` or ``.pdf``; 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import textwrap
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -25,12 +29,25 @@ from metriclab.errors import MetricLabError
 from metriclab.runs import temporary_beside
 from metriclab.viz.projections import Panel
 
+log = logging.getLogger(__name__)
+
 FIGURE_FORMATS = (".png", ".svg", ".pdf")
 DPI = 120
 THUMB_INCHES = 0.36
 
 
 LEGEND_MAX = 40  # classes a legend lists; more are only counted (SOP's test set has 11,316)
+LEGEND_NAME = 28  # characters of a class name in a legend; longer names end in an ellipsis
+
+
+def _short(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in an ellipsis where cut (long class names)."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+
+
+def _wrapped(title: str, width: int) -> str:
+    """``title`` with each line wrapped at ``width`` characters, so a long run name is not clipped."""
+    return "\n".join(textwrap.fill(line, width, break_long_words=True) or line for line in title.split("\n"))
 
 
 def _palette(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -97,9 +114,31 @@ def _figure(width: float, height: float, layout: str | None = "constrained") -> 
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    with _atomic(path) as tmp:
+    with _atomic(path) as tmp, _glyphs_noted(path):
         fig.savefig(tmp, dpi=DPI, facecolor="white", format=path.suffix[1:].lower())
     return path
+
+
+@contextlib.contextmanager
+def _glyphs_noted(path: Path) -> Iterator[None]:
+    """One log line for the characters no installed font has (drawn as boxes), instead of a warning each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing = set()
+    for warning in caught:
+        if glyph := re.match(r"Glyph (\d+) .*missing from", str(warning.message)):
+            missing.add(chr(int(glyph.group(1))))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if missing:
+        log.warning(
+            "%s: %d characters (%s) are in no font matplotlib uses and show as boxes; install a font that has them "
+            "(e.g. Noto Sans CJK) and add it to matplotlib's font.sans-serif",
+            path,
+            len(missing),
+            "".join(sorted(missing)[:12]),
+        )
 
 
 def _labels_and_names(labels: np.ndarray, class_names: Sequence[str] | None, n: int) -> tuple[np.ndarray, list[str]]:
@@ -138,18 +177,18 @@ def _draw_points(ax, points: np.ndarray, labels: np.ndarray, colors: np.ndarray,
     ax.tick_params(labelsize=7)
 
 
-def _legend(class_names: Sequence[str], colors: np.ndarray, labels: np.ndarray) -> dict:
-    """Legend arguments: one entry per class among ``labels`` (a class-disjoint test set shows its own), or only
-    their count where there are more than ``LEGEND_MAX``."""
+def _legend(class_names: Sequence[str], colors: np.ndarray, labels: np.ndarray, limit: int = LEGEND_NAME) -> dict:
+    """Legend arguments: one entry per class among ``labels`` (a class-disjoint test set shows its own, names cut
+    to ``limit`` characters), or only their count where there are more than ``LEGEND_MAX``."""
     present = np.unique(np.asarray(labels, dtype=np.int64))
     if len(present) > LEGEND_MAX:
         return {"handles": [], "title": f"{len(present):,} classes\n(too many to list)"}
     handles = [
         Line2D([], [], linestyle="", marker="o", markersize=7, markerfacecolor=colors[i], markeredgewidth=0,
-               label=class_names[i])
+               label=_short(class_names[i], limit))
         for i in present
     ]  # fmt: skip
-    return {"handles": handles, "title": "class"}
+    return {"handles": handles, "title": "class", "fontsize": 10 if len(present) <= 20 else 8}
 
 
 def _figure_legend(fig: Figure, class_names: Sequence[str], colors: np.ndarray, labels: np.ndarray) -> None:
@@ -172,7 +211,7 @@ def scatter(
     fig = _figure(8.5, 7)
     ax = fig.subplots()
     _draw_points(ax, points, labels, colors)
-    ax.set_title(title)
+    ax.set_title(_wrapped(title, 60))
     _figure_legend(fig, class_names, colors, labels)
     return _save(fig, path)
 
@@ -239,11 +278,13 @@ def thumbnail_scatter(
     fig = _figure(10, 9)
     ax = fig.subplots()
     _draw_points(ax, points, labels, colors, alpha=0.35)
-    ax.set_title(title)
+    ax.set_title(_wrapped(title, 70))
     _figure_legend(fig, class_names, colors, labels)
 
     # Place thumbnails in display pixels of the final layout, so "no overlap" holds on the page.
-    fig.draw_without_rendering()
+    with warnings.catch_warnings():  # missing glyphs are noted once, when the figure is saved
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        fig.draw_without_rendering()
     pixels = ax.transData.transform(points)
     thumb_px = THUMB_INCHES * DPI
     # OffsetImage draws one image pixel as zoom points (1/72 inch) at any dpi.
@@ -317,11 +358,11 @@ def retrieval_gallery(
                 spine.set_linewidth(1.5 if correct is None else 3.5)
             # A mark as well as a colour, for readers who cannot tell green from red.
             mark = "" if correct is None else (" \u2713" if correct else " \u2717")
-            ax.set_xlabel(name(label) + mark, fontsize=8, color=edge, labelpad=2)
+            ax.set_xlabel(_short(name(label), 15) + mark, fontsize=8, color=edge, labelpad=2)
             if row == 0:
                 ax.set_title("query" if col == 0 else f"#{col}", fontsize=9)
     key = "\n(green \u2713 = same class as the query, red \u2717 = different class)" if judged else ""
-    fig.suptitle(title + key, fontsize=10)
+    fig.suptitle(_wrapped(title, int(12 * (k + 1))) + key, fontsize=10)
     return _save(fig, path)
 
 
@@ -386,11 +427,12 @@ def animate_embeddings(
     fig = _figure(width, height, layout=None)
     ax = fig.add_axes(box)
     xlim, ylim = _robust_limits(np.concatenate([p for _, p, _ in frames]), box[2] * width / (box[3] * height))
-    fig.legend(**_legend(names, colors, every), loc="upper left", bbox_to_anchor=(0.81, 0.92), frameon=False)
+    legend = {**_legend(names, colors, every, limit=16), "fontsize": 8}  # 1.5 inches beside the fixed axes
+    fig.legend(**legend, loc="upper left", bbox_to_anchor=(0.81, 0.92), frameon=False)
     # Opaque markers: translucent overlaps would create colours the GIF palette does not hold.
     style = {"alpha": 1.0, "s": max(_marker_style(max(len(p) for _, p, _ in frames))["s"], 3.0)}
     writer = _FixedPaletteWriter(colors[np.unique(every.astype(np.int64))], fps=fps)
-    with _atomic(path) as tmp, writer.saving(fig, str(tmp), dpi=100):
+    with _atomic(path) as tmp, _glyphs_noted(path), writer.saving(fig, str(tmp), dpi=100):
         for name, points, labels in frames:
             labels, _ = _labels_and_names(labels, names, len(points))
             ax.clear()
@@ -399,7 +441,7 @@ def animate_embeddings(
             ax.set_aspect("auto")
             ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
-            ax.set_title(f"{title}: {name}")
+            ax.set_title(_wrapped(f"{title}: {name}", 80), fontsize=10)
             writer.grab_frame()
     return path
 
@@ -467,7 +509,7 @@ def panels(
     scores: Sequence[Mapping[str, float]] | None = None,
     title: str = "Projections compared",
 ) -> Path:
-    """Write one scatter per panel side by side, titled with method, seconds and (given) scores; returns the path.
+    """Write one scatter per panel side by side, titled with method and (given) scores; returns the path.
 
     ``scores`` (e.g. from :func:`metriclab.viz.projections.projection_scores`) lines up with ``panels``.
     """
@@ -487,10 +529,10 @@ def panels(
         if len(points) != len(labels):
             raise MetricLabError(f"panel '{panel.title}' has {len(points)} points for {len(labels)} labels")
         _draw_points(ax, points, labels, colors)
-        heading = f"{panel.title}\n" + (f"{panel.seconds:.1f} s" if panel.seconds > 0 else "no projection")
-        if scores is not None:
-            heading += f"   {_score_line(scores[i])}"
-        ax.set_title(heading, fontsize=9)
+        # Seconds are in the command's table, not here: the same command must draw the same figure.
+        lines = [panel.title] + ([] if panel.seconds > 0 else ["(2-D already: no projection)"])
+        lines += [_score_line(scores[i])] if scores is not None else []
+        ax.set_title("\n".join(lines), fontsize=9)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     _figure_legend(fig, names, colors, labels)
