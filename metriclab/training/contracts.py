@@ -30,6 +30,9 @@ DATASET = "a metriclab.data.Dataset of uint8 images (N, C, H, W) and int64 label
 ENCODER = "a torch.nn.Module mapping float images (N, C, H, W) to embeddings (N, embedding_dim)"
 LOSS = "a torch.nn.Module whose forward(embeddings, labels, indices_tuple, ref_emb, ref_labels) returns a scalar tensor"
 MINER = "a callable (embeddings, labels, ref_emb, ref_labels) -> (a, p, n) or (a1, p, a2, n) index tensors"
+SAMPLER = "a callable (labels, generator) -> a 1-D int64 tensor of indices into labels, drawn from the generator only"
+TRANSFORM = "a callable mapping a uint8 (C, H, W) image to a uint8 (C, size, size) tensor"
+SCHEDULER = "a factory (optimizer, total_steps=..., **options) returning a torch.optim.lr_scheduler.LRScheduler"
 SAMPLES_PER_CLASS, CLASSES = 2, 4  # the check batch: enough for a positive and a negative pair
 
 
@@ -98,6 +101,64 @@ def _check_labels(fail: Callable[[str], MetricLabError], dataset: Any, classes: 
             )
     if not len(dataset.train_labels):
         raise fail("the train split is empty")
+
+
+def check_sampler(recipe: Recipe, labels: torch.Tensor) -> None:
+    """Raise MetricLabError unless the recipe's sampler gives valid orders of one length, drawn from its generator.
+
+    Every process computes the epoch's order itself and takes its shard: an order drawn from any other random
+    source would differ between processes, and some samples would be trained twice, others never.
+    """
+    from metriclab.data.sampling import build_sampler, epoch_generator
+
+    def fail(problem: str) -> MetricLabError:
+        return broken("sampler", recipe.sampler, SAMPLER, problem)
+
+    sampler = build_sampler(recipe.sampler, recipe.m_per_class, recipe.sampler_args)
+    orders = []
+    with torch.random.fork_rng(devices=[]):
+        for epoch in (0, 0, 1):
+            torch.manual_seed(len(orders))  # another global state for each call: the order must not follow it
+            order = sampler(labels, epoch_generator(recipe.seed, epoch, labels.device))
+            if not isinstance(order, torch.Tensor) or order.dim() != 1 or order.is_floating_point():
+                shown = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else type(order)
+                raise fail(f"it returned {getattr(shown, '__name__', shown)}; return a 1-D integer tensor")
+            if len(order) and (int(order.min()) < 0 or int(order.max()) >= len(labels)):
+                raise fail(f"its order reaches {int(order.max())} among {len(labels)} samples; index into the labels")
+            orders.append(order)
+    if not torch.equal(orders[0], orders[1]):
+        raise fail("two calls with equally seeded generators gave different orders; draw only from the generator")
+    if len(orders[2]) != len(orders[0]):
+        raise fail(f"its orders have {len(orders[0])} and {len(orders[2])} samples; give every epoch one length")
+
+
+def check_transforms(dataset: Any) -> None:
+    """Raise MetricLabError unless a streaming dataset's transforms turn its first image into uint8 (C, S, S)."""
+    from metriclab.data.images import decode
+
+    if not is_streaming(dataset) or not len(dataset.train.paths):
+        return
+    try:
+        image = decode(dataset.train.paths[0], dataset.channels)
+    except MetricLabError:  # an unreadable image left in on purpose (skip_unreadable): its reader has said so
+        return
+    expected = (dataset.channels, dataset.image_size, dataset.image_size)
+    for split in ("train", "test"):
+        transform = getattr(dataset, f"{split}_transform")
+        name = dataset.transforms.get(split, {}).get("name", f"{split}_transform")
+        with torch.random.fork_rng(devices=[]):
+            out = transform(image.clone()) if transform is not None else image
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or tuple(out.shape) != expected:
+            shown = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            problem = f"it turned a {tuple(image.shape)} image into {shown}, not uint8 {expected}"
+            hint = "; leave out ToDtype/Normalize: the network scales its input" if shown.startswith("torch.f") else ""
+            raise broken("transform", name, TRANSFORM, problem + hint)
+
+
+def check_scheduler(name: str, schedule: Any) -> None:
+    """Raise MetricLabError unless scheduler ``name`` built a torch LRScheduler."""
+    if not isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
+        raise broken("scheduler", name, SCHEDULER, f"its factory returned a {type(schedule).__name__}")
 
 
 def build_checked_model(recipe: Recipe, input_shape: tuple[int, ...]) -> SiameseNetwork:

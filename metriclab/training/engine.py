@@ -159,6 +159,8 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
             recipe, train_transform_args=given.train_transform_args, test_transform_args=given.test_transform_args
         )
     contracts.check_dataset(recipe, dataset)
+    contracts.check_transforms(dataset)
+    contracts.check_sampler(recipe, dataset.train_labels)
     if dataset.notice:
         reporter.notice(dataset.notice)
     if below and is_streaming(dataset):

@@ -24,6 +24,7 @@ from torch.optim import lr_scheduler
 from metriclab import registry
 from metriclab.errors import MetricLabError
 from metriclab.recipe import Recipe
+from metriclab.training.contracts import check_scheduler
 
 _NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.LocalResponseNorm)
 
@@ -46,6 +47,7 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_step
     name = recipe.scheduler or "constant"
     args = {"total_steps": max(total_steps - recipe.warmup_steps, 1), **recipe.scheduler_args}
     schedule = registry.schedulers.create(name, optimizer=optimizer, **args)
+    check_scheduler(name, schedule)
     if recipe.warmup_steps == 0:
         return schedule
     warmup = lr_scheduler.LinearLR(

@@ -12,7 +12,15 @@ import torch
 from metriclab_plugins.datasets import digits
 from metriclab_plugins.losses import ContrastiveLoss
 
-from metriclab.registry import register_dataset, register_encoder, register_loss, register_miner
+from metriclab.registry import (
+    register_dataset,
+    register_encoder,
+    register_loss,
+    register_miner,
+    register_sampler,
+    register_scheduler,
+    register_transform,
+)
 
 
 @register_encoder("broken-not-a-module")
@@ -84,3 +92,50 @@ def buggy_encoder(*, embedding_dim, input_shape, hidden: tuple = (16,)):
     """A bug in the factory's own code: a list plus a number."""
     sizes = list(hidden) + embedding_dim
     return torch.nn.Linear(sizes[0], sizes[-1])
+
+
+@register_sampler("broken-global-shuffle")
+def global_shuffle():
+    """Shuffles with torch's global random state instead of the generator it is given."""
+    return lambda labels, generator: torch.randperm(len(labels))
+
+
+@register_sampler("broken-list-sampler")
+def list_sampler():
+    """Returns a Python list."""
+    return lambda labels, generator: list(range(len(labels)))
+
+
+@register_sampler("broken-offset-sampler")
+def offset_sampler():
+    """Indices shifted past the end of the labels."""
+    return lambda labels, generator: torch.randperm(len(labels), generator=generator) + 5
+
+
+@register_scheduler("broken-scheduler")
+def no_scheduler(optimizer, *, total_steps):
+    """Forgets to return the schedule."""
+    torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=total_steps)
+
+
+class _FloatImages:
+    """Resizes, then scales to floats in [0, 1] (torchvision's ToDtype(scale=True)): the network scales again."""
+
+    def __init__(self, size: int, grow: int = 0) -> None:
+        self.size, self.grow = size, grow
+
+    def __call__(self, image):
+        size = self.size + self.grow
+        resized = torch.nn.functional.interpolate(image[None].float(), size=(size, size))[0]
+        return resized / 255 if not self.grow else resized.round().byte()
+
+
+@register_transform("broken-float-transform")
+def float_transform(size: int = 224):
+    return _FloatImages(size)
+
+
+@register_transform("broken-size-transform")
+def size_transform(size: int = 224):
+    """Three pixels larger than the size it is asked for."""
+    return _FloatImages(size, grow=3)

@@ -34,6 +34,10 @@ BROKEN = Path(__file__).with_name("broken_plugin.py")
         (["--loss", "broken-two-argument-loss", "--miner", "none"], ["loss 'broken-two-argument-loss'", "signature"]),
         (["--loss", "broken-vector-loss"], ["loss 'broken-vector-loss'", "tensor of shape (8,)"]),
         (["--miner", "broken-miner"], ["miner 'broken-miner'", "returned a tuple of 2"]),
+        (["--sampler", "broken-global-shuffle"], ["sampler 'broken-global-shuffle'", "draw only from the generator"]),
+        (["--sampler", "broken-list-sampler"], ["sampler 'broken-list-sampler'", "returned list"]),
+        (["--sampler", "broken-offset-sampler"], ["sampler 'broken-offset-sampler'", "reaches 1351 among 1347"]),
+        (["--scheduler", "broken-scheduler"], ["scheduler 'broken-scheduler'", "returned a NoneType"]),
     ],
     ids=lambda v: "_".join(v).replace("--", "") if isinstance(v, list) and v[0].startswith("--") else None,
 )
@@ -55,6 +59,32 @@ def test_a_broken_contract_stops_before_training(tmp_path, capsys, args, words):
     )
     assert_user_error(code, err, *words, f"from {BROKEN}", "contract")
     assert not out.exists()  # nothing trained, nothing left behind
+
+
+@pytest.mark.parametrize(
+    ("transform", "words"),
+    [
+        ("broken-float-transform", ["into torch.float32 (3, 8, 8), not uint8 (3, 8, 8)", "leave out ToDtype"]),
+        ("broken-size-transform", ["into torch.uint8 (3, 11, 11), not uint8 (3, 8, 8)"]),
+    ],
+)
+def test_a_transform_that_breaks_its_contract_stops_before_training(tmp_path, capsys, transform, words):
+    from PIL import Image
+
+    for split, label, i in [(s, c, i) for s in ("train", "test") for c in ("a", "b") for i in range(3)]:
+        (tmp_path / "photos" / split / label).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (12, 10), 40 * i + (100 if label == "b" else 0)).save(
+            tmp_path / "photos" / split / label / f"{i}.png"
+        )
+    out = tmp_path / "run"
+    code, err = train_in_process(
+        capsys, "--dataset", "image-folder", "--data-dir", str(tmp_path / "photos"), "--encoder", "mlp",
+        "--encoder-args", "hidden=[8]", "--embedding-dim", "4", "--image-size", "8", "--num-workers", "0",
+        "--max-steps", "1", f"--{'train' if 'float' in transform else 'test'}-transform", transform,
+        "--plugins", str(BROKEN), "--output-dir", str(out),
+    )  # fmt: skip
+    assert_user_error(code, err, f"transform '{transform}'", *words, f"from {BROKEN}", "contract")
+    assert not out.exists()
 
 
 def test_a_lazy_encoder_trains_and_its_parameters_are_counted(tmp_path, capsys):
