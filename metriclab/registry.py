@@ -347,11 +347,28 @@ def _check_arguments(kind: str, name: str, factory: Callable, kwargs: dict[str, 
                 f"{kind} '{name}': argument '{key}' must be {_KINDS[type(default)]} like its default, got {value!r}; "
                 f"pass e.g. {key}={json.dumps(default)}"
             )
+    missing = [key for key, default in params.items() if default is _NO_DEFAULT and key not in kwargs]
+    if missing:
+        flag = "--train-transform-args / --test-transform-args" if kind == "transform" else f"--{kind}-args"
+        raise MetricLabError(
+            f"{kind} '{name}' needs the argument{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, "
+            f"which has no default: pass {flag} {' '.join(f'{key}=VALUE' for key in missing)}"
+        )
     if var_keyword:
         return
     for key in kwargs:
+        if key not in params and key in SUPPLIED.get(kind, ()):
+            raise MetricLabError(
+                f"{kind} '{name}' from {registry(kind).source(name)} breaks the {kind} contract: metriclab gives "
+                f"every {kind} factory the arguments {', '.join(SUPPLIED[kind])}, and it takes no '{key}'; add it to "
+                "the factory's signature"
+            )
         if key not in params:
             _raise_unknown(kind, name, key, list(params))
+
+
+# What metriclab passes every factory of a kind (the kind's contract, docs/components.md).
+SUPPLIED = {"encoder": ("embedding_dim", "input_shape"), "scheduler": ("optimizer", "total_steps")}
 
 
 # What a default value says about the values an argument takes; None and other defaults say nothing.
@@ -534,16 +551,34 @@ def load_plugin(spec: str) -> str:
             loaded = sys.modules.get(module_name)
             if loaded is not None and getattr(loaded, "__file__", None) == str(path):
                 return resolved  # already imported (a second train() in one process): registering again would clash
+            if path.suffix != ".py":
+                raise MetricLabError(f"plugin file {spec} is not a Python file; name it with .py and pass that path")
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module
-            module_spec.loader.exec_module(module)
+            try:
+                module_spec.loader.exec_module(module)
+            except MetricLabError:
+                del sys.modules[module_name]
+                raise
+            except Exception as err:  # noqa: BLE001 - a plugin's own code may fail in any way
+                del sys.modules[module_name]
+                raise MetricLabError(
+                    f"plugin file {spec} failed to import: {type(err).__name__}: {err}; fix it (--debug shows where)"
+                ) from err
         else:
             try:
                 importlib.import_module(spec)
             except ModuleNotFoundError as err:
                 raise MetricLabError(
                     f"plugin module '{spec}' cannot be imported ({err}); install it or pass a path to a .py file"
+                ) from err
+            except MetricLabError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a plugin's own code may fail in any way
+                raise MetricLabError(
+                    f"plugin module '{spec}' failed to import: {type(err).__name__}: {err}; fix it "
+                    "(--debug shows where)"
                 ) from err
     finally:
         _current_source.reset(token)

@@ -73,6 +73,33 @@ def test_wrong_argument_name_suggests_the_right_one():
     assert "pos_fracton" in str(err.value) and "'pos_fraction'" in str(err.value)
 
 
+def test_a_missing_argument_or_contract_argument_says_what_to_pass(restore_registries):
+    @registry.register_loss("test-needs-temperature")
+    def needs_temperature(*, temperature):
+        return torch.nn.Identity()
+
+    @registry.register_encoder("test-no-width")
+    def no_width(*, input_shape):
+        return torch.nn.Flatten()
+
+    with pytest.raises(MetricLabError, match="needs the argument 'temperature'.*--loss-args temperature=VALUE"):
+        registry.create("loss", "test-needs-temperature")
+    with pytest.raises(MetricLabError, match="breaks the encoder contract.*takes no 'embedding_dim'"):
+        registry.create("encoder", "test-no-width", embedding_dim=4, input_shape=(1, 8, 8))
+
+
+def test_a_plugin_file_that_fails_to_import_is_one_error_naming_it(tmp_path):
+    broken = tmp_path / "needs_a_library.py"
+    broken.write_text("import a_library_that_is_not_installed\n")
+    with pytest.raises(MetricLabError, match="needs_a_library.py failed to import: ModuleNotFoundError"):
+        registry.load_plugin(str(broken))
+    assert "metriclab_user_plugin_needs_a_library" not in sys.modules
+    text = tmp_path / "plugin.txt"
+    text.write_text("")
+    with pytest.raises(MetricLabError, match="is not a Python file"):
+        registry.load_plugin(str(text))
+
+
 def test_duplicate_registration_is_an_error(restore_registries):
     @registry.register_encoder("test-duplicate")
     def first(**kwargs):
