@@ -459,6 +459,23 @@ def list_components(kind: str, pattern: str = "*") -> list[str]:
     return registry(kind).list(pattern)
 
 
+def require_component(where: Path, config: dict[str, Any], kind: str, name: str | None) -> None:
+    """Raise a MetricLabError naming the package to install when a run's component is not registered here.
+
+    ``config`` is the run's config.json (``where`` its folder), which records each component's package.
+    """
+    if not name or name in registry(kind):
+        return
+    source = config.get("components", {}).get(kind, {}).get("source")
+    named = config.get("recipe", {}).get("plugins") or []
+    if named:
+        how = f"pass --plugins {' --plugins '.join(named)} if you trust that code, or install the package providing it"
+    else:
+        how = f"pip install {source}" if source else "install the plugin that provides it"
+    origin = f"from '{source}'" if source else "from a plugin"
+    raise MetricLabError(f"{where} was trained with {kind} '{name}' {origin}, which is not loaded here; {how}")
+
+
 def load_plugins(kind: str | None = None) -> None:
     """Import the installed ``metriclab.plugins`` entry points that lookups of ``kind`` need (every one without
     a kind), each once per process, metriclab's built-ins first.

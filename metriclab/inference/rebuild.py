@@ -38,20 +38,6 @@ def run_recipe(run: Run) -> Recipe:
     return Recipe.from_dict(config["recipe"])
 
 
-def _require_component(run: Run, kind: str, name: str | None) -> None:
-    """Raise a MetricLabError naming the package to install when the run's component is not registered."""
-    if not name or name in registry.registry(kind):
-        return
-    source = run.config.get("components", {}).get(kind, {}).get("source")
-    named = run.config.get("recipe", {}).get("plugins") or []
-    if named:
-        how = f"pass --plugins {' --plugins '.join(named)} if you trust that code, or install the package providing it"
-    else:
-        how = f"pip install {source}" if source else "install the plugin that provides it"
-    origin = f"from '{source}'" if source else "from a plugin"
-    raise MetricLabError(f"{run.path} was trained with {kind} '{name}' {origin}, which is not loaded here; {how}")
-
-
 def load_run_model(run: Run, device: str | torch.device | None = None) -> SiameseNetwork:
     """The run's trained network, rebuilt from config.json and model.safetensors, in eval mode on ``device``."""
     recipe = run_recipe(run)
@@ -60,8 +46,8 @@ def load_run_model(run: Run, device: str | torch.device | None = None) -> Siames
             f"{run.path} has no weights (model.safetensors is missing): training did not finish; "
             f"resume it with `python recipes/{recipe.name}.py --resume {run.path}`"
         )
-    _require_component(run, "encoder", recipe.encoder)
-    _require_component(run, "encoder", recipe.second_encoder)
+    registry.require_component(run.path, run.config, "encoder", recipe.encoder)
+    registry.require_component(run.path, run.config, "encoder", recipe.second_encoder)
     shape = _input_shape(run)
     log.info("loading the model from %s", run.weights_path)
     model = build_model(recipe, shape, starting_weights=False)  # model.safetensors holds the trained weights
@@ -93,7 +79,7 @@ def run_dataset(
         own = recipe.dataset_args | (dataset_args or {})
         recipe = replace(recipe, data_dir=data_dir if data_dir is not None else recipe.data_dir, dataset_args=own)
     if name is None:
-        _require_component(run, "dataset", recipe.dataset)
+        registry.require_component(run.path, run.config, "dataset", recipe.dataset)
 
     log.info("loading dataset '%s'", recipe.dataset)
     dataset = load_dataset(recipe)

@@ -36,7 +36,7 @@ from metriclab.errors import MetricLabError
 from metriclab.metrics.protocol import protocol_metrics, query_gallery_metrics
 from metriclab.metrics.retrieval import evaluate_embeddings, retrieval_metrics
 from metriclab.models import backbone_preprocessing, embed
-from metriclab.recipe import SELECTION_METRICS, Recipe
+from metriclab.recipe import COMPONENTS, SELECTION_METRICS, Recipe
 from metriclab.runs import DISK_ERRNOS, Run, append_history, save_embeddings, trim_history, write_config
 from metriclab.training import contracts
 from metriclab.training.checkpoints import (
@@ -146,6 +146,9 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     # started before they were filled in from the backbone keeps going without them).
     recipe, below = with_backbone_preprocessing(_absolute_data(recipe), transforms=new)
     if not new:
+        config = Run(run_dir).config
+        for kind, name in _component_names(recipe):  # a plugin uninstalled since: name the package to install
+            registry.require_component(run_dir, config, kind, name)
         recipe = _started_transforms(recipe, run_dir)
         if changed := changed_options(recipe, run_dir, accelerator.num_processes):
             reporter.notice(
@@ -216,6 +219,12 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
 
 
 BACKBONE_TRANSFORM_ARGS = ("crop_fraction", "interpolation")  # what pretrained weights say about their images
+
+
+def _component_names(recipe: Recipe) -> list[tuple[str, str | None]]:
+    """``(kind, name)`` of every registered component the recipe names."""
+    kinds = {"second_encoder": "encoder", "train_transform": "transform", "test_transform": "transform"}
+    return [(kinds.get(field, field), getattr(recipe, field)) for field in COMPONENTS]
 
 
 def _absolute_data(recipe: Recipe) -> Recipe:

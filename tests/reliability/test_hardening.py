@@ -160,6 +160,16 @@ def test_a_resume_with_other_options_names_each_before_it_trains(tmp_path, capsy
     assert_user_error(code, err.strip().splitlines()[-1], "does not fit the model")
 
 
+def test_a_resume_without_the_plugin_a_run_was_trained_with_names_the_package(tmp_path, capsys):
+    out = _checkpointed_run(tmp_path, capsys)
+    config = json.loads((out / "config.json").read_text())
+    config["recipe"]["loss"] = config["components"]["loss"]["name"] = "ghost-loss"
+    config["components"]["loss"]["source"] = "ghostpkg"
+    (out / "config.json").write_text(json.dumps(config))
+    code, err = train_in_process(capsys, *DIGITS, "--loss", "ghost-loss", "--resume", str(out))
+    assert_user_error(code, err, "trained with loss 'ghost-loss' from 'ghostpkg'", "pip install ghostpkg")
+
+
 def test_a_trainer_state_field_of_the_wrong_type_is_named(tmp_path, capsys):
     out = _checkpointed_run(tmp_path, capsys)
     state = Run.latest_checkpoint_in(out) / "trainer_state.json"
