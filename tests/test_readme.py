@@ -36,6 +36,7 @@ def test_the_recipe_example_trains(tmp_path):
     assert config["recipe"]["name"] == "mnist_triplet_64d" and config["recipe"]["embedding_dim"] == 64
     assert config["components"]["loss"]["args"]["margin"] == 0.5
     assert config["components"]["miner"]["args"]["margin"] == 0.2
+    assert config["components"]["sampler"] == {"name": "m-per-class", "source": "metriclab", "args": {"m_per_class": 4}}
     assert Run(out).embeddings("test")[0].shape[1] == 64
 
 

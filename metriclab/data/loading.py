@@ -44,5 +44,6 @@ def attach_transforms(dataset: StreamingDataset, recipe: Recipe) -> None:
         setattr(dataset, f"{split}_transform", transform)
         dataset.transforms[split] = {
             "name": name,
+            "source": registry.transforms.source(name),
             "args": registry.resolved_arguments(factory, {"size": size, **args}),
         }

@@ -69,9 +69,13 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
         ("optimizer", recipe.optimizer, {"lr": recipe.lr, **recipe.optimizer_args}),
         ("scheduler", recipe.scheduler, recipe.scheduler_args),
         ("dataset", recipe.dataset, recipe.dataset_args),
+        ("sampler", recipe.sampler, {"m_per_class": recipe.m_per_class, **recipe.sampler_args}),
     ]:
         if name:
             entry = registry.registry(kind)
+            if kind == "sampler":  # m_per_class is offered to a sampler that takes it (data.sampling.build_sampler)
+                offered = {"m_per_class": args.pop("m_per_class")}
+                args = {**registry.accepted_arguments(entry.get(name), offered), **args}
             arguments = registry.resolved_arguments(entry.get(name), args)
             components[kind] = {"name": name, "source": entry.source(name), "args": arguments}
     tower = model.towers[0]
@@ -81,7 +85,11 @@ def describe_run(recipe: Recipe, dataset: Dataset, accelerator: Accelerator, mod
         components["encoder"]["embedding_dim"] = model.embedding_dim
     components["encoder"]["input_statistics"] = "backbone" if model.statistics_fixed else "training set"
     versions = {}
-    for package in ("metriclab", "torch", "torchvision", "pytorch-metric-learning", "accelerate", "numpy"):
+    # The stack, and the installed packages the components came from (a --plugins file has no version).
+    plugins = sorted({c["source"] for c in components.values() if not str(c["source"]).endswith(".py")})
+    for package in ("metriclab", "torch", "torchvision", "pytorch-metric-learning", "accelerate", "numpy", *plugins):
+        if package in versions:
+            continue
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
