@@ -411,7 +411,7 @@ def visualize(
     as_json: JsonOption = False,
     plugins: PluginsOption = None,
 ) -> None:
-    """Figures of a run: 2-D embedding scatter, digit thumbnails, retrieval gallery, training GIF and curves.
+    """Figures of a run: 2-D embedding scatter, image thumbnails, retrieval gallery, training GIF and curves.
 
     Embeddings of more than 2 dimensions are projected with --method (named in each title); the GIF
     projects every epoch with one PCA fitted on the last epoch, so the frames share their axes.
@@ -440,7 +440,10 @@ def compare(
         int, typer.Option("--max-points", help="Test points used (a fixed random subset when there are more).")
     ] = 10000,
     output: Annotated[
-        Path | None, typer.Option("--output", help="Figure path \\[default: FIRST_RUN/figures/compare.png].")
+        Path | None,
+        typer.Option(
+            "--output", help="Figure path, or a folder for compare.png \\[default: FIRST_RUN/figures/compare.png]."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the subset and the projections.")] = 0,
     show: Annotated[bool, typer.Option("--show", help="Open the figure where a display exists.")] = False,

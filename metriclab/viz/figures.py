@@ -151,6 +151,17 @@ def _snapshots(run: Run, metric: str, seed: int) -> tuple[list[tuple[str, np.nda
     return projected, f"test set, PCA of {how}{dims}-D on the axes of epoch {epochs[-1]}"
 
 
+def _as_seen(dataset: Any) -> str:
+    """A title's note that images of files are shown as the network saw them (its test-time transform)."""
+    if not is_streaming(dataset):
+        return ""
+    transform = dataset.transforms.get("test", {})
+    size = transform.get("args", {}).get("size")
+    return f"\nimages as the network sees them: {transform.get('name', 'the test-time transform')}" + (
+        f" to {size} px" if size else ""
+    )
+
+
 def _curve_series(run: Run) -> dict[str, list[tuple[float, float]]]:
     history = run.history()
     series: dict[str, list[tuple[float, float]]] = {}
@@ -231,7 +242,7 @@ def visualize_run(
             test_labels,
             names,
             max_images=max_thumbnails,
-            title=f"{title}: test images at their embedding ({how})",
+            title=f"{title}: test images at their embedding ({how}){_as_seen(dataset)}",
         )
     if "gallery" in figures and dataset is not None:
         written += _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names)
@@ -295,7 +306,7 @@ def _gallery(run, data, dataset, metric, queries, k, seed, formats, out, names) 
     title = (
         f"{run.name}: top {index.shape[1]} in the {where}, {metric} distance\n"
         f"{len(chosen)} random test queries, {failed} of them drawn from the {wrong.mean():.0%} "
-        f"with another class among their top {index.shape[1]}"
+        f"with another class among their top {index.shape[1]}{_as_seen(dataset)}"
     )
     return [
         plots.retrieval_gallery(
@@ -410,6 +421,8 @@ def compare_runs(
             }
         )
     path = Path(output) if output is not None else first_run.path / "figures" / "compare.png"
+    if path.is_dir():  # a folder to write into
+        path = path / "compare.png"
     log.info("drawing %d panels", len(shown))
     figure = plots.panels(
         [panel for _, _, panel in shown],
