@@ -86,21 +86,27 @@ def plugins(
                 f"metriclab {registry.registry(kind).kind} components",
                 "*",
             )
-        rows = [(r.kind, e.name, e.source) for r in kinds for e in r.entries(pattern)]
+        entries = [e for r in kinds for e in r.entries(pattern)]
+        rows = [(e.kind, e.name, e.source, e.description) for e in entries]
         if ":" not in pattern:  # a family is one row saying how to list its members, not a thousand rows
             for r in kinds:
                 for f in r.families.values():
                     if fnmatch.fnmatchcase(f"{f.prefix}:<model>", pattern):
                         listing = f"{len(f.members()):,} models; list: metriclab plugins '{f.prefix}:*resnet*'"
-                        rows.append((r.kind, f"{f.prefix}:<model>", f"{f.source} ({listing})"))
+                        rows.append((r.kind, f"{f.prefix}:<model>", f"{f.source} ({listing})", ""))
         if not rows:
             raise MetricLabError(f"no component matches '{pattern}'; run `metriclab plugins` to list all")
     if as_json:
-        print(json.dumps([{"kind": k, "name": n, "source": s} for k, n, s in rows], indent=2))
+        arguments = {(e.kind, e.name): e.arguments for e in entries}
+        listed = [
+            {"kind": k, "name": n, "source": s, "description": d, "arguments": arguments.get((k, n), {})}
+            for k, n, s, d in rows
+        ]
+        print(json.dumps(listed, indent=2, default=repr))
         return
-    table = Table(title=title)
-    for column in ("kind", "name", "from"):
-        table.add_column(column)
+    table = Table(title=title, caption="metriclab plugins NAME --json: its arguments and defaults")
+    for column in ("kind", "name", "from", "description"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*row)
     console.print(table)

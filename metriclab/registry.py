@@ -32,6 +32,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import itertools
 import json
 import re
 import sys
@@ -62,6 +63,27 @@ class Entry:
     kind: str
     factory: Callable[..., Any]
     source: str
+
+    @property
+    def description(self) -> str:
+        """The first paragraph of the factory's own docstring ('' without one; a base class's is not its own)."""
+        factory = self.factory.func if isinstance(self.factory, functools.partial) else self.factory
+        lines = inspect.cleandoc(factory.__doc__ or "").split("\n\n")[0].splitlines()
+        sections = ("Args:", "Arguments:", "Parameters", "Returns")  # Google/NumPy sections are not the summary
+        summary = itertools.takewhile(lambda line: not line.strip().startswith(sections), lines)
+        return " ".join(" ".join(summary).split())
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The options a recipe can give it, with their defaults (None for required ones, repr for objects)."""
+        found = keyword_parameters(self.factory, follow_kwargs=True)
+        if found is None:
+            return {}
+        return {
+            name: None if default is _NO_DEFAULT else default if _plain(default) else repr(default)
+            for name, default in found[0].items()
+            if name not in SUPPLIED.get(self.kind, ())
+        }
 
 
 @dataclass(frozen=True)

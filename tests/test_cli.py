@@ -325,9 +325,13 @@ def test_compare_two_runs_on_the_same_points(run_dir, run_8d, tmp_path):
 def test_plugins_lists_components_by_kind_with_their_package():
     result = cli("plugins", "losses", "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
-    assert {"kind": "loss", "name": "contrastive", "source": "metriclab"} in rows
-    assert {r["kind"] for r in rows} == {"loss"}
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    contrastive = rows["contrastive"]
+    assert (contrastive["kind"], contrastive["source"]) == ("loss", "metriclab")
+    assert contrastive["description"].startswith("Hadsell, Chopra & LeCun (2006)")
+    assert contrastive["arguments"]["margin"] == 1.0 and "squared" in contrastive["arguments"]
+    assert rows["pml.ContrastiveLoss"]["description"] == ""  # not nn.Module's docstring, which it inherits
+    assert {r["kind"] for r in rows.values()} == {"loss"}
     names = {r["name"] for r in json.loads(cli("plugins", "pml.*Loss", "--json").stdout)}
     assert {"pml.MultiSimilarityLoss", "pml.TripletMarginLoss"} <= names
     table = cli("plugins")
