@@ -252,7 +252,8 @@ class Recipe:
             if name in given and given[name] != data[name]:
                 data[f"{name}_args"] = {}
             if f"{name}_args" in given:
-                data[f"{name}_args"] = {**data[f"{name}_args"], **given.pop(f"{name}_args")}
+                extra = given.pop(f"{name}_args")
+                data[f"{name}_args"] = {**({} if extra.pop(_CLEARED, False) else data[f"{name}_args"]), **extra}
         if "data_dir" in data["dataset_args"]:  # the command line's folder wins over the recipe's (or --config's)
             data["data_dir"] = given.pop("data_dir", None) or data["dataset_args"].pop("data_dir")
         for key, value in given.items():
@@ -318,6 +319,12 @@ def _key_values(text: str) -> dict[str, Any]:
 
 # What ``--FIELD none`` parses to for a field that may be null, so it can clear a value from --config.
 _NULL = object()
+_CLEARED = "\0cleared"  # the key ``--COMPONENT-args none`` parses to: start from no arguments
+
+
+def _recipe_key_values(text: str) -> dict[str, Any]:
+    """``key=value`` as :func:`_key_values`, or ``none``: the recipe's arguments for the component are dropped."""
+    return {_CLEARED: True} if text == "none" else _key_values(text)
 
 
 def _nullable(base: type) -> Any:
@@ -367,11 +374,11 @@ def _parser(recipe: Recipe, prog: str | None) -> argparse.ArgumentParser:
             parser.add_argument(
                 flag,
                 nargs="+",
-                type=_key_values,
+                type=_recipe_key_values,
                 action=_MergeDict,
                 default=None,
                 metavar="KEY=VALUE",
-                help=f"keyword arguments, merged into the recipe's {default}",
+                help=f"keyword arguments, merged into the recipe's {default} (none: leave the recipe's out)",
             )
         elif hint is list:
             parser.add_argument(flag, nargs="+", default=None, help=f"(recipe: {default})")

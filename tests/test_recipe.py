@@ -27,6 +27,9 @@ def test_switching_a_component_drops_its_old_arguments_unless_given():
     merged = recipe.with_overrides(["--miner-args", "pairs_per_sample=3"]).miner_args
     assert merged == {"pos_fraction": 0.3, "pairs_per_sample": 3}
     assert recipe.with_overrides(["--miner", "none"]).miner is None
+    # none leaves the recipe's arguments out; any given with it still apply
+    assert recipe.with_overrides(["--loss-args", "none"]).loss_args == {}
+    assert recipe.with_overrides(["--miner-args", "none", "seed=3"]).miner_args == {"seed": 3}
 
 
 def test_config_file_is_the_starting_point(tmp_path):
