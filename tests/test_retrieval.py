@@ -74,6 +74,16 @@ def test_knn_equals_brute_force_for_every_chunk_size(metric):
         torch.testing.assert_close(distances, results[0][0], rtol=1e-5, atol=1e-5)
 
 
+def test_knn_reports_euclidean_distances_of_large_embeddings_exactly():
+    """Embeddings far from the origin (norms ~80): an item's own copy is at 0, not at float32 cancellation's 1e-2."""
+    rng = np.random.default_rng(0)
+    gallery = (rng.standard_normal((2000, 64)) * 3 + 10).astype(np.float32)
+    distances, indices = knn(gallery[:50], gallery, 5)
+    assert (indices[:, 0].numpy() == np.arange(50)).all() and (distances[:, 0] == 0).all()
+    exact = np.linalg.norm(gallery[:50, None].astype(np.float64) - gallery[indices.numpy()], axis=2)
+    np.testing.assert_allclose(distances.numpy(), exact, rtol=1e-6, atol=1e-5)
+
+
 def test_knn_on_a_gallery_large_enough_to_sample_thresholds():
     gallery, _ = blobs(3001, 5, dim=8)
     queries = gallery[:40]
