@@ -554,9 +554,10 @@ def embed(
     )
 
 
-def _search_table(queries: Any, gallery: Any, result: Any) -> Table:
+def _search_table(queries: Any, gallery: Any, result: Any, left_out: int = 0) -> Table:
+    mine = f"; {left_out:,} queries' own gallery image left out" if left_out else ""
     table = Table(
-        title=f"{result.indices.shape[1]} nearest of {len(gallery):,} gallery images ({result.metric} distance)",
+        title=f"{result.indices.shape[1]} nearest of {len(gallery):,} gallery images ({result.metric} distance{mine})",
         title_justify="left",
         header_style="bold",
     )
@@ -645,7 +646,7 @@ def search(
     plugins: PluginsOption = None,
 ) -> None:
     """The K nearest gallery images of each query, exact by default (chunked: no full distance matrix)."""
-    from metriclab.inference.search import embedding_set, search_scores
+    from metriclab.inference.search import embedding_set, own_items, search_scores
     from metriclab.inference.search import search as nearest
 
     with _reporting(ctx.obj["debug"], "loading the model"):
@@ -654,9 +655,11 @@ def search(
             data = embedding_set(model, gallery, batch_size, progress)
         with _progress("embedding the queries") as progress:
             query_set = embedding_set(model, queries if len(queries) > 1 else queries[0], batch_size, progress)
-        result = nearest(
-            query_set.embeddings, data, k, metric or model.metric, approximate="faiss-ivf" if approximate else None
-        )
+        # Scored queries leave their own gallery item out (as evaluate's leave-one-out): so do the results shown.
+        own = own_items(query_set, data) if evaluate else None
+        left_out = int((own >= 0).sum()) if own is not None else 0
+        method = "faiss-ivf" if approximate else None
+        result = nearest(query_set.embeddings, data, k, metric or model.metric, approximate=method, exclude=own)
         scores = search_scores(query_set, data, k, result.metric) if evaluate else None
         written = _search_figure(model, query_set, data, result, figure) if figure is not None else None
     if as_json:
@@ -677,13 +680,14 @@ def search(
             for q in range(len(query_set))
         ]
         out = {"metric": result.metric, "k": int(result.indices.shape[1]), "exact": result.exact, "queries": rows}
+        out["own_items_left_out"] = left_out
         if not result.exact:
             out["recall_vs_exact"] = result.recall
         if scores is not None:
             out["scores"] = scores
         print(json.dumps(out, indent=2))
     else:
-        console.print(_search_table(query_set, data, result))
+        console.print(_search_table(query_set, data, result, left_out))
         if scores is not None:
             console.print(_scores_line(scores, len(query_set)), highlight=False)
     if not result.exact:

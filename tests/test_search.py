@@ -389,3 +389,14 @@ def test_queries_that_are_gallery_items_are_left_out_of_their_own_ranking():
         )  # fmt: skip
     for key in ("precision@1", "precision@5", "map@r", "r_precision"):
         assert got[key] == pytest.approx(np.mean([a[key] for a in alone]), abs=1e-12)
+
+
+def test_search_evaluate_leaves_each_querys_own_image_out_of_its_results_too(small_run, gallery_file):  # noqa: F811
+    """The results listed are the ranking scored: a query that is a gallery image is not its own first result."""
+    args = ["search", small_run, gallery_file, "--gallery", gallery_file, "-k", "2", "--json"]
+    shown = json.loads(cli(*args).stdout)
+    assert all(q["query"] == q["results"][0]["path"] for q in shown["queries"])  # without --evaluate: found first
+    scored = json.loads(cli(*args, "--evaluate").stdout)
+    assert scored["own_items_left_out"] == len(scored["queries"]) > 0
+    assert all(q["query"] not in [r["path"] for r in q["results"]] for q in scored["queries"])
+    assert [q["results"][0]["path"] for q in scored["queries"]] == [q["results"][1]["path"] for q in shown["queries"]]

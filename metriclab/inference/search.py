@@ -197,29 +197,51 @@ def search(
     exclude_self: bool = False,
     approximate: str | None = None,
     device: str | None = None,
+    exclude: np.ndarray | None = None,
 ) -> SearchResult:
-    """The ``k`` nearest gallery items of each query: exact, or approximate (``"faiss-ivf"``) with its recall@k."""
+    """The ``k`` nearest gallery items of each query: exact, or approximate (``"faiss-ivf"``) with its recall@k.
+
+    ``exclude[i]`` (see :func:`own_items`) is a gallery index left out of query ``i``'s results, -1 for none.
+    """
     gallery_emb = gallery.embeddings if isinstance(gallery, EmbeddingSet) else np.asarray(gallery)
     if metric not in METRICS:
         raise MetricLabError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
     if k < 1:
         raise MetricLabError(f"k must be at least 1, got {k}")
+    if exclude is not None and not (exclude >= 0).any():
+        exclude = None
     start = time.perf_counter()
     if approximate is None:
-        distances, indices = knn(queries, gallery_emb, k, metric=metric, exclude_self=exclude_self, device=device)
+        found = knn(queries, gallery_emb, k, metric=metric, exclude_self=exclude_self, device=device, exclude=exclude)
+        distances, indices = found
         return SearchResult(indices.cpu().numpy(), distances.cpu().numpy(), metric, seconds=time.perf_counter() - start)
     if approximate != "faiss-ivf":
         raise MetricLabError(f"unknown approximate index '{approximate}'; use faiss-ivf (or none for exact search)")
-    return approximate_knn(queries, gallery_emb, k, metric)
+    return approximate_knn(queries, gallery_emb, k, metric, exclude=exclude)
+
+
+def own_items(queries: EmbeddingSet, gallery: EmbeddingSet) -> np.ndarray:
+    """For each query, the gallery index of the same image (the same path, however written), -1 for none."""
+    first: dict[str, int] = {}
+    for i, path in enumerate(gallery.paths):
+        first.setdefault(os.path.abspath(path), i)
+    return np.array([first.get(os.path.abspath(path), -1) for path in queries.paths], dtype=np.int64)
 
 
 def approximate_knn(
-    queries: np.ndarray, gallery: np.ndarray, k: int, metric: str, nprobe: int = 16, recall_sample: int = 1000
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    metric: str,
+    nprobe: int = 16,
+    recall_sample: int = 1000,
+    exclude: np.ndarray | None = None,
 ) -> SearchResult:
     """faiss ``IndexIVFFlat`` search (sqrt(N) lists trained on 64 points each, ``nprobe`` probed) + recall@k vs exact.
 
     The recall is measured on up to ``recall_sample`` queries (a fixed random subset) by running
     :func:`metriclab.metrics.retrieval.knn` on them: the fraction of the exact top-k that was found.
+    ``exclude`` as in :func:`search`: one more is searched, and the query's own item dropped.
     """
     try:
         import faiss
@@ -231,7 +253,8 @@ def approximate_knn(
     if metric == "cosine":
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-    k = min(k, len(g))
+    extra = int(exclude is not None)
+    k = min(k, len(g) - extra)
     nlist = max(1, min(int(np.sqrt(len(g))), len(g) // 39))  # faiss wants >= 39 training points per list
     kind = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     quantizer = faiss.IndexFlatIP(g.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(g.shape[1])
@@ -240,15 +263,19 @@ def approximate_knn(
     index.train(train)
     index.add(g)
     index.nprobe = min(nprobe, nlist)
-    scores, indices = index.search(q, k)
+    scores, indices = index.search(q, k + extra)
     distances = 1.0 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0))
+    if extra:  # the k first that are not the query's own item, in order
+        order = np.argsort(indices == exclude[:, None], axis=1, kind="stable")[:, :k]
+        indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
+    own = (lambda rows: exclude[rows]) if extra else (lambda rows: None)
     short = np.flatnonzero((indices < 0).any(axis=1))
     if len(short):  # the probed lists held fewer than k items (faiss pads with -1): those queries are searched exactly
-        exact_d, exact_i = knn(queries[short], gallery, k, metric=metric, device="cpu")
+        exact_d, exact_i = knn(queries[short], gallery, k, metric=metric, device="cpu", exclude=own(short))
         indices[short], distances[short] = exact_i.numpy(), exact_d.numpy()
     seconds = time.perf_counter() - start
     sample = np.random.default_rng(0).choice(len(q), min(len(q), recall_sample), replace=False)
-    _, exact = knn(queries[sample], gallery, k, metric=metric, device="cpu")
+    _, exact = knn(queries[sample], gallery, k, metric=metric, device="cpu", exclude=own(sample))
     exact = exact.numpy()
     found = [len(np.intersect1d(indices[i], exact[j])) for j, i in enumerate(sample)]
     recall = float(np.sum(found) / exact.size)
@@ -291,10 +318,7 @@ def search_scores(queries: EmbeddingSet, gallery: EmbeddingSet, k: int, metric: 
                 f"scoring needs labels, but the {name} have none; embed a dataset CSV (label column), "
                 "a folder of class sub-folders or DATASET:SPLIT"
             )
-    first = {}
-    for i, path in enumerate(gallery.paths):
-        first.setdefault(os.path.abspath(path), i)
-    own = np.array([first.get(os.path.abspath(path), -1) for path in queries.paths], dtype=np.int64)
+    own = own_items(queries, gallery)
     held = own >= 0
     scored = int((matches(queries.labels, gallery.labels, own) > 0).sum())
     if scored == 0:
