@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def test_embedding_files_round_trip(tmp_path, suffix):
     )
     back = load_embedding_set(save_embedding_set(tmp_path / f"e{suffix}", data))
     np.testing.assert_array_equal(back.embeddings, data.embeddings)
-    assert list(back.paths) == list(data.paths) and list(back.labels) == list(data.labels)
+    # relative paths are kept absolute, so the file can be used from another folder
+    assert list(back.paths) == [os.path.abspath(p) for p in data.paths] and list(back.labels) == list(data.labels)
     assert list(back.columns["is_query"]) == list(data.columns["is_query"]) and back.meta["run"] == "r"
 
 

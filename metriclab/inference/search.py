@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,14 +75,25 @@ def _suffix(path: Path) -> str:
     return suffix
 
 
+_DATASET_ITEM = re.compile(r"^[^/\\]+:(train|test):\d+$")  # an array dataset's item: 'fashion-mnist:test:7'
+
+
+def _stored_paths(paths: np.ndarray) -> np.ndarray:
+    """Image paths as an embedding file keeps them: absolute, so the file works from any folder (a search's
+    figure reads the images, and a query is matched to its own gallery item by path); dataset items as they are."""
+    kept = [p if os.path.isabs(p) or _DATASET_ITEM.match(p) else os.path.abspath(p) for p in paths.astype(str)]
+    return np.array(kept, dtype=str)
+
+
 def save_embedding_set(path: str | Path, data: EmbeddingSet) -> Path:
     """Write ``data`` to ``path`` (.npz, or .parquet with pyarrow) atomically; returns the path."""
     path = Path(path)
     suffix = _suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": EMBEDDING_FILE_VERSION, **data.meta, "count": len(data)}
+    paths = _stored_paths(data.paths)
     if suffix == ".npz":
-        arrays = {"embeddings": data.embeddings.astype(np.float32), "paths": data.paths.astype(str)}
+        arrays = {"embeddings": data.embeddings.astype(np.float32), "paths": paths}
         if data.labels is not None:
             arrays["labels"] = data.labels
         arrays |= {f"column_{k}": v for k, v in data.columns.items()}
@@ -92,7 +104,7 @@ def save_embedding_set(path: str | Path, data: EmbeddingSet) -> Path:
     pa, pq = _parquet()
     emb = data.embeddings.astype(np.float32)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-    table = {"path": pa.array(data.paths.astype(str)), "embedding": vectors}
+    table = {"path": pa.array(paths), "embedding": vectors}
     if data.labels is not None:
         table["label"] = pa.array(data.labels.tolist())
     table |= {k: pa.array(v.tolist()) for k, v in data.columns.items()}
