@@ -717,6 +717,21 @@ def test_files_embed_through_the_run_s_own_test_transform(streamed_run):
     model = metriclab.load_model(run.path, device="cpu")
     assert model.preprocessing["image_files"]["test_transform"]["name"] == "resize-center-crop"
     np.testing.assert_allclose(model.embed(list(files)), saved, rtol=1e-4, atol=1e-5)
+    # The steps written into the metadata (and into exported files) are enough to prepare the images elsewhere.
+    import re
+
+    from PIL import Image
+    from torchvision.transforms.v2 import functional
+
+    resize, crop = model.preprocessing["image_files"]["test_transform_steps"]
+    side, square = int(re.search(r"size=\[(\d+)\]", resize)[1]), int(re.search(r"size=\((\d+),", crop)[1])
+    mode = "L" if model.input_shape[0] == 1 else "RGB"
+    by_hand = []
+    for f in files:
+        pixels = np.array(Image.open(f).convert(mode))
+        image = torch.from_numpy(pixels[..., None] if pixels.ndim == 2 else pixels).permute(2, 0, 1)
+        by_hand.append(functional.center_crop(functional.resize(image, [side]), [square]))
+    np.testing.assert_allclose(model.embed(torch.stack(by_hand).numpy()), saved, rtol=1e-4, atol=1e-5)
     # A plain resize of the whole picture to 16x16 (what a run trained on arrays does) would embed them otherwise.
     model.transform = None
     assert not np.allclose(model.embed(list(files)), saved, rtol=1e-4, atol=1e-5)

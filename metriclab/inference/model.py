@@ -77,6 +77,9 @@ class EmbeddingModel:
         files = {"mode": "L (grey)" if self.input_shape[0] == 1 else "RGB"}
         if self.test_transform:
             files["test_transform"] = self.test_transform  # torchvision.transforms.v2 by name, as in training
+            # ... and what it does, exactly: e.g. Resize(size=[37], ..., antialias=True), CenterCrop(size=(32, 32))
+            steps = [line.strip() for line in repr(self.transform).splitlines()]
+            files["test_transform_steps"] = [line for line in steps if line not in ("Compose(", ")")]
         else:
             files["resize"] = f"{width}x{height} (W x H), PIL bilinear, when sizes differ"
         return {
