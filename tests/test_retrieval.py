@@ -481,6 +481,22 @@ def test_evaluate_embeddings_sections_and_input_types():
     assert without_train["test_loo"] == from_numpy["test_loo"]
 
 
+def test_scores_do_not_depend_on_the_threads_a_process_has():
+    """One thread (a process of `evaluate --processes N`) scores bit for bit as two: its products run on one BLAS
+    thread as each worker's do, since a product's rounding can depend on the threads sharing it (OpenBLAS, AMD)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 20000)
+    emb = (rng.standard_normal((20000, 64)) + labels[:, None] * 0.3).astype(np.float32)
+    before, scores = torch.get_num_threads(), []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            scores.append(retrieval_metrics(emb[:2000], labels[:2000], emb, labels, ks=(1,), clustering=False))
+    finally:
+        torch.set_num_threads(before)
+    assert scores[0] == scores[1]
+
+
 def test_a_test_set_of_one_class_is_scored_without_pair_verification():
     """A folder's test split can hold a single class: no negative pairs exist, so verification is left out."""
     test, _ = blobs(30, 1, seed=3)

@@ -188,8 +188,9 @@ def _in_parallel(fn: Callable[[int, int], Any], n: int, rows: int, distributed: 
     bounds = _chunks(n, rows, distributed)
     starts, stops = [b[0] for b in bounds], [b[1] for b in bounds]
     workers = _workers()
-    if workers == 1:
-        return [fn(start, stop) for start, stop in zip(starts, stops, strict=True)]
+    if workers == 1:  # one BLAS thread too: a product's rounding may depend on how many threads share it (OpenBLAS
+        with threadpool_limits(limits=1, user_api="blas"):  # on AMD CPUs), and the scores must not
+            return [fn(start, stop) for start, stop in zip(starts, stops, strict=True)]
     # Each worker multiplies its own chunk and selects from it while the keys are fresh in cache; one BLAS
     # thread per worker keeps the busy threads at the core count (2 cores, 10k x 60k MAP@R: 1.4 s this way,
     # 1.6 s with the products on a producer thread, 4.2 s when OpenBLAS's own threads fought the workers).
