@@ -521,17 +521,26 @@ def embed(
     output: Annotated[Path, typer.Option("--output", "-o", help="Embedding file to write: .npz or .parquet.")],
     batch_size: BatchOption = 256,
     device: DeviceOption = None,
+    skip_unreadable: Annotated[
+        bool,
+        typer.Option(
+            "--skip-unreadable", help="Leave out image files that cannot be read (listed in the file's meta)."
+        ),
+    ] = False,
     as_json: JsonOption = False,
     plugins: PluginsOption = None,
 ) -> None:
-    """Embed images with a trained run; writes embeddings, labels (when known) and image paths."""
+    """Embed images with a trained run; writes embeddings, labels (when known) and image paths.
+
+    Every file's header is read first, so an unreadable image stops the command before it embeds anything.
+    """
     from metriclab.inference.search import embed_inputs, save_embedding_set
 
     with _reporting(ctx.obj["debug"], "loading the model"):
         model = _load_model(run, plugins, device)
         start = time.perf_counter()
         with _progress(f"embedding {inputs}") as progress:
-            data = embed_inputs(model, inputs, batch_size, progress)
+            data = embed_inputs(model, inputs, batch_size, progress, skip_unreadable)
         seconds = time.perf_counter() - start
         path = save_embedding_set(output, data)
     summary = {
@@ -541,7 +550,15 @@ def embed(
         "labels": data.labels is not None,
         "device": str(model.device),
         "seconds": round(seconds, 3),
+        "skipped_unreadable": data.meta.get("skipped_unreadable", []),
     }
+    if skipped := summary["skipped_unreadable"]:
+        errors.print(
+            f"left out {len(skipped)} unreadable image(s), listed in the file's meta: {', '.join(skipped[:3])}"
+            + (" ..." if len(skipped) > 3 else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
     if as_json:
         print(json.dumps(summary, indent=2))
         return

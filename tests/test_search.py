@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,3 +403,21 @@ def test_search_evaluate_leaves_each_querys_own_image_out_of_its_results_too(sma
     assert scored["own_items_left_out"] == len(scored["queries"]) > 0
     assert all(q["query"] not in [r["path"] for r in q["results"]] for q in scored["queries"])
     assert [q["results"][0]["path"] for q in scored["queries"]] == [q["results"][1]["path"] for q in shown["queries"]]
+
+
+def test_embed_checks_every_file_first_and_can_leave_out_unreadable_ones(small_run, image_folder, tmp_path):  # noqa: F811
+    import shutil
+
+    folder = shutil.copytree(image_folder, tmp_path / "photos")
+    first, second = sorted(p for p in folder.iterdir())[:2]
+    (first / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (second / "cut.png").write_bytes(next(second.glob("*.png")).read_bytes()[:60])
+    stopped = cli("embed", small_run, folder, "-o", tmp_path / "all.npz")
+    line = " ".join(stopped.output.split())
+    assert stopped.exit_code == 2 and "2 problems" in line and "broken.png" in line and "cut.png" in line
+    assert "--skip-unreadable" in line and not (tmp_path / "all.npz").exists()
+    kept = cli("embed", small_run, folder, "-o", tmp_path / "kept.npz", "--skip-unreadable", "--json")
+    assert kept.exit_code == 0, kept.output
+    summary, data = json.loads(kept.stdout), load_embedding_set(tmp_path / "kept.npz")
+    assert summary["count"] == len(data) == 30 and len(summary["skipped_unreadable"]) == 2
+    assert sorted(Path(p).name for p in data.meta["skipped_unreadable"]) == ["broken.png", "cut.png"]

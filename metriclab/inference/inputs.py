@@ -147,6 +147,16 @@ class Inputs:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, keep: np.ndarray) -> Inputs:
+        """The items at indices (or under the mask) ``keep``, with their labels and columns."""
+        return Inputs(
+            self.paths[keep],
+            None if self.labels is None else self.labels[keep],
+            None if self.images is None else self.images[torch.as_tensor(keep)],
+            {name: values[keep] for name, values in self.columns.items()},
+            self.source,
+        )
+
     def batches(
         self, input_shape: Sequence[int], transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> Callable[[int, int], torch.Tensor]:

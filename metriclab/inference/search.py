@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from metriclab.data.images import check_files, report_problems
 from metriclab.errors import MetricLabError
 from metriclab.inference.inputs import crop_boxes
 from metriclab.metrics.retrieval import METRICS, knn, matches, retrieval_metrics
@@ -294,12 +295,32 @@ def approximate_knn(
     return SearchResult(indices, distances.astype(np.float32), metric, False, recall, len(sample), seconds)
 
 
-def embed_inputs(model: Any, spec: Any, batch_size: int = 256, progress: Any = None) -> EmbeddingSet:
-    """An :class:`EmbeddingSet` of what ``spec`` names (folder, CSV, DATASET:SPLIT, image files), embedded now."""
+def embed_inputs(
+    model: Any, spec: Any, batch_size: int = 256, progress: Any = None, skip_unreadable: bool = False
+) -> EmbeddingSet:
+    """An :class:`EmbeddingSet` of what ``spec`` names (folder, CSV, DATASET:SPLIT, image files), embedded now.
+
+    Every image file's header is read first: unreadable ones are one error listing them all, before anything is
+    embedded, or with ``skip_unreadable`` are left out and listed in the meta (``skipped_unreadable``).
+    """
     items = model.inputs(spec)
+    skipped: list[str] = []
+    if items.images is None and len(items):
+        problems = check_files(items.paths, items.paths)
+        if problems and not skip_unreadable:
+            report_problems(
+                items.source, [why[len(items.paths[i]) + 2 :] for i, why in problems], "replace or remove them, or "
+                "pass --skip-unreadable to embed the others",
+            )  # fmt: skip
+        if problems:
+            bad = np.array([i for i, _ in problems])
+            skipped = items.paths[bad].tolist()
+            items = items.subset(np.setdiff1d(np.arange(len(items)), bad))
     emb = model.embed(items, batch_size=batch_size, progress=progress)
     meta = {"run": str(model.run.path.resolve()), "embedding_dim": model.embedding_dim, "metric": model.metric}
     meta["weights_sha256"] = model.weights_sha256
+    if skipped:
+        meta["skipped_unreadable"] = skipped
     return EmbeddingSet(emb, items.paths, items.labels, items.columns, {**meta, "source": items.source})
 
 
