@@ -678,6 +678,13 @@ def search(
         method = "faiss-ivf" if approximate else None
         result = nearest(query_set.embeddings, data, k, metric or model.metric, approximate=method, exclude=own)
         scores = search_scores(query_set, data, k, result.metric) if evaluate else None
+        if evaluate and any("is_query" in d.columns or "split" in d.columns for d in (query_set, data)):
+            errors.print(
+                "note: a CSV's split and is_query/is_gallery marks are kept in the files but not applied here: every "
+                "row given is searched (less itself). `metriclab evaluate RUN --dataset csv --data-dir FILE.csv` "
+                "scores the CSV's own protocol",
+                highlight=False,
+            )
         written = _search_figure(model, query_set, data, result, figure) if figure is not None else None
     if as_json:
         rows = [
