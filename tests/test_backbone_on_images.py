@@ -148,7 +148,8 @@ def test_timm_backbone_fine_tunes_on_an_image_folder_from_a_weights_file(tmp_pat
     assert config["recipe"]["image_size"] == 160  # the backbone's own input size, as none was named
     # evaluated as timm evaluates the weights: their crop_pct and interpolation, recorded for embed and evaluate
     test_view = {"size": 160, "crop_fraction": 0.95, "interpolation": "bilinear"}
-    assert config["dataset"]["transforms"]["test"] == {"name": "resize-center-crop", "args": test_view}
+    transform = {"name": "resize-center-crop", "source": "metriclab", "args": test_view}
+    assert config["dataset"]["transforms"]["test"] == transform
     assert config["dataset"]["input_shape"] == [3, 160, 160]
     recorded = config["components"]["encoder"]["weights"]
     assert str(weights) in json.dumps(recorded)  # which weights the run started from

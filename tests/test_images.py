@@ -414,6 +414,7 @@ def test_resident_and_streaming_paths_give_identical_batches_and_weights(twin, t
     np.testing.assert_array_equal(emb_a, emb_b)
     assert runs["files"].config["dataset"]["transforms"]["test"] == {
         "name": "resize",
+        "source": "metriclab",
         "args": {"size": 8, "interpolation": "bilinear"},
     }
 

@@ -296,22 +296,25 @@ def approximate_knn(
 
 
 def embed_inputs(
-    model: Any, spec: Any, batch_size: int = 256, progress: Any = None, skip_unreadable: bool = False
+    model: Any, spec: Any, batch_size: int = 256, progress: Any = None, skip_unreadable: bool | None = None
 ) -> EmbeddingSet:
     """An :class:`EmbeddingSet` of what ``spec`` names (folder, CSV, DATASET:SPLIT, image files), embedded now.
 
     Every image file's header is read first: unreadable ones are one error listing them all, before anything is
-    embedded, or with ``skip_unreadable`` are left out and listed in the meta (``skipped_unreadable``).
+    embedded, or with ``skip_unreadable`` are left out and listed in the meta (``skipped_unreadable``); ``None``:
+    the caller offers no such option.
     """
     items = model.inputs(spec)
     skipped: list[str] = []
     if items.images is None and len(items):
-        problems = check_files(items.paths, items.paths)
+        paths = [str(p) for p in items.paths]
+        problems = check_files(paths, paths)
         if problems and not skip_unreadable:
-            report_problems(
-                items.source, [why[len(items.paths[i]) + 2 :] for i, why in problems], "replace or remove them, or "
-                "pass --skip-unreadable to embed the others",
-            )  # fmt: skip
+            whys = [why[len(paths[i]) + 2 :] for i, why in problems]
+            offer = ", or pass --skip-unreadable to embed the others" if skip_unreadable is not None else ""
+            if len(whys) == 1:
+                raise MetricLabError(f"{whys[0]}; replace or remove it{offer}")
+            report_problems(items.source, whys, f"replace or remove them{offer}")
         if problems:
             bad = np.array([i for i, _ in problems])
             skipped = items.paths[bad].tolist()
