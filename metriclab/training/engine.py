@@ -13,6 +13,7 @@ CUDA graph (:mod:`metriclab.training.graphs`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -640,7 +641,8 @@ class _Trainer:
             return False
         score = [None if row is None else row[recipe.keep_best]]
         broadcast_object_list(score)  # the main process scored; every process decides alike
-        if state.best_score is None or score[0] > state.best_score:
+        better = score[0] is not None and math.isfinite(score[0])  # a NaN score (nothing to score) is never kept
+        if better and (state.best_score is None or score[0] > state.best_score):
             state.best_epoch, state.best_score = epoch, score[0]
             save_best(self.accelerator, self.model, self.run_dir)
         return recipe.patience is not None and epoch - state.best_epoch >= recipe.patience
