@@ -95,6 +95,11 @@ def test_cli_embed_a_dataset_split_and_an_open_metric_learning_csv(small_run, mo
     assert list(data.labels) == [int(r["label"]) for r in rows]
     assert list(data.columns["is_query"]) == [bool(r["is_query"]) for r in rows]
     assert set(data.columns["split"]) == {"validation"}
+    # search scores the rows it is given, and says that a CSV's marks are applied by evaluate only
+    searched = cli("search", small_run, tmp_path / "csv.npz", "--gallery", tmp_path / "csv.npz", "--evaluate")
+    assert searched.exit_code == 0 and "marks are kept in the files but not applied here" in " ".join(
+        searched.stderr.split()
+    )
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
