@@ -374,7 +374,8 @@ def _check_arguments(kind: str, name: str, factory: Callable, kwargs: dict[str, 
         flag = "--train-transform-args / --test-transform-args" if kind == "transform" else f"--{kind}-args"
         raise MetricLabError(
             f"{kind} '{name}' needs the argument{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, "
-            f"which has no default: pass {flag} {' '.join(f'{key}=VALUE' for key in missing)}"
+            f"which {'have' if len(missing) > 1 else 'has'} no default: pass {flag} "
+            f"{' '.join(f'{key}=VALUE' for key in missing)}"
         )
     if var_keyword:
         return

@@ -51,17 +51,55 @@ def test_patience_stops_the_run_after_that_many_epochs_without_a_better_score(st
     assert epochs == list(range(1, best + recipe.patience + 1)) and len(epochs) < recipe.epochs
 
 
-def test_a_resumed_run_remembers_its_best_epoch(stopped_early, tmp_path):
+@pytest.mark.parametrize("where", ["before the best", "after the best", "at the end"])
+def test_a_resumed_run_keeps_the_best_epoch_of_its_checkpoint(stopped_early, tmp_path, where):
+    """Each checkpoint holds its own best weights: a resume from before the best, after it, or from the end (a run
+    killed before its last files) ends with the weights and embeddings of the uninterrupted run."""
     out, recipe = stopped_early
     best = Run(out).metrics["final"]["kept_epoch"]["epoch"]
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    after_best = Run.checkpoints_in(resumed)[best]  # the checkpoint of the epoch after the best one
+    checkpoints = Run.checkpoints_in(resumed)  # one per epoch
+    checkpoint = {"before the best": checkpoints[best - 2], "after the best": checkpoints[best]}.get(where)
     (resumed / "model.safetensors").unlink()
-    train(Recipe(**{**recipe.to_dict(), "output_dir": str(resumed), "resume": str(after_best)}))
-    # A resume that forgot the best score would keep a later, worse epoch.
+    for stale in ("test.npz", "train.npz"):  # what a kill before the end leaves: the last epoch's
+        (resumed / "embeddings" / stale).unlink()
+    train(Recipe(**{**recipe.to_dict(), "output_dir": str(resumed), "resume": str(checkpoint or resumed)}))
+    # A resume that forgot the best would keep a later, worse epoch, or the last weights.
     assert Run(resumed).metrics["final"]["kept_epoch"] == Run(out).metrics["final"]["kept_epoch"]
-    np.testing.assert_array_equal(Run(resumed).embeddings("test")[0], Run(out).embeddings("test")[0])
+    kept = Run(resumed).embeddings("test")[0]
+    np.testing.assert_array_equal(kept, Run(out).embeddings("test")[0])
+    np.testing.assert_allclose(load_model(resumed, device="cpu").embed("digits:test"), kept, atol=1e-5)
+
+
+def test_a_checkpoint_before_the_best_epoch_keeps_its_own_best(stopped_early, tmp_path):
+    """checkpoints/best/ holds the run's latest best; a checkpoint from before it brings back its own best."""
+    out, recipe = stopped_early
+    scores = {row["epoch"]: row["map@r"] for row in Run(out).metrics["epochs"]}
+    assert scores[1] > scores[2] < scores[3], scores  # the checkpoint of epoch 2 has epoch 1 as its best
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    (resumed / "model.safetensors").unlink()
+    epoch_2 = Run.checkpoints_in(resumed)[1]
+    train(Recipe(**{**recipe.to_dict(), "output_dir": str(resumed), "resume": str(epoch_2), "epochs": 2}))
+    assert Run(resumed).metrics["final"]["kept_epoch"] == {"epoch": 1, "of": 2, "by": "map@r"}
+    first = np.load(out / "embeddings" / "epoch_0001" / "test.npz")["embeddings"]
+    np.testing.assert_array_equal(Run(resumed).embeddings("test")[0], first)
+    np.testing.assert_allclose(load_model(resumed, device="cpu").embed("digits:test"), first, atol=1e-5)
+
+
+def test_an_epoch_cut_short_and_then_completed_is_told_apart_from_it(tmp_path):
+    """max_steps stops mid-epoch 2 (scored as epoch 2); the resumed, completed epoch 2 is another set of weights."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, epochs=2, keep_best="map@r", **DECLINING)
+    train(Recipe(**{**recipe.to_dict(), "max_steps": 33}))  # 22 steps an epoch
+    cut_short = Run(out).metrics["epochs"][-1]["map@r"]
+    train(Recipe(**{**recipe.to_dict(), "resume": str(out)}))
+    run = Run(out)
+    scores = [row["map@r"] for row in run.metrics["epochs"]]  # epoch 2 completed replaces the cut-short row
+    assert cut_short > max(scores), (cut_short, scores)  # the weights kept are those of the cut-short epoch 2
+    assert run.metrics["final"]["test_loo"]["map@r"] == pytest.approx(cut_short, abs=1e-12)
+    np.testing.assert_allclose(load_model(out, device="cpu").embed("digits:test"), run.embeddings("test")[0], atol=1e-5)
 
 
 def test_selection_options_name_what_to_pass():

@@ -421,3 +421,8 @@ def test_embed_checks_every_file_first_and_can_leave_out_unreadable_ones(small_r
     summary, data = json.loads(kept.stdout), load_embedding_set(tmp_path / "kept.npz")
     assert summary["count"] == len(data) == 30 and len(summary["skipped_unreadable"]) == 2
     assert sorted(Path(p).name for p in data.meta["skipped_unreadable"]) == ["broken.png", "cut.png"]
+    nothing = tmp_path / "nothing" / "a"
+    nothing.mkdir(parents=True)
+    shutil.copy(first / "broken.png", nothing / "broken.png")
+    empty = cli("embed", small_run, nothing.parent, "-o", tmp_path / "none.npz", "--skip-unreadable")
+    assert empty.exit_code == 2 and "none of the 1 images" in " ".join(empty.output.split())

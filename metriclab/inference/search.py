@@ -315,6 +315,10 @@ def embed_inputs(
             if len(whys) == 1:
                 raise MetricLabError(f"{whys[0]}; replace or remove it{offer}")
             report_problems(items.source, whys, f"replace or remove them{offer}")
+        if len(problems) == len(items):
+            raise MetricLabError(
+                f"none of the {len(items):,} images of {items.source} can be read, e.g. {problems[0][1]}"
+            )
         if problems:
             bad = np.array([i for i, _ in problems])
             skipped = items.paths[bad].tolist()

@@ -466,12 +466,33 @@ def knn(
         if metric == "cosine":  # 1 - cos, which rounding takes a little below 0 for an item's own copy
             return (values + 1.0).clamp_(min=0), index
         # The keys rank by |g|^2 - 2 q.g, whose float32 cancellation leaves ~1e-2 between embeddings of norm ~20
-        # (an image's own copy at 0.007): the k distances reported are computed directly, |q - g|.
-        found = index.to(g.device)
-        return torch.linalg.vector_norm(q[start:stop, None, :] - g[found], dim=2).to(values.device), index
+        # (an image's own copy at 0.007): the k distances reported are computed directly, |q - g|, and the k
+        # re-sorted by them (equal ones stay in index order).
+        distances, order = torch.sort(_direct_distances(q, g, start, index.to(g.device)), dim=1, stable=True)
+        return distances, index.gather(1, order.to(index.device))
 
     parts = _gathered(_in_parallel(select, len(q), rows, distributed), distributed)
     return torch.cat([d for d, _ in parts]).to(dev), torch.cat([i for _, i in parts]).to(dev)
+
+
+DIRECT_BYTES = 1 << 22  # bytes of (rows, k, D) differences held at once for the euclidean distances knn reports
+
+
+def _direct_distances(q: torch.Tensor, g: torch.Tensor, start: int, found: torch.Tensor) -> torch.Tensor:
+    """``|q[start + i] - g[found[i, j]]|`` as ``(rows, k)``, a few rows at a time through one reused buffer (fresh
+    (rows, k, D) tensors on worker threads made glibc's per-thread arenas grow to gigabytes at k = 500)."""
+    n, k = found.shape
+    dim = g.shape[1]
+    rows = max(1, min(n, DIRECT_BYTES // (4 * k * dim)))
+    buffer = torch.empty(rows * k, dim, dtype=g.dtype, device=g.device)
+    out = torch.empty(n, k, dtype=g.dtype, device=g.device)
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        part = buffer[: (hi - lo) * k]
+        torch.index_select(g, 0, found[lo:hi].reshape(-1), out=part)
+        differences = part.view(hi - lo, k, dim).sub_(q[start + lo : start + hi, None, :])
+        torch.linalg.vector_norm(differences, dim=2, out=out[lo:hi])
+    return out
 
 
 def _exclusions(exclude: Sequence[int] | None, n_queries: int, n_gallery: int) -> np.ndarray | None:

@@ -13,6 +13,7 @@ so one that asks to run code when unpickled is refused.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ class TrainerState:
     step: int = 0
     seconds: float = 0.0  # time spent in training steps (not in checkpoints or evaluation)
     best_epoch: int = 0  # keep_best: the epoch whose weights checkpoints/best/ holds (0: none yet)
+    best_step: int = 0  # ... the step they were saved at (an epoch cut short by max_steps shares its number)
     best_score: float | None = None  # ... and its score
 
 
@@ -75,6 +77,9 @@ def save_checkpoint(
             miner_state = miner.state() if hasattr(miner, "state") else None
             if loss_state := _tensor_state(loss):
                 save_file(loss_state, str(tmp / LOSS_FILE))
+            best = best_dir(run_dir) / "model.safetensors"
+            if state.best_step and best.is_file():  # this state's best weights, so a resume from here keeps them
+                _link_or_copy(best, tmp / BEST_FILE)
             write_trainer_state(tmp, asdict(state), miner_state)
             if final.exists():  # resumed from an earlier checkpoint: swap, never delete before replacing
                 final.rename(old)
@@ -100,6 +105,31 @@ def save_checkpoint(
 
 
 LOSS_FILE = "loss.safetensors"
+BEST_FILE = "best.safetensors"  # keep_best: the weights of the checkpoint's best epoch (a hard link where possible)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no space: the best is replaced by renaming, never written in place),
+    or a copy where the filesystem has no links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def restore_best(checkpoint: Path, run_dir: Path) -> bool:
+    """Put a checkpoint's best weights back as the run's best (main process); False if it holds none."""
+    source = Path(checkpoint) / BEST_FILE
+    if not source.is_file():
+        return False
+    final = best_dir(run_dir)
+    tmp = final.with_name(".tmp-best")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _link_or_copy(source, tmp / "model.safetensors")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return True
 
 
 def _tensor_state(loss: Any) -> dict[str, torch.Tensor]:
@@ -193,6 +223,7 @@ def _trainer_state(checkpoint: Path, saved: dict[str, Any]) -> TrainerState:
     except TypeError as err:
         raise MetricLabError(f"{path} is damaged ({err}); resume from an earlier checkpoint") from err
     numbers = (("epoch", int), ("position", int), ("step", int), ("seconds", (int, float)), ("best_epoch", int))
+    numbers += (("best_step", int),)
     if state.best_score is not None:
         numbers += (("best_score", (int, float)),)
     for name, kind in numbers:

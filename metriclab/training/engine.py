@@ -47,6 +47,7 @@ from metriclab.training.checkpoints import (
     load_best,
     load_loss_state,
     require_finite_model,
+    restore_best,
     resume,
     run_directory,
     save_best,
@@ -205,6 +206,12 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     state = TrainerState()
     if checkpoint is not None:
         state = resume(accelerator, checkpoint, miner)
+        if state.best_step and not _restored_best(accelerator, checkpoint, run_dir):
+            reporter.notice(
+                f"{checkpoint} holds no weights of its best epoch (written by an earlier metriclab, or without "
+                "--keep-best): the best is chosen among the epochs from here on"
+            )
+            state.best_epoch, state.best_step, state.best_score = 0, 0, None
         if not load_loss_state(checkpoint, loss_fn):
             reporter.notice(
                 f"{checkpoint} holds no state of the loss (written by an earlier metriclab): its parameters start "
@@ -220,6 +227,14 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
 
 
 BACKBONE_TRANSFORM_ARGS = ("crop_fraction", "interpolation")  # what pretrained weights say about their images
+
+
+def _restored_best(accelerator: Accelerator, checkpoint: Path, run_dir: Path) -> bool:
+    """Whether ``checkpoint``'s best weights are back in ``run_dir/checkpoints/best`` (agreed by every process)."""
+    restored = [restore_best(checkpoint, run_dir) if accelerator.is_main_process else None]
+    broadcast_object_list(restored)
+    accelerator.wait_for_everyone()
+    return bool(restored[0])
 
 
 def _component_names(recipe: Recipe) -> list[tuple[str, str | None]]:
@@ -391,7 +406,10 @@ class _Trainer:
         handled = (signal.SIGINT, signal.SIGTERM) if _in_main_thread() else ()
         previous = {signum: signal.signal(signum, self._request_stop) for signum in handled}
         try:
-            while state.epoch < recipe.epochs and state.step < total:
+            ended = not (state.epoch < recipe.epochs and state.step < total) or self._patience_ran_out(state.epoch)
+            if recipe.keep_best and ended:
+                self._result_embeddings()  # resumed where training had ended: the kept epoch's weights are the run's
+            while not ended and state.epoch < recipe.epochs and state.step < total:
                 finished_epoch = self._train_epoch(n, total)
                 if finished_epoch:
                     state.epoch += 1
@@ -631,7 +649,7 @@ class _Trainer:
         stop = last or patience_ran_out
         self._checkpoint()  # the state training stopped in (what a longer run would resume), whatever is kept
         if stop:
-            self._result_embeddings(epoch, test)
+            self._result_embeddings(test)
         return stop
 
     def _select(self, epoch: int, row: dict[str, Any] | None) -> bool:
@@ -643,26 +661,38 @@ class _Trainer:
         broadcast_object_list(score)  # the main process scored; every process decides alike
         better = score[0] is not None and math.isfinite(score[0])  # a NaN score (nothing to score) is never kept
         if better and (state.best_score is None or score[0] > state.best_score):
-            state.best_epoch, state.best_score = epoch, score[0]
+            state.best_epoch, state.best_step, state.best_score = epoch, state.step, score[0]
             save_best(self.accelerator, self.model, self.run_dir)
-        return recipe.patience is not None and epoch - state.best_epoch >= recipe.patience
+        return self._patience_ran_out(epoch)
 
-    def _result_embeddings(self, epoch: int, test: torch.Tensor) -> None:
-        """The run's final weights (the best epoch's under ``keep_best``) and their test and train embeddings."""
-        best, by = self.state.best_epoch, self.recipe.keep_best
-        if by and best != epoch:
+    def _patience_ran_out(self, epoch: int) -> bool:
+        """Whether ``patience`` epochs up to ``epoch`` did not beat the best (none counted before a first score)."""
+        state, patience = self.state, self.recipe.patience
+        return bool(self.recipe.keep_best and patience and state.best_step and epoch - state.best_epoch >= patience)
+
+    def _result_embeddings(self, test: torch.Tensor | None = None) -> None:
+        """The run's final weights (the best epoch's under ``keep_best``) and their test and train embeddings
+        (``test``: those of the weights now, if already computed)."""
+        state, by = self.state, self.recipe.keep_best
+        if by and not state.best_step:
+            self.reporter.notice(f"no epoch had a test {SELECTION_METRICS[by]} to keep: the last weights are kept")
+        elif by and state.best_step != state.step:
             if not load_best(self.accelerator, self.model, self.run_dir):
                 raise MetricLabError(
-                    f"the weights of epoch {best}, the best by {by}, are missing from "
+                    f"the weights of epoch {state.best_epoch}, the best by {by}, are missing from "
                     f"{self.run_dir / 'checkpoints' / 'best'}; evaluate the last epoch's checkpoint instead, or "
                     "train again"
                 )
-            test = self.embed_split("test")
-            self.reporter.notice(f"keeping the weights of epoch {best}, the best by test {SELECTION_METRICS[by]}")
+            test = None
+            self.reporter.notice(
+                f"keeping the weights of epoch {state.best_epoch}, the best by test {SELECTION_METRICS[by]}"
+            )
+        test = self.embed_split("test") if test is None else test
         # The train split is large: embedded once, at the end, not every epoch.
         train = self.embed_split("train") if self.recipe.embed_train else None
         if self.accelerator.is_main_process:
-            kept = best if by else epoch
+            epoch = state.epoch + (1 if state.position else 0)
+            kept = state.best_epoch if by and state.best_step else epoch
             labels = self.test_labels.cpu().numpy()
             save_embeddings(self.run_dir / "embeddings" / "test.npz", test.cpu().numpy(), labels, kept)
             if train is not None:
@@ -768,7 +798,8 @@ class _Trainer:
         if not self.recipe.keep_best:
             return {}
         trained = self.state.epoch + (1 if self.state.position else 0)
-        return {"kept_epoch": {"epoch": self.state.best_epoch, "of": trained, "by": self.recipe.keep_best}}
+        kept = self.state.best_epoch if self.state.best_step else trained  # no score to keep by: the last
+        return {"kept_epoch": {"epoch": kept, "of": trained, "by": self.recipe.keep_best}}
 
     def _kept_words(self) -> str:
         kept = self._kept().get("kept_epoch")
