@@ -88,6 +88,15 @@ def test_a_checkpoint_before_the_best_epoch_keeps_its_own_best(stopped_early, tm
     np.testing.assert_allclose(load_model(resumed, device="cpu").embed("digits:test"), first, atol=1e-5)
 
 
+def test_a_resume_that_keeps_the_best_by_another_score_starts_the_choice_afresh(tmp_path):
+    """A precision@1 of ~0.4 is no bar for a MAP@R of ~0.3: the epochs from the resume on are compared alone."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, epochs=2, keep_best="precision@1", **DECLINING)
+    train(recipe)
+    train(Recipe(**{**recipe.to_dict(), "resume": str(out), "keep_best": "map@r", "epochs": 3}))
+    assert Run(out).metrics["final"]["kept_epoch"] == {"epoch": 3, "of": 3, "by": "map@r"}
+
+
 def test_an_epoch_cut_short_and_then_completed_is_told_apart_from_it(tmp_path):
     """max_steps stops mid-epoch 2 (scored as epoch 2); the resumed, completed epoch 2 is another set of weights."""
     out = tmp_path / "run"

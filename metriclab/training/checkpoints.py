@@ -42,6 +42,7 @@ class TrainerState:
     best_epoch: int = 0  # keep_best: the epoch whose weights checkpoints/best/ holds (0: none yet)
     best_step: int = 0  # ... the step they were saved at (an epoch cut short by max_steps shares its number)
     best_score: float | None = None  # ... and its score
+    best_by: str | None = None  # ... the score's name (keep_best)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -148,7 +148,10 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     # started before they were filled in from the backbone keeps going without them).
     recipe, below = with_backbone_preprocessing(_absolute_data(recipe), transforms=new)
     if not new:
-        config = Run(run_dir).config
+        try:
+            config = Run(run_dir).config
+        except MetricLabError:  # no config.json: nothing recorded to name a missing plugin's package from
+            config = {}
         for kind, name in _component_names(recipe):  # a plugin uninstalled since: name the package to install
             registry.require_component(run_dir, config, kind, name)
         recipe = _started_transforms(recipe, run_dir)
@@ -206,6 +209,11 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     state = TrainerState()
     if checkpoint is not None:
         state = resume(accelerator, checkpoint, miner)
+        if state.best_step and recipe.keep_best != state.best_by:  # another score: the earlier best says nothing
+            if recipe.keep_best:
+                reporter.notice(f"--keep-best {recipe.keep_best} on a run that kept its best by {state.best_by}: the "
+                                "best is chosen among the epochs from here on")  # fmt: skip
+            state.best_epoch, state.best_step, state.best_score = 0, 0, None
         if state.best_step and not _restored_best(accelerator, checkpoint, run_dir):
             reporter.notice(
                 f"{checkpoint} holds no weights of its best epoch (written by an earlier metriclab, or without "
@@ -662,6 +670,7 @@ class _Trainer:
         better = score[0] is not None and math.isfinite(score[0])  # a NaN score (nothing to score) is never kept
         if better and (state.best_score is None or score[0] > state.best_score):
             state.best_epoch, state.best_step, state.best_score = epoch, state.step, score[0]
+            state.best_by = recipe.keep_best
             save_best(self.accelerator, self.model, self.run_dir)
         return self._patience_ran_out(epoch)
 
