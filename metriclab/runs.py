@@ -8,8 +8,9 @@ Layout (``format_version`` 1)::
       model.safetensors         final weights of the Siamese network (safetensors only)
       checkpoints/step_00000120/  accelerate ``save_state`` + ``trainer_state.json``; written under a
                                 ``.tmp-`` name and renamed when complete, so a listed one is whole
-      checkpoints/best/         ``keep_best``: model.safetensors of the best epoch so far (its number and
-                                score are in trainer_state.json); model.safetensors becomes it at the end
+      checkpoints/best/         ``keep_best``: model.safetensors of the best epoch so far (its epoch, step
+                                and score are in trainer_state.json, each checkpoint's own copy in its
+                                best.safetensors); model.safetensors becomes it at the end
       embeddings/test.npz       test embeddings, refreshed after every epoch; at the end those of the final
                                 weights (the kept epoch's under ``keep_best``): ``embeddings``
                                 float32 (N, D), ``labels`` int64 (N,), ``epoch`` int
