@@ -66,7 +66,6 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, state.step)
     folder = final.parent
     tmp = folder / f".tmp-{final.name}"
-    old = folder / f".old-{final.name}"
     try:
         if accelerator.is_main_process:
             _remove_unfinished(folder)
@@ -82,10 +81,7 @@ def save_checkpoint(
             if state.best_step and best.is_file():  # this state's best weights, so a resume from here keeps them
                 _link_or_copy(best, tmp / BEST_FILE)
             write_trainer_state(tmp, asdict(state), miner_state)
-            if final.exists():  # resumed from an earlier checkpoint: swap, never delete before replacing
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, final)  # resumed from an earlier checkpoint: it is replaced, never deleted first
             for stale in Run.checkpoints_in(run_dir)[:-keep]:
                 shutil.rmtree(stale, ignore_errors=True)
     except Exception as err:
@@ -109,6 +105,16 @@ LOSS_FILE = "loss.safetensors"
 BEST_FILE = "best.safetensors"  # keep_best: the weights of the checkpoint's best epoch (a hard link where possible)
 
 
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``, the folder it replaces moved aside until then."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """``target`` as a hard link to ``source`` (no space: the best is replaced by renaming, never written in place),
     or a copy where the filesystem has no links."""
@@ -128,8 +134,7 @@ def restore_best(checkpoint: Path, run_dir: Path) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _link_or_copy(source, tmp / "model.safetensors")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    _swap_in(tmp, final)
     return True
 
 
@@ -143,7 +148,7 @@ def _tensor_state(loss: Any) -> dict[str, torch.Tensor]:
 def load_loss_state(checkpoint: Path, loss: Any) -> bool:
     """Load a checkpoint's loss.safetensors into ``loss`` in place; False if the loss has state the checkpoint
     lacks (one written before losses were saved)."""
-    if not _tensor_state(loss):
+    if not isinstance(loss, torch.nn.Module) or not loss.state_dict():
         return True
     path = Path(checkpoint) / LOSS_FILE
     if not path.is_file():
@@ -169,19 +174,15 @@ def save_best(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path) -
     Every process calls it (accelerate gathers the weights collectively); the main process writes.
     """
     final = best_dir(run_dir)
-    tmp, old = final.with_name(".tmp-best"), final.with_name(".old-best")
+    tmp = final.with_name(".tmp-best")
     try:
         if accelerator.is_main_process:
-            for stale in (tmp, old):
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_model(model, str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise MetricLabError(
@@ -223,8 +224,8 @@ def _trainer_state(checkpoint: Path, saved: dict[str, Any]) -> TrainerState:
         state = TrainerState(**saved)
     except TypeError as err:
         raise MetricLabError(f"{path} is damaged ({err}); resume from an earlier checkpoint") from err
-    numbers = (("epoch", int), ("position", int), ("step", int), ("seconds", (int, float)), ("best_epoch", int))
-    numbers += (("best_step", int),)
+    numbers = (("epoch", int), ("position", int), ("step", int), ("seconds", (int, float)))
+    numbers += (("best_epoch", int), ("best_step", int))
     if state.best_score is not None:
         numbers += (("best_score", (int, float)),)
     for name, kind in numbers:

@@ -209,17 +209,17 @@ def _train(recipe: Recipe, cpu: bool, run_dir: Path, checkpoint: Path | None) ->
     state = TrainerState()
     if checkpoint is not None:
         state = resume(accelerator, checkpoint, miner)
-        if state.best_step and recipe.keep_best != state.best_by:  # another score: the earlier best says nothing
-            if recipe.keep_best:
-                reporter.notice(f"--keep-best {recipe.keep_best} on a run that kept its best by {state.best_by}: the "
-                                "best is chosen among the epochs from here on")  # fmt: skip
-            state.best_epoch, state.best_step, state.best_score = 0, 0, None
-        if state.best_step and not _restored_best(accelerator, checkpoint, run_dir):
-            reporter.notice(
-                f"{checkpoint} holds no weights of its best epoch (written by an earlier metriclab, or without "
-                "--keep-best): the best is chosen among the epochs from here on"
-            )
-            state.best_epoch, state.best_step, state.best_score = 0, 0, None
+        if state.best_step:  # the checkpoint's best stands only for the same score, with its weights back in place
+            if recipe.keep_best != state.best_by:
+                lost = f"--keep-best {recipe.keep_best} on a run that kept its best by {state.best_by}"
+            elif not _restored_best(accelerator, checkpoint, run_dir):
+                lost = f"{checkpoint} holds no weights of its best epoch (written by an earlier metriclab)"
+            else:
+                lost = None
+            if lost is not None:
+                if recipe.keep_best:
+                    reporter.notice(f"{lost}: the best is chosen among the epochs from here on")
+                state.best_epoch, state.best_step, state.best_score = 0, 0, None
         if not load_loss_state(checkpoint, loss_fn):
             reporter.notice(
                 f"{checkpoint} holds no state of the loss (written by an earlier metriclab): its parameters start "
@@ -608,8 +608,7 @@ class _Trainer:
         Training ends at the ``last`` epoch or once ``patience`` epochs have not beaten the best; it then
         leaves the weights and embeddings of the run's result: the best epoch's under ``keep_best``.
         """
-        # Completed epochs; a run stopped mid-epoch (max_steps) labels its snapshot with the epoch in progress.
-        epoch = self.state.epoch + (1 if self.state.position else 0)
+        epoch = self._trained_epochs()
         test = self.embed_split("test")
         self._require_finite(test)
         row = None
@@ -700,8 +699,7 @@ class _Trainer:
         # The train split is large: embedded once, at the end, not every epoch.
         train = self.embed_split("train") if self.recipe.embed_train else None
         if self.accelerator.is_main_process:
-            epoch = state.epoch + (1 if state.position else 0)
-            kept = state.best_epoch if by and state.best_step else epoch
+            kept = self._kept_epoch()
             labels = self.test_labels.cpu().numpy()
             save_embeddings(self.run_dir / "embeddings" / "test.npz", test.cpu().numpy(), labels, kept)
             if train is not None:
@@ -802,13 +800,19 @@ class _Trainer:
             style="bold green",
         )
 
+    def _trained_epochs(self) -> int:
+        """Epochs trained, counting one that max_steps stopped midway (its snapshot is labelled with its number)."""
+        return self.state.epoch + (1 if self.state.position else 0)
+
+    def _kept_epoch(self) -> int:
+        """The epoch whose weights are the run's: the best under ``keep_best`` (once one was scored), else the last."""
+        return self.state.best_epoch if self.recipe.keep_best and self.state.best_step else self._trained_epochs()
+
     def _kept(self) -> dict[str, Any]:
         """metrics.json's record of the epoch kept by ``keep_best`` (empty without it)."""
         if not self.recipe.keep_best:
             return {}
-        trained = self.state.epoch + (1 if self.state.position else 0)
-        kept = self.state.best_epoch if self.state.best_step else trained  # no score to keep by: the last
-        return {"kept_epoch": {"epoch": kept, "of": trained, "by": self.recipe.keep_best}}
+        return {"kept_epoch": {"epoch": self._kept_epoch(), "of": self._trained_epochs(), "by": self.recipe.keep_best}}
 
     def _kept_words(self) -> str:
         kept = self._kept().get("kept_epoch")
