@@ -225,8 +225,9 @@ def search(
         exclude = None
     start = time.perf_counter()
     if approximate is None:
-        found = knn(queries, gallery_emb, k, metric=metric, exclude_self=exclude_self, device=device, exclude=exclude)
-        distances, indices = found
+        distances, indices = knn(
+            queries, gallery_emb, k, metric=metric, exclude_self=exclude_self, device=device, exclude=exclude
+        )
         return SearchResult(indices.cpu().numpy(), distances.cpu().numpy(), metric, seconds=time.perf_counter() - start)
     if approximate != "faiss-ivf":
         raise MetricLabError(f"unknown approximate index '{approximate}'; use faiss-ivf (or none for exact search)")
@@ -281,14 +282,17 @@ def approximate_knn(
     if extra:  # the k first that are not the query's own item, in order
         order = np.argsort(indices == exclude[:, None], axis=1, kind="stable")[:, :k]
         indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
-    own = (lambda rows: exclude[rows]) if extra else (lambda rows: None)
     short = np.flatnonzero((indices < 0).any(axis=1))
     if len(short):  # the probed lists held fewer than k items (faiss pads with -1): those queries are searched exactly
-        exact_d, exact_i = knn(queries[short], gallery, k, metric=metric, device="cpu", exclude=own(short))
+        exact_d, exact_i = knn(
+            queries[short], gallery, k, metric=metric, device="cpu", exclude=None if exclude is None else exclude[short]
+        )
         indices[short], distances[short] = exact_i.numpy(), exact_d.numpy()
     seconds = time.perf_counter() - start
     sample = np.random.default_rng(0).choice(len(q), min(len(q), recall_sample), replace=False)
-    _, exact = knn(queries[sample], gallery, k, metric=metric, device="cpu", exclude=own(sample))
+    _, exact = knn(
+        queries[sample], gallery, k, metric=metric, device="cpu", exclude=None if exclude is None else exclude[sample]
+    )
     exact = exact.numpy()
     found = [len(np.intersect1d(indices[i], exact[j])) for j, i in enumerate(sample)]
     recall = float(np.sum(found) / exact.size)

@@ -151,7 +151,8 @@ def check_transforms(dataset: Any) -> None:
         if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or tuple(out.shape) != expected:
             shown = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
             problem = f"it turned a {tuple(image.shape)} image into {shown}, not uint8 {expected}"
-            hint = "; leave out ToDtype/Normalize: the network scales its input" if shown.startswith("torch.f") else ""
+            floats = isinstance(out, torch.Tensor) and out.is_floating_point()
+            hint = "; leave out ToDtype/Normalize: the network scales its input" if floats else ""
             raise broken("transform", name, TRANSFORM, problem + hint)
 
 
