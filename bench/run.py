@@ -51,9 +51,10 @@ def _header(quick: bool, names: list[str]) -> str:
         "",
         "Written by `python bench/run.py` (`make bench`); re-run one part with `python bench/run.py --only NAME` "
         f"({', '.join(BENCHMARKS)}). Every number below was measured by that command on the machine named here; "
-        "each section states its date, data, run count and the machine load (`uptime` load averages 1/5/15 min) "
+        "each section states its date, CPU, data, run count and the machine load (`uptime` load averages 1/5/15 min) "
         "around each measurement: this 2-core VM is shared with other jobs, so absolute times vary with the load; "
-        "compare numbers within one section (runs there are interleaved).",
+        "compare numbers within one section (runs there are interleaved). Each section's footer names the CPU it "
+        "ran on; the table is the machine of the latest run.",
         "",
         "| machine | |",
         "|---|---|",
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output
     sections: dict[str, str] = {}
     code = commit()  # before anything is written
+    cpu = machine()["cpu"]  # the VM's CPU model can differ between runs: each section names its own
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         started, load_start = time.strftime("%Y-%m-%d %H:%M %Z"), load()
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         took = time.perf_counter() - clock
         stamp = (
-            f"\n_Measured {started} at {code}, {took / 60:.1f} min, load {load_start} at the start and {load()} "
-            "at the end; "
+            f"\n_Measured {started} at {code} on {cpu}, {took / 60:.1f} min, load {load_start} at the start and "
+            f"{load()} at the end; "
             f"command: `python bench/run.py{' --quick' if args.quick else ''} --only {name}`._\n"
         )
         sections[name] = text.rstrip() + "\n" + stamp

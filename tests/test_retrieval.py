@@ -504,11 +504,15 @@ def test_a_test_set_of_one_class_is_scored_without_pair_verification():
     assert set(out) == {"test_loo"} and out["test_loo"]["precision@1"] == 1.0
 
 
-@pytest.mark.slow  # compiles every ranking kernel again for a generic CPU: ~30 s
-def test_cpus_without_avx512_take_the_plain_loops_to_the_same_results(tmp_path):
-    """The vector kernels run only where numba compiles for AVX-512; NUMBA_CPU_NAME=generic compiles the loops that
-    every x86 CPU runs (numba's dispatchers and the native object both). Both must rank alike (ties, tails of rows
-    not a multiple of 16, both metrics)."""
+# What numba compiles for an AVX2 CPU without AVX-512 (Haswell's features): the table-driven packing of the kernels.
+AVX2_ONLY = "+avx,+avx2,+bmi,+bmi2,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse4.2,+ssse3"
+
+
+@pytest.mark.slow  # compiles every ranking kernel twice more (generic, AVX2): ~60 s
+def test_every_cpu_path_of_the_ranking_kernels_gives_the_same_results(tmp_path):
+    """The vector kernels pack kept lanes by AVX-512's compress or, on AVX2 CPUs, by a permutation table; a CPU with
+    neither runs plain loops (NUMBA_CPU_NAME=generic). Each path, through numba's dispatchers and the native object,
+    must rank as the host does (ties, tails of rows not a multiple of 16, both metrics)."""
     script = """
 import json, sys
 import numpy as np
@@ -517,7 +521,7 @@ from metriclab.metrics.retrieval import knn, retrieval_metrics
 rng = np.random.default_rng(0)
 x = np.round(rng.normal(size=(3001, 8)) * 2).astype(np.float32)  # many equal distances
 y = rng.integers(0, 5, 3001)
-out = {"avx512": simd.AVX512, "knn": knn(x[:40], x, 9)[1].tolist(), "native": kernels.native()}
+out = {"paths": [simd.AVX512, simd.AVX2], "knn": knn(x[:40], x, 9)[1].tolist(), "native": kernels.native()}
 for metric in ("cosine", "euclidean"):
     out[metric] = retrieval_metrics(x, y, x[::2], y[::2], metric=metric, clustering=False)
 print(json.dumps(out))
@@ -529,7 +533,11 @@ print(json.dumps(out))
         return json.loads(done.stdout.splitlines()[-1])
 
     host = run({})
-    generic = run({"NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path), "METRICLAB_CACHE": str(tmp_path)})
-    assert generic.pop("avx512") is False
-    host.pop("avx512")
-    assert generic == host
+    avx512, avx2 = host.pop("paths")
+    paths = {"generic": ("generic", "")} | ({"avx2": ("haswell", AVX2_ONLY)} if avx2 else {})
+    for name, (cpu, features) in paths.items():
+        cache = tmp_path / name
+        env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(cache)}
+        other = run(env | {"METRICLAB_CACHE": str(cache)})
+        assert other.pop("paths") == [False, name == "avx2"], name
+        assert other == host, name

@@ -6,7 +6,7 @@ worker threads (the kernels release the GIL). Its CPU metrics use :func:`class_c
 :func:`sorted_sums` (end of this file), and :func:`nearest` and :func:`ranking_sums` for the rare rows whose
 candidates overflow their buffers. Order is by key, then by column, exactly: MAP@R of a
 60k gallery ranks the R ~ 6,000 nearest of each query, so this sort is most of an evaluation.
-The loops over a row's keys run 16 keys at a time where the CPU has AVX-512 (:mod:`metriclab.metrics.simd`).
+The loops over a row's keys run 16 keys at a time where the CPU has AVX-512 or AVX2 (:mod:`metriclab.metrics.simd`).
 
 How :func:`nearest` sorts a row: the keys up to a threshold (placed from a sorted sample of the row) are
 compacted in column order, dealt into about one bucket per key by a linear map of the key between
@@ -30,12 +30,12 @@ import numpy as np
 from numba import njit
 
 from metriclab.metrics.simd import (
-    AVX512,
     COLUMN_LIMIT,
     INFINITE,
     LANES,
     LARGEST_EXPONENT,
     SIGN,
+    SIMD,
     SMALLEST_NORMAL,
     code16,
     columns16,
@@ -105,7 +105,7 @@ def _candidates(row, threshold, columns):
     n = row.shape[0]
     m = 0
     done = 0
-    if AVX512:  # 13 us for a 60k-key row on a Xeon, against 75-100 us for the loop below
+    if SIMD:  # 13 us for a 60k-key row on a Xeon, against 75-100 us for the loop below
         while done + LANES <= n:
             m = columns16(row, done, threshold, columns, m)
             done += LANES
@@ -325,7 +325,7 @@ def _keep(row, threshold, classes, mine, keys, tags):
     n = row.shape[0]
     m = 0
     done = 0
-    if AVX512:
+    if SIMD:
         while done + LANES <= n:
             m = keep16(row, classes, done, threshold, mine, keys, tags, m)
             done += LANES
@@ -340,7 +340,7 @@ def _keep(row, threshold, classes, mine, keys, tags):
 def _code_row(keys, tags, m, out):
     """The codes of ``keys[:m]`` and ``tags[:m]`` into ``out[:m]``, +inf after them."""
     done = 0
-    if AVX512:
+    if SIMD:
         while done < m:
             code16(keys, tags, done, out)
             done += LANES

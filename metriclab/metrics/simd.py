@@ -1,10 +1,12 @@
 """Vector kernels for :mod:`metriclab.metrics.ranking`, written as numba intrinsics in LLVM IR: 16 keys at a time.
 
 Each takes 16 consecutive keys, tests them against a threshold and packs the kept lanes' values into
-an output array, as AVX-512's `vcompress` does. The lanes are packed in a register and the whole
-vector stored (a compressing store to memory is microcoded and slow on Intel cores), so every
-kernel writes up to 15 entries past the ones it keeps: outputs need that much room. The callers
-use them only where :data:`AVX512` is true and run plain loops elsewhere.
+an output array. With AVX-512 the lanes are packed in a register by `vcompress` and the whole vector
+stored (a compressing store to memory is microcoded and slow on Intel cores). AVX2 has no compress, and
+LLVM's expansion of one is lane by lane (no faster than the plain loop), so there each half of 8 lanes is
+packed by one `vpermd` whose lane order comes from a table of the 256 masks, the usual left-pack. Either
+way a kernel writes up to 15 entries past the ones it keeps: outputs need that much room. The callers use
+them only where :data:`SIMD` is true (AVX-512 or AVX2) and run plain loops elsewhere.
 
 Codes: a key ``k`` (float32) at ``column`` becomes a float64 whose order is ``(k, column)``: ``k``
 widened to float64 leaves 29 mantissa bits zero, which hold ``column`` (bit-reversed under a negative
@@ -25,6 +27,8 @@ LANES = 16
 # numba compiles for the host CPU's features, or for those NUMBA_CPU_FEATURES (or NUMBA_CPU_NAME=generic) names
 _FEATURES = llvm.get_host_cpu_features().flatten() if config.CPU_FEATURES is None else config.CPU_FEATURES
 AVX512 = "+avx512f" in _FEATURES.split(",")
+AVX2 = "+avx2" in _FEATURES.split(",")
+SIMD = AVX512 or AVX2  # the kernels below compile to vector code; elsewhere the callers' plain loops run
 
 COLUMN_LIMIT = 1 << 28  # columns that fit a code beside its flag bit
 SIGN = -(1 << 63)
@@ -34,6 +38,8 @@ INFINITE = 0x7FF << 52  # the bits of +inf: exponent all ones
 
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
 _VF, _VI, _VQ = (ir.VectorType(t, LANES) for t in (_F32, _I32, _I64))
+_HALF = LANES // 2  # the lanes of one AVX2 register
+_V8I = ir.VectorType(_I32, _HALF)
 
 
 def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
@@ -54,6 +60,9 @@ def _load(builder: ir.IRBuilder, ptr: ir.Value, index: ir.Value, vector: ir.Vect
 
 def _pack(builder: ir.IRBuilder, vector: ir.Value, mask: ir.Value, ptr: ir.Value, m: ir.Value) -> None:
     """Store ``vector``'s lanes under ``mask`` at ``ptr[m:]`` in order, then garbage up to a whole vector."""
+    if not AVX512:
+        _pack_halves(builder, vector, mask, ptr, m)
+        return
     kind = vector.type
     name = f"llvm.experimental.vector.compress.v{kind.count}{'f' if kind.element == _F32 else 'i'}32"
     compress = cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind, mask.type, kind]), name)
@@ -61,10 +70,40 @@ def _pack(builder: ir.IRBuilder, vector: ir.Value, mask: ir.Value, ptr: ir.Value
     builder.store(packed, _at(builder, ptr, m, kind), align=4)
 
 
+def _left_pack_table(module: ir.Module) -> ir.GlobalVariable:
+    """The module's table of ``vpermd`` lane orders: entry ``b`` lists the lanes set in the 8 bits ``b``, first."""
+    name = "metriclab_left_pack"
+    if name not in module.globals:
+        orders = [[i for i in range(_HALF) if b >> i & 1] for b in range(1 << _HALF)]
+        rows = [ir.Constant(_V8I, order + [0] * (_HALF - len(order))) for order in orders]
+        cgutils.global_constant(module, name, ir.Constant(ir.ArrayType(_V8I, len(rows)), rows)).align = 32
+    return module.globals[name]
+
+
+def _pack_halves(builder: ir.IRBuilder, vector: ir.Value, mask: ir.Value, ptr: ir.Value, m: ir.Value) -> None:
+    """:func:`_pack` for AVX2: each 8-lane half permuted by its mask's entry of :func:`_left_pack_table`."""
+    table = _left_pack_table(builder.module)
+    permd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I, [_V8I, _V8I]), "llvm.x86.avx2.permd")
+    ints = builder.bitcast(vector, _VI) if vector.type.element == _F32 else vector
+    element = ptr.type.pointee
+    bits = builder.bitcast(mask, ir.IntType(LANES))
+    for half in range(2):
+        lanes = builder.shuffle_vector(
+            ints, ir.Constant(_VI, ir.Undefined), ir.Constant(_V8I, [half * _HALF + i for i in range(_HALF)])
+        )
+        byte = builder.trunc(builder.lshr(bits, ir.Constant(bits.type, half * _HALF)), ir.IntType(_HALF))
+        order = builder.load(builder.gep(table, [ir.Constant(_I32, 0), builder.zext(byte, _I32)]), align=32)
+        packed = builder.bitcast(builder.call(permd, [lanes, order]), ir.VectorType(element, _HALF))
+        builder.store(packed, _at(builder, ptr, m, packed.type), align=4)
+        m = _count(builder, byte, m)
+
+
 def _count(builder: ir.IRBuilder, mask: ir.Value, m: ir.Value) -> ir.Value:
-    """``m`` plus the number of lanes set in ``mask``."""
-    bits = ir.IntType(LANES)
-    popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{LANES}")
+    """``m`` plus the number of lanes set in ``mask`` (a vector of bits, or their integer)."""
+    bits = mask.type if isinstance(mask.type, ir.IntType) else ir.IntType(mask.type.count)
+    popcount = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{bits.width}"
+    )
     return builder.add(m, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), _I64))
 
 
