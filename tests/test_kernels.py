@@ -55,6 +55,21 @@ def test_the_native_object_computes_what_numba_computes(cache, monkeypatch):
     assert results["native"]["sums"][0] > 0
 
 
+def test_the_object_is_compiled_afresh_not_from_numba_s_cache(cache, monkeypatch):
+    """numba stamps a cached kernel with ranking.py only: an edit of simd.py (the kernels' vector code) would leave it
+    stale while the object's key (which hashes simd.py) names the new code. So a build never reads that cache."""
+    from numba.core.caching import FunctionCache
+
+    from metriclab.metrics import ranking
+
+    def stale(*args, **kwargs):
+        raise AssertionError("the build read numba's on-disk cache")
+
+    monkeypatch.setattr(FunctionCache, "load_overload", stale)
+    assert kernels.build() is not None
+    assert isinstance(ranking._keep._cache, FunctionCache)  # the dispatchers' own caches are given back
+
+
 def test_a_fresh_process_ranks_without_importing_numba():
     assert kernels.native(), "the native object did not build or load here (x86-64 Linux)"
     script = """

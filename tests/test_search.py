@@ -405,6 +405,36 @@ def test_search_evaluate_leaves_each_querys_own_image_out_of_its_results_too(sma
     assert [q["results"][0]["path"] for q in scored["queries"]] == [q["results"][1]["path"] for q in shown["queries"]]
 
 
+def test_a_truncated_jpeg_found_while_embedding_is_left_out_with_skip_unreadable(small_run, image_folder, tmp_path):  # noqa: F811
+    """A JPEG cut short keeps a header that verifies, so only decoding finds it, batches into the run: without the
+    option the error names it and offers the option; with it, the file is listed and every other row is the image's
+    own embedding."""
+    import shutil
+
+    from PIL import Image
+
+    folder = shutil.copytree(image_folder, tmp_path / "photos")
+    clean = cli("embed", small_run, folder, "-o", tmp_path / "clean.npz")
+    assert clean.exit_code == 0, clean.output
+    first = sorted(p for p in folder.iterdir())[0]
+    whole = tmp_path / "whole.jpg"
+    Image.open(next(first.glob("*.png"))).convert("RGB").resize((64, 64)).save(whole, quality=95)
+    cut = first / "cut.jpg"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with Image.open(cut) as opened:
+        opened.verify()  # the header check passes it
+    stopped = cli("embed", small_run, folder, "-o", tmp_path / "all.npz", "--batch-size", "4")
+    line = " ".join(stopped.output.split())
+    assert stopped.exit_code == 2 and "cut.jpg is not a readable image" in line and "--skip-unreadable" in line
+    assert not (tmp_path / "all.npz").exists()
+    kept = cli("embed", small_run, folder, "-o", tmp_path / "kept.npz", "--batch-size", "4", "--skip-unreadable")
+    assert kept.exit_code == 0, kept.output
+    data, before = load_embedding_set(tmp_path / "kept.npz"), load_embedding_set(tmp_path / "clean.npz")
+    assert [Path(p).name for p in data.meta["skipped_unreadable"]] == ["cut.jpg"]
+    assert data.paths.tolist() == before.paths.tolist()
+    np.testing.assert_allclose(data.embeddings, before.embeddings, atol=1e-5)
+
+
 def test_embed_checks_every_file_first_and_can_leave_out_unreadable_ones(small_run, image_folder, tmp_path):  # noqa: F811
     import shutil
 

@@ -43,13 +43,16 @@ def load_images(
     input_shape: Sequence[int],
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     boxes: np.ndarray | None = None,
+    unreadable: list[tuple[int, str]] | None = None,
 ) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` of image files, decoded on threads.
 
     ``boxes`` (int64 ``(N, 4)``: x1, y1, x2, y2; -1 where none) crops each image first, as training on a CSV
     with crop columns did. With ``transform`` (a streamed run's test-time transform), each file is decoded as
     the run's dataset decoded it and transformed; without, it is converted to grey (C=1) or RGB (C=3) and
-    resized to H x W (bilinear), as for runs trained on arrays.
+    resized to H x W (bilinear), as for runs trained on arrays. A file that cannot be decoded raises
+    :class:`UnreadableImage`; given an ``unreadable`` list, ``(position, why)`` is appended to it instead and
+    the image left black.
     """
     channels, height, width = (int(s) for s in input_shape)
     if channels not in (1, 3):
@@ -64,22 +67,40 @@ def load_images(
     else:
         read = functools.partial(_resized, shape=shape)
     crops = [None] * len(paths) if boxes is None else [tuple(map(int, b)) if b[0] >= 0 else None for b in boxes]
+
     # Decoding (libjpeg, libpng, Pillow) releases the GIL, so threads decode a batch side by side.
+    def attempt(path: str | Path, crop: tuple[int, ...] | None) -> torch.Tensor | UnreadableImage:
+        try:
+            return read(path, crop)
+        except UnreadableImage as err:
+            if unreadable is None:
+                raise
+            return err
+
     with ThreadPoolExecutor(max(1, min(DECODERS, os.cpu_count() or 1, len(paths)))) as pool:
-        for i, image in enumerate(pool.map(read, paths, crops)):
-            out[i] = image
+        for i, image in enumerate(pool.map(attempt, paths, crops)):
+            if isinstance(image, UnreadableImage):
+                unreadable.append((i, str(image)))
+                out[i] = 0
+            else:
+                out[i] = image
     return out
+
+
+class UnreadableImage(MetricLabError):
+    """An image file that is missing or cannot be decoded (a header can look whole over truncated data)."""
 
 
 def _read(path: str | Path, read: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``read()`` of the image file at ``path``, its failure one line saying what is wrong with the file."""
     if not Path(path).is_file():
-        raise MetricLabError(f"image {path} does not exist; check the path")
+        raise UnreadableImage(f"image {path} does not exist; check the path")
     try:
         return read()
     except MetricLabError as err:  # training's wording suggests skip_unreadable, which embedding has not
-        raise MetricLabError(
-            f"{path} is not a readable image ({err.__cause__}); pass PNG, JPEG or another PIL format"
+        raise UnreadableImage(
+            f"{path} is not a readable image ({err.__cause__}); replace or remove it (PNG, JPEG and the other "
+            "formats Pillow reads are accepted)"
         ) from None
 
 
@@ -158,16 +179,27 @@ class Inputs:
         )
 
     def batches(
-        self, input_shape: Sequence[int], transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        input_shape: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        unreadable: list[tuple[int, str]] | None = None,
     ) -> Callable[[int, int], torch.Tensor]:
-        """A function ``(start, stop) -> uint8 images`` of items ``start:stop`` (files through :func:`load_images`)."""
+        """A function ``(start, stop) -> uint8 images`` of items ``start:stop`` (files through :func:`load_images`);
+        files that cannot be decoded are appended to ``unreadable`` as ``(item, why)`` where it is given."""
         if self.images is not None:
             images = check_images(self.images, input_shape)
             return lambda start, stop: images[start:stop]
         boxes = crop_boxes(self.columns)
-        return lambda start, stop: load_images(
-            self.paths[start:stop], input_shape, transform, None if boxes is None else boxes[start:stop]
-        )
+
+        def load(start: int, stop: int) -> torch.Tensor:
+            found: list[tuple[int, str]] | None = None if unreadable is None else []
+            crops = None if boxes is None else boxes[start:stop]
+            images = load_images(self.paths[start:stop], input_shape, transform, crops, found)
+            if found:
+                unreadable.extend((start + i, why) for i, why in found)
+            return images
+
+        return load
 
 
 def _typed(labels: list[str]) -> np.ndarray:

@@ -129,10 +129,13 @@ class EmbeddingModel:
         images: Any,
         batch_size: int = 256,
         progress: Progress | None = None,
+        unreadable: list[tuple[int, str]] | None = None,
     ) -> np.ndarray:
         """Float32 ``(N, D)`` embeddings of uint8 images ``(N, C, H, W)``, image paths, a folder, a CSV or an Inputs.
 
-        ``progress(done, total)`` is called after each batch.
+        ``progress(done, total)`` is called after each batch. An image file that cannot be decoded stops the call;
+        given an ``unreadable`` list, ``(item, why)`` is appended to it instead and that item's row is not its
+        embedding (leave it out).
         """
         if isinstance(images, (torch.Tensor, np.ndarray)):
             items = Inputs(
@@ -142,7 +145,7 @@ class EmbeddingModel:
             items = images
         else:
             items = self.inputs(images)
-        batch = items.batches(self.input_shape, self.transform)
+        batch = items.batches(self.input_shape, self.transform, unreadable)
         total = len(items)
         out = np.empty((total, self.embedding_dim), dtype=np.float32)
         device = self.device

@@ -27,7 +27,7 @@ import numpy as np
 
 from metriclab.data.images import check_files, report_problems
 from metriclab.errors import MetricLabError
-from metriclab.inference.inputs import crop_boxes
+from metriclab.inference.inputs import UnreadableImage, crop_boxes
 from metriclab.metrics.retrieval import METRICS, knn, matches, retrieval_metrics
 from metriclab.runs import write_atomic
 
@@ -299,6 +299,9 @@ def approximate_knn(
     return SearchResult(indices, distances.astype(np.float32), metric, False, recall, len(sample), seconds)
 
 
+SKIP_OFFER = ", or pass --skip-unreadable to embed the others"
+
+
 def embed_inputs(
     model: Any, spec: Any, batch_size: int = 256, progress: Any = None, skip_unreadable: bool | None = None
 ) -> EmbeddingSet:
@@ -306,7 +309,8 @@ def embed_inputs(
 
     Every image file's header is read first: unreadable ones are one error listing them all, before anything is
     embedded, or with ``skip_unreadable`` are left out and listed in the meta (``skipped_unreadable``); ``None``:
-    the caller offers no such option.
+    the caller offers no such option. A file whose header reads but whose data does not decode (a truncated JPEG)
+    is found only while embedding: it stops there, or with ``skip_unreadable`` is left out and listed alike.
     """
     items = model.inputs(spec)
     skipped: list[str] = []
@@ -315,24 +319,37 @@ def embed_inputs(
         problems = check_files(paths, paths)
         if problems and not skip_unreadable:
             whys = [why[len(paths[i]) + 2 :] for i, why in problems]
-            offer = ", or pass --skip-unreadable to embed the others" if skip_unreadable is not None else ""
+            offer = SKIP_OFFER if skip_unreadable is not None else ""
             if len(whys) == 1:
                 raise MetricLabError(f"{whys[0]}; replace or remove it{offer}")
             report_problems(items.source, whys, f"replace or remove them{offer}")
-        if len(problems) == len(items):
-            raise MetricLabError(
-                f"none of the {len(items):,} images of {items.source} can be read, e.g. {problems[0][1]}"
-            )
         if problems:
-            bad = np.array([i for i, _ in problems])
-            skipped = items.paths[bad].tolist()
-            items = items.subset(np.setdiff1d(np.arange(len(items)), bad))
-    emb = model.embed(items, batch_size=batch_size, progress=progress)
+            skipped = items.paths[[i for i, _ in problems]].tolist()
+            items = _without(items, problems)[0]
+    failed: list[tuple[int, str]] | None = [] if skip_unreadable else None
+    try:
+        emb = model.embed(items, batch_size=batch_size, progress=progress, unreadable=failed)
+    except UnreadableImage as err:
+        if skip_unreadable is None:
+            raise
+        raise UnreadableImage(f"{err}{SKIP_OFFER}") from None
+    if failed:
+        skipped += items.paths[[i for i, _ in failed]].tolist()
+        items, keep = _without(items, failed)
+        emb = emb[keep]
     meta = {"run": str(model.run.path.resolve()), "embedding_dim": model.embedding_dim, "metric": model.metric}
     meta["weights_sha256"] = model.weights_sha256
     if skipped:
         meta["skipped_unreadable"] = skipped
     return EmbeddingSet(emb, items.paths, items.labels, items.columns, {**meta, "source": items.source})
+
+
+def _without(items: Any, bad: list[tuple[int, str]]) -> tuple[Any, np.ndarray]:
+    """``items`` less the ``(index, why)`` of ``bad``, and the indices kept; an error when nothing is left."""
+    if len(bad) == len(items):
+        raise MetricLabError(f"none of the {len(items):,} images of {items.source} can be read, e.g. {bad[0][1]}")
+    keep = np.setdiff1d(np.arange(len(items)), [i for i, _ in bad])
+    return items.subset(keep), keep
 
 
 def embedding_set(model: Any, spec: Any, batch_size: int = 256, progress: Any = None) -> EmbeddingSet:

@@ -287,22 +287,35 @@ def build(key: str | None = None) -> Path | None:
     """Compiles the kernels with numba into one object file, written to the first writable cache folder; its path
     (None where no folder is writable)."""
     from numba import carray, cfunc, types
+    from numba.core.caching import NullCache
     from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.dispatcher import Dispatcher
     from numba.core.registry import cpu_target
 
     from metriclab.metrics import ranking, simd
 
     assert simd.LANES == LANES
+    # numba's disk cache of a kernel is stamped with ranking.py alone, not with simd.py, whose intrinsics the kernels
+    # inline: compiled afresh, the object holds the code of the sources its key names.
+    dispatchers = [f for f in vars(ranking).values() if isinstance(f, Dispatcher)]
+    caches = [d._cache for d in dispatchers]
+    for dispatcher in dispatchers:
+        dispatcher._cache = NullCache()
     module, symbols = None, {}
-    for name, signature in SIGNATURES.items():
-        params = [p for _, ndim in signature for p in _c_params(ndim, types.voidptr, types.int64)]
-        compiled = cfunc(types.void(*params), error_model="numpy")(_entry(getattr(ranking, name), signature, carray))
-        symbols[name] = compiled.native_name
-        final = compiled._library._final_module.clone()  # the entry and every kernel it calls, optimised
-        if module is None:
-            module = final
-        else:
-            module.link_in(final)
+    try:
+        for name, signature in SIGNATURES.items():
+            params = [p for _, ndim in signature for p in _c_params(ndim, types.voidptr, types.int64)]
+            entry = _entry(getattr(ranking, name), signature, carray)
+            compiled = cfunc(types.void(*params), error_model="numpy")(entry)
+            symbols[name] = compiled.native_name
+            final = compiled._library._final_module.clone()  # the entry and every kernel it calls, optimised
+            if module is None:
+                module = final
+            else:
+                module.link_in(final)
+    finally:
+        for dispatcher, cache in zip(dispatchers, caches, strict=True):
+            dispatcher._cache = cache
     with global_compiler_lock:
         obj = cpu_target.target_context.codegen()._tm.emit_object(module)
     ir = str(module)
