@@ -124,7 +124,10 @@ def check_sampler(recipe: Recipe, labels: torch.Tensor) -> None:
                 shown = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else type(order)
                 raise fail(f"it returned {getattr(shown, '__name__', shown)}; return a 1-D integer tensor")
             if len(order) and (int(order.min()) < 0 or int(order.max()) >= len(labels)):
-                raise fail(f"its order reaches {int(order.max())} among {len(labels)} samples; index into the labels")
+                bad = int(order.min()) if int(order.min()) < 0 else int(order.max())
+                raise fail(
+                    f"its order holds {bad} among {len(labels)} samples (0..{len(labels) - 1}); index into the labels"
+                )
             orders.append(order)
     if not torch.equal(orders[0], orders[1]):
         raise fail("two calls with equally seeded generators gave different orders; draw only from the generator")
@@ -275,7 +278,8 @@ def _check_indices(name: str, mined: Any, n: int) -> None:
             shown = f"{part.dtype} {tuple(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
             raise fail(f"it returned {shown} among its indices; each must be a 1-D integer tensor")
         if len(part) and (int(part.min()) < 0 or int(part.max()) >= n):
-            raise fail(f"its indices reach {int(part.max())} in a batch of {n}; index into the batch")
+            bad = int(part.min()) if int(part.min()) < 0 else int(part.max())
+            raise fail(f"its indices hold {bad} in a batch of {n} (0..{n - 1}); index into the batch")
     groups = [mined] if len(mined) == 3 else [mined[:2], mined[2:]]
     if any(len({len(p) for p in group}) > 1 for group in groups):
         raise fail(f"its index tensors have lengths {[len(p) for p in mined]}; tensors of one tuple must match")

@@ -112,6 +112,12 @@ def offset_sampler():
     return lambda labels, generator: torch.randperm(len(labels), generator=generator) + 5
 
 
+@register_sampler("broken-negative-sampler")
+def negative_sampler():
+    """Indices shifted below zero (Python would read them from the end)."""
+    return lambda labels, generator: torch.randperm(len(labels), generator=generator) - 3
+
+
 @register_scheduler("broken-scheduler")
 def no_scheduler(optimizer, *, total_steps):
     """Forgets to return the schedule."""
