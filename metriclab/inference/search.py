@@ -324,8 +324,7 @@ def embed_inputs(
                 raise MetricLabError(f"{whys[0]}; replace or remove it{offer}")
             report_problems(items.source, whys, f"replace or remove them{offer}")
         if problems:
-            skipped = items.paths[[i for i, _ in problems]].tolist()
-            items = _without(items, problems)[0]
+            items, _, skipped = _without(items, problems)
     failed: list[tuple[int, str]] | None = [] if skip_unreadable else None
     try:
         emb = model.embed(items, batch_size=batch_size, progress=progress, unreadable=failed)
@@ -334,9 +333,8 @@ def embed_inputs(
             raise
         raise UnreadableImage(f"{err}{SKIP_OFFER}") from None
     if failed:
-        skipped += items.paths[[i for i, _ in failed]].tolist()
-        items, keep = _without(items, failed)
-        emb = emb[keep]
+        items, keep, dropped = _without(items, failed)
+        emb, skipped = emb[keep], skipped + dropped
     meta = {"run": str(model.run.path.resolve()), "embedding_dim": model.embedding_dim, "metric": model.metric}
     meta["weights_sha256"] = model.weights_sha256
     if skipped:
@@ -344,12 +342,14 @@ def embed_inputs(
     return EmbeddingSet(emb, items.paths, items.labels, items.columns, {**meta, "source": items.source})
 
 
-def _without(items: Any, bad: list[tuple[int, str]]) -> tuple[Any, np.ndarray]:
-    """``items`` less the ``(index, why)`` of ``bad``, and the indices kept; an error when nothing is left."""
+def _without(items: Any, bad: list[tuple[int, str]]) -> tuple[Any, np.ndarray, list[str]]:
+    """``items`` less the ``(index, why)`` of ``bad``, the indices kept and the paths left out; an error when nothing
+    is left."""
     if len(bad) == len(items):
         raise MetricLabError(f"none of the {len(items):,} images of {items.source} can be read, e.g. {bad[0][1]}")
-    keep = np.setdiff1d(np.arange(len(items)), [i for i, _ in bad])
-    return items.subset(keep), keep
+    dropped = [i for i, _ in bad]
+    keep = np.setdiff1d(np.arange(len(items)), dropped)
+    return items.subset(keep), keep, items.paths[dropped].tolist()
 
 
 def embedding_set(model: Any, spec: Any, batch_size: int = 256, progress: Any = None) -> EmbeddingSet:

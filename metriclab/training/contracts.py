@@ -123,8 +123,8 @@ def check_sampler(recipe: Recipe, labels: torch.Tensor) -> None:
             if not isinstance(order, torch.Tensor) or order.dim() != 1 or order.is_floating_point():
                 shown = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else type(order)
                 raise fail(f"it returned {getattr(shown, '__name__', shown)}; return a 1-D integer tensor")
-            if len(order) and (int(order.min()) < 0 or int(order.max()) >= len(labels)):
-                bad = int(order.min()) if int(order.min()) < 0 else int(order.max())
+            bad = _outside(order, len(labels))
+            if bad is not None:
                 raise fail(
                     f"its order holds {bad} among {len(labels)} samples (0..{len(labels) - 1}); index into the labels"
                 )
@@ -265,6 +265,14 @@ def _check_signature(kind: str, name: str, contract: str, function: Callable, co
         raise broken(kind, name, contract, f"its signature is {signature}") from None
 
 
+def _outside(indices: torch.Tensor, n: int) -> int | None:
+    """An index of ``indices`` outside ``0..n-1`` (the most negative, else the largest); None if all are inside."""
+    if not len(indices):
+        return None
+    low, high = int(indices.min()), int(indices.max())
+    return low if low < 0 else high if high >= n else None
+
+
 def _check_indices(name: str, mined: Any, n: int) -> None:
     def fail(problem: str) -> MetricLabError:
         return broken("miner", name, MINER, problem)
@@ -277,8 +285,8 @@ def _check_indices(name: str, mined: Any, n: int) -> None:
         if not isinstance(part, torch.Tensor) or part.dim() != 1 or part.is_floating_point():
             shown = f"{part.dtype} {tuple(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
             raise fail(f"it returned {shown} among its indices; each must be a 1-D integer tensor")
-        if len(part) and (int(part.min()) < 0 or int(part.max()) >= n):
-            bad = int(part.min()) if int(part.min()) < 0 else int(part.max())
+        bad = _outside(part, n)
+        if bad is not None:
             raise fail(f"its indices hold {bad} in a batch of {n} (0..{n - 1}); index into the batch")
     groups = [mined] if len(mined) == 3 else [mined[:2], mined[2:]]
     if any(len({len(p) for p in group}) > 1 for group in groups):
